@@ -1,0 +1,69 @@
+"""Celery settings, mapped from :class:`shared.settings.Settings`. Nothing else lives here.
+
+Loaded by ``workers.app`` with ``app.config_from_object("celeryconfig")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.settings import get_settings
+from shared.urls import redis_connection_url
+
+_s = get_settings()
+
+# Where REDIS_URL is unset and no `modelworkers up` started an embedded Redis, a plain
+# `celery -A workers.app worker` talks to a local Redis on the default port.
+broker_url = redis_connection_url(_s)
+result_backend = broker_url
+
+# JSON only: a pickled message is rejected and never deserialized.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+event_serializer = "json"
+
+# At-least-once: acknowledge after the task ran; requeue when the pool process dies mid-task.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = _s.prefetch_multiplier
+broker_transport_options: dict[str, Any] = {
+    "visibility_timeout": _s.visibility_timeout_seconds,
+}
+result_backend_transport_options: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # keep trying while Redis restarts
+result_expires = _s.result_expires_seconds
+result_extended = True
+
+task_default_queue = _s.task_queue
+task_routes = {
+    "sentiment.*": {"queue": _s.task_queue},
+    "forecast.*": {"queue": _s.task_queue},
+    "clustering.*": {"queue": _s.task_queue},
+    "control.*": {"queue": _s.task_queue},
+}
+task_track_started = True
+task_send_sent_event = True
+worker_send_task_events = True
+
+worker_concurrency = _s.worker_concurrency
+worker_pool = _s.worker_pool
+worker_max_tasks_per_child = _s.worker_max_tasks_per_child
+worker_max_memory_per_child = _s.worker_max_memory_per_child_kb
+# A new pool process must load every eager model before it reports UP; Celery's default 4 s
+# kills replacement children in a loop (see docs/architecture.md).
+worker_proc_alive_timeout = _s.proc_alive_timeout_seconds
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False
+worker_cancel_long_running_tasks_on_connection_loss = False
+
+if broker_url.startswith("rediss://"):
+    import ssl
+
+    _reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}[
+        _s.redis_tls_cert_reqs
+    ]
+    broker_use_ssl = {"ssl_cert_reqs": _reqs, "ssl_ca_certs": _s.redis_tls_ca_certs}
+    redis_backend_use_ssl = broker_use_ssl

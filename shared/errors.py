@@ -1,0 +1,89 @@
+"""Every error modelworkers raises, rooted at :class:`ModelWorkersError`.
+
+::
+
+    ModelWorkersError
+    ├── ModelNotFound        no model of that name in the manifest / registry
+    ├── ModelNotReady        the model exists but is LOADING, FAILED or UNLOADED
+    ├── InvalidInput         a task argument failed validation (names the field)
+    ├── ManifestError        a manifest entry is malformed (names the entry)
+    ├── ArtifactError        an artifact is missing, truncated or fails its sha256
+    ├── LoadTimeout          a model load ran past its per-model timeout
+    └── ReloadRefused        a reload request was refused (unknown model/version, busy)
+
+Errors travel through Celery's JSON result backend as ``exc_type`` + ``exc_message``. Each error
+keeps a single, human-readable message as its only positional argument so that a client in any
+language reads ``exc_message[0]`` and a Python client that imports this module rebuilds the same
+exception. The structured parts (model name, field, state) are attributes.
+"""
+
+from __future__ import annotations
+
+
+class ModelWorkersError(Exception):
+    """Root of all modelworkers errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-safe form: ``{"type": ..., "message": ...}``."""
+        return {"type": type(self).__name__, "message": self.message}
+
+
+class ModelNotFound(ModelWorkersError):
+    """No model of this name is listed in the manifest or held by the registry."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        if known is None:  # rebuilt from a serialized message
+            super().__init__(name)
+            self.name = name
+            return
+        hint = f"; known models: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"model {name!r} is not in the manifest{hint}")
+        self.name = name
+
+
+class ModelNotReady(ModelWorkersError):
+    """The model is known but cannot serve: it is LOADING, FAILED or UNLOADED."""
+
+    def __init__(self, name: str, state: str | None = None, reason: str | None = None) -> None:
+        if state is None:
+            super().__init__(name)
+            self.name, self.state, self.reason = name, "", reason
+            return
+        why = f": {reason}" if reason else ""
+        super().__init__(f"model {name!r} is not ready (state {state}){why}")
+        self.name, self.state, self.reason = name, state, reason
+
+
+class InvalidInput(ModelWorkersError):
+    """A task argument failed validation; the message starts with the field's path."""
+
+    def __init__(self, field: str, problem: str | None = None) -> None:
+        if problem is None:
+            super().__init__(field)
+            self.field = field.split(":", 1)[0]
+            return
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class ManifestError(ModelWorkersError):
+    """A manifest entry (or the manifest file) is malformed."""
+
+
+class ArtifactError(ModelWorkersError):
+    """An artifact is missing, unreadable, or its sha256 differs from the manifest."""
+
+
+class LoadTimeout(ModelWorkersError):
+    """A model load ran past its per-model load timeout."""
+
+
+class ReloadRefused(ModelWorkersError):
+    """A reload request was refused before anything was loaded."""

@@ -1,0 +1,63 @@
+"""scikit-learn estimators / pipelines saved with joblib (unpickled only after a sha256 match)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.families.base import Model
+from shared.manifest import verify_artifact
+
+
+class SklearnPipeline(Model):
+    """A fitted estimator with ``predict``; clustering.assign uses it to label rows."""
+
+    _estimator: Any = None
+    family = "sklearn"
+
+    @classmethod
+    def preimport(cls) -> None:
+        import joblib  # noqa: F401
+        import sklearn.cluster
+        import sklearn.pipeline
+        import sklearn.preprocessing  # noqa: F401
+
+    def load(self) -> None:
+        import joblib
+        import numpy as np
+
+        path = verify_artifact(self.spec)  # never unpickle an unverified file
+        self._estimator = joblib.load(path)
+        self._np = np
+        self.n_features = int(getattr(self._estimator, "n_features_in_", 0)) or len(
+            self.spec.options.get("features", [])
+        )
+        self.features = list(self.spec.options.get("features", []))
+
+    def warmup(self) -> None:
+        if self.n_features:
+            self.predict([[0.0] * self.n_features])
+
+    def predict(self, rows: list[list[float]]) -> list[int]:
+        """Integer labels, one per row."""
+        x = self._np.asarray(rows, dtype=float)
+        return [int(v) for v in self._estimator.predict(x)]
+
+    def unload(self) -> None:
+        self._estimator = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"n_features": self.n_features, "features": self.features}
+
+
+def fit_kmeans(rows: list[list[float]], n_clusters: int, *, seed: int = 0) -> dict[str, Any]:
+    """Fit KMeans on ``rows`` (what clustering.fit serves); deterministic for a given seed."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(rows, dtype=float)
+    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
+    return {
+        "labels": [int(v) for v in km.labels_],
+        "centers": km.cluster_centers_.tolist(),
+        "inertia": float(km.inertia_),
+    }

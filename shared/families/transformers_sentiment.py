@@ -1,0 +1,104 @@
+"""Hugging Face text-classification models (any local directory or cached hub id)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from shared.families.base import Model
+from shared.manifest import verify_artifact
+
+# Labels a 2- or 3-class checkpoint may use, mapped onto the contract's labels.
+_GENERIC = {
+    2: {"label_0": "negative", "label_1": "positive"},
+    3: {"label_0": "negative", "label_1": "neutral", "label_2": "positive"},
+}
+_ALIASES = {"neg": "negative", "pos": "positive", "neu": "neutral"}
+
+
+def resolve_device(requested: str) -> str:
+    """auto -> cuda when CUDA is usable here. Call only inside the serving process (after fork)."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TransformersSentiment(Model):
+    """A sequence-classification checkpoint run as tokenizer + model in one forward pass.
+
+    Equivalent to ``transformers.pipeline("text-classification")`` (softmax over the logits,
+    top label), without the pipeline's per-call overhead; batches run as one padded forward pass.
+    """
+
+    _model: Any = None
+    _tokenizer: Any = None
+    family = "transformers"
+
+    @classmethod
+    def preimport(cls) -> None:
+        # Importing is fork-safe; computing (or touching CUDA) in the parent is not.
+        import torch  # noqa: F401
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        location = self.spec.location
+        if not self.spec.options.get("trusted_override"):
+            verify_artifact(self.spec)
+        self.device = resolve_device(self.device)
+        self._tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForSequenceClassification.from_pretrained(location)
+        model.eval()
+        if self.device != "cpu":
+            model.to(self.device)
+            if self.spec.options.get("fp16") and self.device.startswith("cuda"):
+                model.half()
+        self._model = model
+        self._torch = torch
+        self.max_length = int(self.spec.options.get("max_length", 128))
+        id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+        generic = _GENERIC.get(len(id2label), {})
+        self.labels = [
+            _ALIASES.get(v.lower(), generic.get(v.lower(), v.lower()))
+            for _, v in sorted(id2label.items())
+        ]
+        # Tokenizers (Rust) are not safe to call from several threads at once (threads pool).
+        self._lock = threading.Lock()
+
+    def warmup(self) -> None:
+        self.classify(["warm up the model"])
+
+    def classify(self, texts: list[str]) -> list[tuple[str, float]]:
+        """(label, probability of that label) per text, in order; one forward pass."""
+        torch = self._torch
+        with self._lock, torch.inference_mode():
+            enc = self._tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            if self.device != "cpu":
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+            logits = self._model(**enc).logits.float()
+            probs = torch.softmax(logits, dim=-1)
+            scores, idx = probs.max(dim=-1)
+            pairs = zip(idx.tolist(), scores.tolist(), strict=True)
+        return [(self.labels[i], float(s)) for i, s in pairs]
+
+    def unload(self) -> None:
+        model = getattr(self, "_model", None)
+        self._model = None
+        self._tokenizer = None
+        if model is not None and self.device.startswith("cuda"):
+            del model
+            self._torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self._model.parameters()) if self._model else 0
+        return {"labels": self.labels, "parameters": params, "max_length": self.max_length}

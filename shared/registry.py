@@ -1,0 +1,483 @@
+"""Per-process, thread-safe model registry: load, look up, swap, count.
+
+Rules (after Triton and MLServer): a model is registered LOADING before it loads and ends READY
+or FAILED(reason). A reload loads the new version beside the old one and swaps atomically; a
+failed reload keeps the old version serving and records the error. Lookups raise ModelNotFound or
+ModelNotReady naming the model and its state. This module does not import Celery.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
+
+from shared.errors import LoadTimeout, ModelNotFound, ModelNotReady
+from shared.families import Model, family_class
+from shared.manifest import ModelSpec
+
+log = logging.getLogger("modelworkers.registry")
+T = TypeVar("T")
+LATENCY_WINDOW = 1024
+
+
+class ModelState(StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    UNLOADED = "UNLOADED"
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # pragma: no cover - psutil missing or /proc unreadable
+        return 0
+
+
+@dataclass
+class ModelMetadata:
+    """What the registry knows about one model in this process."""
+
+    name: str
+    family: str
+    version: str
+    required: bool
+    lazy: bool = False
+    fallback: str | None = None
+    status: ModelState = ModelState.UNLOADED
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+    device: str = "cpu"
+    memory_delta_mb: float | None = None
+    reload_error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0
+    failures: int = 0
+    _latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    _latency_total: float = 0.0
+
+    def observe(self, seconds: float, ok: bool) -> None:
+        self.calls += 1
+        if not ok:
+            self.failures += 1
+        self._latencies.append(seconds)
+        self._latency_total += seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        lat = sorted(self._latencies)
+        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] * 1000 if lat else None
+        return {
+            "name": self.name,
+            "family": self.family,
+            "version": self.version,
+            "status": str(self.status),
+            "required": self.required,
+            "lazy": self.lazy,
+            "fallback": self.fallback,
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.load_seconds,
+            "error": self.error,
+            "reload_error": self.reload_error,
+            "device": self.device,
+            "memory_delta_mb": self.memory_delta_mb,
+            "calls": self.calls,
+            "failures": self.failures,
+            "latency_mean_ms": (self._latency_total / self.calls * 1000) if self.calls else None,
+            "latency_p95_ms": p95,
+            "details": self.details,
+        }
+
+
+class LazyModelLoader(Generic[T]):
+    """Calls ``factory`` once, on first ``get()``; concurrent first callers wait for that one load.
+
+    A failed load is not cached: the next ``get()`` tries again.
+    """
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._loaded = False
+        self.loads = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def get(self) -> T:
+        if self._loaded:  # fast path, no lock once loaded
+            return self._value  # type: ignore[return-value]
+        with self._lock:
+            if not self._loaded:
+                self.loads += 1
+                self._value = self._factory()
+                self._loaded = True
+        return self._value
+
+
+@dataclass
+class _Entry:
+    spec: ModelSpec
+    meta: ModelMetadata
+    model: Model | None = None
+    lazy: LazyModelLoader[Model] | None = None
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ModelRegistry:
+    """Holds this process's models by name. Thread-safe; one per process (see get_registry)."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        load_timeout: float = 60.0,
+        loader_threads: int = 4,
+        warmup: bool = True,
+    ) -> None:
+        self.device = device
+        self.load_timeout = load_timeout
+        self.loader_threads = loader_threads
+        self.warmup = warmup
+        self.node = ""  # the Celery node name, set by the worker
+        self.unlisted: list[str] = []
+        self.manifest_problems: dict[str, str] = {}
+        self.started_at = time.time()
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[ModelMetadata], None]] = []
+
+    # ---- registration and loading ----------------------------------------------------------
+    def add_listener(self, callback: Callable[[ModelMetadata], None]) -> None:
+        """Call ``callback(meta)`` after every load, failure, reload and unload (e.g. logs)."""
+        self._listeners.append(callback)
+
+    def _notify(self, meta: ModelMetadata) -> None:
+        for callback in self._listeners:
+            try:
+                callback(meta)
+            except Exception:  # a listener must never break loading
+                log.exception("registry listener failed")
+
+    def register(self, spec: ModelSpec) -> ModelMetadata:
+        """Add ``spec`` without loading it (UNLOADED; lazy models stay so until first use)."""
+        with self._lock:
+            if spec.name in self._entries:
+                return self._entries[spec.name].meta
+            meta = ModelMetadata(
+                name=spec.name,
+                family=spec.family,
+                version=spec.version,
+                required=spec.required,
+                lazy=spec.lazy,
+                fallback=spec.fallback or None,
+            )
+            entry = _Entry(spec=spec, meta=meta)
+            if spec.lazy:
+                entry.lazy = LazyModelLoader(functools.partial(self._load_entry, entry))
+            self._entries[spec.name] = entry
+            return meta
+
+    def load_all(self, specs: Iterable[ModelSpec]) -> dict[str, ModelMetadata]:
+        """Register every spec and load the eager ones in parallel; never raises for one model.
+
+        The thread pool is created here, in the calling process, so that a forked pool process
+        never inherits a parent's loader threads.
+        """
+        specs = list(specs)
+        for spec in specs:
+            self.register(spec)
+        eager = [
+            s
+            for s in specs
+            if not s.lazy
+            and self._entries[s.name].meta.status in (ModelState.UNLOADED, ModelState.FAILED)
+        ]
+        if eager:
+            workers = max(1, min(self.loader_threads, len(eager)))
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model-loader")
+            try:
+                futures = {
+                    s.name: pool.submit(self._load_entry, self._entries[s.name]) for s in eager
+                }
+                self._wait_all(futures)
+            finally:
+                # A hung load keeps its thread; don't wait for it (its result is discarded).
+                pool.shutdown(wait=False, cancel_futures=True)
+        return {name: e.meta for name, e in self._entries.items()}
+
+    def _wait_all(self, futures: dict[str, Future[Model]]) -> None:
+        deadline = time.monotonic() + self.load_timeout
+        for name, future in futures.items():
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                self._fail(
+                    self._entries[name],
+                    LoadTimeout(
+                        f"model {name!r} did not load within {self.load_timeout:g} s "
+                        "(LOAD_TIMEOUT_SECONDS)"
+                    ),
+                )
+            except Exception:  # already recorded as FAILED by _load_entry
+                pass
+
+    def _build(self, spec: ModelSpec) -> tuple[Model, float, float]:
+        cls = family_class(spec.family)
+        model = cls(spec, device=self.device if spec.family == "transformers" else "cpu")
+        rss0, t0 = _rss_bytes(), time.perf_counter()
+        model.load()
+        if self.warmup:
+            model.warmup()
+        seconds = time.perf_counter() - t0
+        return model, seconds, (_rss_bytes() - rss0) / 2**20
+
+    def _load_entry(self, entry: _Entry) -> Model:
+        meta = entry.meta
+        with entry.load_lock:
+            with self._lock:
+                meta.status, meta.error = ModelState.LOADING, None
+            self._notify(meta)
+            try:
+                model, seconds, mem = self._build(entry.spec)
+            except Exception as exc:
+                self._fail(entry, exc)
+                raise
+            with self._lock:
+                if meta.status is not ModelState.LOADING:  # timed out meanwhile: discard
+                    model.unload()
+                    raise LoadTimeout(meta.error or f"model {meta.name!r} load abandoned")
+                entry.model = model
+                meta.status, meta.loaded_at = ModelState.READY, time.time()
+                meta.load_seconds, meta.memory_delta_mb = round(seconds, 4), round(mem, 1)
+                meta.device, meta.details = model.device, model.describe()
+            self._notify(meta)
+            return model
+
+    def _fail(self, entry: _Entry, exc: BaseException) -> None:
+        with self._lock:
+            entry.meta.status = ModelState.FAILED
+            entry.meta.error = f"{type(exc).__name__}: {exc}"
+            entry.model = None
+        self._notify(entry.meta)
+
+    def reload(self, spec: ModelSpec) -> dict[str, Any]:
+        """Load ``spec`` beside the serving version, swap atomically, free the old one.
+
+        On failure the old version keeps serving and the error is returned (and recorded as
+        ``reload_error``). Returns ``{"model", "old_version", "new_version", "ok", "seconds",
+        "error"}``.
+        """
+        with self._lock:
+            entry = self._entries.get(spec.name)
+        if entry is None:
+            self.register(spec)
+            entry = self._entries[spec.name]
+        old_version = entry.meta.version if entry.model is not None else None
+        outcome: dict[str, Any] = {
+            "model": spec.name,
+            "old_version": old_version,
+            "new_version": spec.version,
+            "ok": False,
+            "seconds": None,
+            "error": None,
+        }
+        with entry.load_lock:  # one load or reload of a model at a time, never interleaved
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-reload")
+            error: str | None = None
+            try:
+                future = pool.submit(self._build, spec)
+                model, seconds, mem = future.result(timeout=self.load_timeout)
+            except FutureTimeout:
+                error = f"LoadTimeout: reload of {spec.key} exceeded {self.load_timeout:g} s"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+            if error is not None:
+                with self._lock:
+                    entry.meta.reload_error = error
+                    if entry.model is None:  # nothing to keep serving
+                        entry.meta.status, entry.meta.error = ModelState.FAILED, error
+                outcome["error"] = error
+                self._notify(entry.meta)
+                return outcome
+            with self._lock:
+                old = entry.model
+                entry.spec, entry.model, entry.lazy = spec, model, None
+                meta = entry.meta
+                meta.version, meta.family, meta.status = spec.version, spec.family, ModelState.READY
+                meta.fallback = spec.fallback or None
+                meta.loaded_at, meta.load_seconds = time.time(), round(seconds, 4)
+                meta.memory_delta_mb, meta.error, meta.reload_error = round(mem, 1), None, None
+                meta.device, meta.details = model.device, model.describe()
+            if old is not None:
+                old.unload()
+            self._notify(meta)
+            outcome.update(ok=True, seconds=round(seconds, 4))
+            return outcome
+
+    def warm_all(self) -> None:
+        """Run each READY model's warm-up (after fork, when the parent loaded without compute)."""
+        with self._lock:
+            models = [e.model for e in self._entries.values() if e.model is not None]
+        for model in models:
+            try:
+                model.warmup()
+            except Exception:
+                log.exception("warm-up of %s failed", model.name)
+
+    def unload_all(self) -> None:
+        """Unload every model (process shutdown)."""
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            model, entry.model = entry.model, None
+            if model is not None:
+                try:
+                    model.unload()
+                except Exception:
+                    log.exception("unload of %s failed", entry.meta.name)
+            entry.meta.status = ModelState.UNLOADED
+            self._notify(entry.meta)
+
+    # ---- lookup ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries)
+
+    def spec(self, name: str) -> ModelSpec:
+        return self._entry(name).spec
+
+    def metadata(self, name: str) -> ModelMetadata:
+        return self._entry(name).meta
+
+    def _entry(self, name: str) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise ModelNotFound(name, list(self._entries))
+            return entry
+
+    def get(self, name: str) -> Model:
+        """The READY model ``name``; loads a lazy model on first use. Raises if not READY."""
+        entry = self._entry(name)
+        model = entry.model
+        if model is not None:
+            return model
+        if entry.lazy is not None and entry.meta.status is not ModelState.FAILED:
+            try:
+                return entry.lazy.get()
+            except Exception:
+                pass  # recorded; fall through to the not-ready error
+        meta = entry.meta
+        raise ModelNotReady(name, str(meta.status), meta.error)
+
+    def get_with_fallback(self, name: str) -> tuple[Model, bool]:
+        """``(model, used_fallback)``: the model, else its declared fallback, else raise."""
+        try:
+            return self.get(name), False
+        except ModelNotReady:
+            fallback = self._entry(name).spec.fallback
+            if not fallback:
+                raise
+            return self.get(fallback), True
+
+    def observe(self, name: str, seconds: float, ok: bool) -> None:
+        """Record one served call of ``name`` (for the serving counters)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.meta.observe(seconds, ok)
+
+    # ---- health ----------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, list[str]]:
+        """``(ready, reasons)``: every required model READY; optional ones READY or covered by a
+        READY fallback; lazy models count as ready until they fail."""
+        reasons: list[str] = []
+        with self._lock:
+            for name, entry in sorted(self._entries.items()):
+                meta = entry.meta
+                if meta.status is ModelState.READY or (
+                    meta.lazy and meta.status is ModelState.UNLOADED
+                ):
+                    continue
+                if not meta.required and meta.fallback:
+                    fb = self._entries.get(meta.fallback)
+                    if fb is not None and fb.meta.status is ModelState.READY:
+                        continue
+                if not meta.required and not meta.fallback and meta.status is ModelState.FAILED:
+                    continue
+                why = f": {meta.error}" if meta.error else ""
+                reasons.append(f"{name} is {meta.status}{why}")
+        return not reasons, reasons
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-safe state of this process: models, readiness, host, pid."""
+        ready, reasons = self.readiness()
+        with self._lock:
+            models = {name: e.meta.to_dict() for name, e in sorted(self._entries.items())}
+        host = socket.gethostname()
+        return {
+            "node": self.node or host,
+            "host": host,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "ready": ready,
+            "not_ready_reasons": reasons,
+            "models": models,
+            "unlisted_artifacts": list(self.unlisted),
+            "manifest_problems": dict(self.manifest_problems),
+        }
+
+
+class ModelLoader:
+    """Convenient typed access to a registry's models by name (what tasks use)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def get(self, name: str) -> Model:
+        return self.registry.get(name)
+
+    def with_fallback(self, name: str) -> tuple[Model, bool]:
+        return self.registry.get_with_fallback(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.registry.names()
+
+
+_registry: ModelRegistry | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry() -> ModelRegistry:
+    """This process's registry (Celery's process model forces one per process)."""
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            _registry = ModelRegistry()
+        return _registry
+
+
+def set_registry(registry: ModelRegistry) -> ModelRegistry:
+    """Install ``registry`` as this process's registry (worker start-up, tests)."""
+    global _registry
+    with _registry_lock:
+        _registry = registry
+    return registry

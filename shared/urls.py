@@ -1,0 +1,48 @@
+"""Building the Redis URL from the settings, and hiding its secrets in anything shown."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_connection_url(settings: Any) -> str:
+    """REDIS_URL (or the local default), with REDIS_PASSWORD inserted when the URL has none."""
+    url: str = settings.redis_url or DEFAULT_REDIS_URL
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    parts = urlsplit(url)
+    if password and parts.scheme in ("redis", "rediss") and not parts.password:
+        netloc = f":{quote(password, safe='')}@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+_SECRET = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<pw>[^@/]+)@")
+
+
+def redact(text: str) -> str:
+    """Replace passwords in URLs inside ``text`` with ``***``."""
+    return _SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def redis_client(settings: Any, **kwargs: Any) -> Any:
+    """A redis-py client for the registry keys, with the same URL and TLS settings as Celery."""
+    import redis
+
+    url = redis_connection_url(settings)
+    options: dict[str, Any] = {
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        **kwargs,
+    }
+    if url.startswith("rediss://"):
+        options["ssl_cert_reqs"] = settings.redis_tls_cert_reqs
+        if settings.redis_tls_ca_certs:
+            options["ssl_ca_certs"] = settings.redis_tls_ca_certs
+    return redis.Redis.from_url(url, **options)

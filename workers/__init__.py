@@ -1,0 +1,1 @@
+"""The Celery side of modelworkers: app, signal handlers, remote control, CLI."""

@@ -1,0 +1,62 @@
+"""Logging: every line carries the process id; model events are one line each."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from shared.registry import ModelMetadata, ModelState
+
+log = logging.getLogger("modelworkers")
+
+
+def configure_logging(level: int = logging.INFO, *, handler: bool = False) -> None:
+    """Let modelworkers' INFO lines through; add a stderr handler only outside Celery (CLI)."""
+    root = logging.getLogger("modelworkers")
+    if handler and not root.handlers and not logging.getLogger().handlers:
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s %(process)d] %(message)s"))
+        root.addHandler(stream)
+    root.setLevel(level)
+
+
+def log_model_event(meta: ModelMetadata) -> None:
+    """Registry listener: one line per model state change."""
+    pid = os.getpid()
+    name = f"{meta.name}@{meta.version}"
+    if meta.status is ModelState.LOADING:
+        log.info("model %s (%s) LOADING [pid %d]", name, meta.family, pid)
+    elif meta.status is ModelState.READY:
+        log.info(
+            "model %s READY in %.2f s on %s (%+.1f MB) [pid %d]",
+            name,
+            meta.load_seconds or 0.0,
+            meta.device,
+            meta.memory_delta_mb or 0.0,
+            pid,
+        )
+        if meta.reload_error:
+            log.warning("model %s reload failed, old version serving: %s", name, meta.reload_error)
+    elif meta.status is ModelState.FAILED:
+        fb = f"; fallback {meta.fallback} answers" if meta.fallback else ""
+        level = logging.ERROR if meta.required else logging.WARNING
+        log.log(level, "model %s FAILED: %s%s [pid %d]", name, meta.error, fb, pid)
+    elif meta.status is ModelState.UNLOADED:
+        log.info("model %s unloaded [pid %d]", name, pid)
+
+
+def summary_table(snapshot: dict[str, Any]) -> str:
+    """The registry as a fixed-width table (the worker logs it once all loads are done)."""
+    rows = [("model", "family", "version", "status", "load s", "device", "note")]
+    for name, m in snapshot["models"].items():
+        note = m.get("error") or ("lazy" if m.get("lazy") and m["status"] == "UNLOADED" else "")
+        load = f"{m['load_seconds']:.2f}" if m.get("load_seconds") is not None else "-"
+        rows.append((name, m["family"], m["version"], m["status"], load, m["device"], note[:60]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    state = (
+        "READY" if snapshot["ready"] else "NOT READY: " + "; ".join(snapshot["not_ready_reasons"])
+    )
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join([f"registry of pid {snapshot['pid']}: {state}", *lines])
