@@ -121,10 +121,10 @@ class Manifest:
 
 def artifact_sha256(path: Path) -> str:
     """sha256 of a file, or of a directory as ``relpath NUL sha256(file) LF`` over sorted files."""
-    if path.is_file():
-        return _file_sha256(path)
-    if not path.is_dir():
+    if not path.exists():
         raise ArtifactError(f"artifact {path} does not exist")
+    if not path.is_dir():
+        return _file_sha256(path)
     outer = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()

@@ -55,9 +55,21 @@ class EmbeddedRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir.name,
-                "--logfile", str(Path(self._dir.name) / "redis.log")]
+        args = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir.name,
+            "--logfile",
+            str(Path(self._dir.name) / "redis.log"),
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -69,8 +81,11 @@ class EmbeddedRedis:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64):
-                        log.info("embedded Redis listening on 127.0.0.1:%d (pid %d)",
-                                 self.port, self.proc.pid)
+                        log.info(
+                            "embedded Redis listening on 127.0.0.1:%d (pid %d)",
+                            self.port,
+                            self.proc.pid,
+                        )
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -16,7 +16,9 @@ def configure_logging(level: int = logging.INFO, *, handler: bool = False) -> No
     root = logging.getLogger("modelworkers")
     if handler and not root.handlers and not logging.getLogger().handlers:
         stream = logging.StreamHandler()
-        stream.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s %(process)d] %(message)s"))
+        stream.setFormatter(
+            logging.Formatter("[%(asctime)s: %(levelname)s %(process)d] %(message)s")
+        )
         root.addHandler(stream)
     root.setLevel(level)
 

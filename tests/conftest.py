@@ -1,0 +1,77 @@
+"""Fixtures: a private Redis per test session, real worker processes, toy model artifacts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import ROOT, WorkerProcess
+from workers.embedded import EmbeddedRedis
+
+MANIFEST = ROOT / "models" / "models.toml"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test session only (tasks left by earlier runs cannot reach us)."""
+    server = EmbeddedRedis().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def worker_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture
+def start_worker(redis_url: str, worker_logs: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: start a worker node; every node started is stopped by PID after the test."""
+    started: list[WorkerProcess] = []
+
+    def _start(**kwargs: Any) -> WorkerProcess:
+        kwargs.setdefault("log_dir", worker_logs)
+        worker = WorkerProcess(kwargs.pop("redis_url", redis_url), **kwargs).start()
+        started.append(worker)
+        return worker
+
+    yield _start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
+    """One prefork worker (concurrency 2) with the project's real models, for contract tests."""
+    worker = WorkerProcess(redis_url, concurrency=2, log_dir=worker_logs,
+                           env={"MODEL_MANIFEST": str(MANIFEST)}).start()
+    try:
+        worker.wait_ready(2, timeout=120)
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def client(serving_worker: WorkerProcess) -> Iterator[Any]:
+    app = serving_worker.app()
+    yield app
+    app.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests pass REDIS_URL explicitly to what they start; none may fall back to a shared Redis.
+    if os.environ.get("REDIS_URL"):
+        monkeypatch.delenv("REDIS_URL")

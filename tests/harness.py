@@ -1,0 +1,141 @@
+"""Real worker processes for tests: start ``celery worker`` as a subprocess, wait on the registry
+in Redis (an event, not a sleep), and always stop it by its PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+             ) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r:.300})")
+
+
+class WorkerProcess:
+    """One ``celery -A workers.app worker`` node with its own queue and registry prefix."""
+
+    def __init__(self, redis_url: str, *, concurrency: int = 2, pool: str = "prefork",
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+                 log_dir: Path, prefix: str | None = None, node: str | None = None) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix or f"mwtest-{uuid.uuid4().hex[:8]}"
+        self.queue = self.prefix
+        self.node = node or f"{self.prefix}@testhost"
+        self.concurrency = concurrency
+        self.log_path = log_dir / f"{self.node.replace('@', '_')}.log"
+        self.env = {
+            **os.environ, "REDIS_URL": redis_url, "KEY_PREFIX": self.prefix,
+            "TASK_QUEUE": self.queue, "HEARTBEAT_SECONDS": "0.5", "STATE_TTL_SECONDS": "5",
+            "PYTHONUNBUFFERED": "1", **(env or {}),
+        }
+        self.args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                     "--pool", pool, "--concurrency", str(concurrency), "-n", self.node,
+                     "-Q", self.queue, "--loglevel", "INFO", "--without-mingle",
+                     "--without-gossip", *(extra_args or [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = redis.Redis.from_url(redis_url)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> WorkerProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL of the whole process group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers: pool children
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and all its pool processes (a node crash)."""
+        assert self.proc is not None
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # -- registry in Redis ------------------------------------------------------------------
+    def snapshots(self) -> list[dict[str, Any]]:
+        keys = list(self.client.scan_iter(match=f"{self.prefix}:proc:*"))
+        raws = self.client.mget(keys) if keys else []
+        return [json.loads(r) for r in raws if r]
+
+    def children_pids(self) -> list[int]:
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.pid).children()]
+
+    def wait_ready(self, processes: int | None = None, timeout: float = 90.0,
+                   require_ready: bool = True) -> list[dict[str, Any]]:
+        """Block until ``processes`` pool processes have published a (ready) snapshot."""
+        want = processes or self.concurrency
+
+        def check() -> list[dict[str, Any]] | None:
+            if not self.alive():
+                raise RuntimeError(f"worker exited ({self.proc and self.proc.returncode}):\n"
+                                   + self.log()[-3000:])
+            snaps = [s for s in self.snapshots() if s.get("node") == self.node]
+            done = [s for s in snaps if s["ready"] or not require_ready]
+            return snaps if len(done) >= want else None
+
+        return wait_for(check, timeout, f"{want} pool processes of {self.node}", 0.1)
+
+    def app(self) -> Celery:
+        """A client that knows only the broker, the queue and task names."""
+        app = Celery(broker=self.redis_url, backend=self.redis_url)
+        app.conf.update(task_default_queue=self.queue, task_serializer="json",
+                        result_serializer="json", accept_content=["json"],
+                        result_accept_content=["json"])
+        return app
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
