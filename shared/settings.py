@@ -20,7 +20,11 @@ class Settings(BaseSettings):
     """modelworkers settings; each field is the environment variable of its name, upper-cased."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", protected_namespaces=()
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        protected_namespaces=(),
     )
 
     # --- Redis / Celery -------------------------------------------------------------------

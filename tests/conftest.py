@@ -54,8 +54,9 @@ def start_worker(redis_url: str, worker_logs: Path) -> Iterator[Callable[..., Wo
 @pytest.fixture(scope="session")
 def serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
     """One prefork worker (concurrency 2) with the project's real models, for contract tests."""
-    worker = WorkerProcess(redis_url, concurrency=2, log_dir=worker_logs,
-                           env={"MODEL_MANIFEST": str(MANIFEST)}).start()
+    worker = WorkerProcess(
+        redis_url, concurrency=2, log_dir=worker_logs, env={"MODEL_MANIFEST": str(MANIFEST)}
+    ).start()
     try:
         worker.wait_ready(2, timeout=120)
         yield worker

@@ -17,8 +17,9 @@ def build_kmeans(path: Path, n_features: int = 3, k: int = 3) -> Path:
     from sklearn.preprocessing import StandardScaler
 
     x = np.random.default_rng(0).normal(size=(200, n_features))
-    pipe = Pipeline([("scale", StandardScaler()),
-                     ("kmeans", KMeans(n_clusters=k, n_init=2, random_state=0))]).fit(x)
+    pipe = Pipeline(
+        [("scale", StandardScaler()), ("kmeans", KMeans(n_clusters=k, n_init=2, random_state=0))]
+    ).fit(x)
     path.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(pipe, path)
     return path
@@ -34,8 +35,7 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
-def write_manifest(folder: Path, entries: list[dict[str, Any]], *, hash_paths: bool = True
-                   ) -> Path:
+def write_manifest(folder: Path, entries: list[dict[str, Any]], *, hash_paths: bool = True) -> Path:
     """Write ``folder/models.toml``; entries with a path and no sha256 get the real one."""
     lines = []
     for entry in entries:

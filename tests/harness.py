@@ -21,8 +21,9 @@ from celery import Celery
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-             ) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -37,9 +38,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class WorkerProcess:
     """One ``celery -A workers.app worker`` node with its own queue and registry prefix."""
 
-    def __init__(self, redis_url: str, *, concurrency: int = 2, pool: str = "prefork",
-                 env: dict[str, str] | None = None, extra_args: list[str] | None = None,
-                 log_dir: Path, prefix: str | None = None, node: str | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+        log_dir: Path,
+        prefix: str | None = None,
+        node: str | None = None,
+    ) -> None:
         self.redis_url = redis_url
         self.prefix = prefix or f"mwtest-{uuid.uuid4().hex[:8]}"
         self.queue = self.prefix
@@ -47,22 +57,50 @@ class WorkerProcess:
         self.concurrency = concurrency
         self.log_path = log_dir / f"{self.node.replace('@', '_')}.log"
         self.env = {
-            **os.environ, "REDIS_URL": redis_url, "KEY_PREFIX": self.prefix,
-            "TASK_QUEUE": self.queue, "HEARTBEAT_SECONDS": "0.5", "STATE_TTL_SECONDS": "5",
-            "PYTHONUNBUFFERED": "1", **(env or {}),
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "KEY_PREFIX": self.prefix,
+            "TASK_QUEUE": self.queue,
+            "HEARTBEAT_SECONDS": "0.5",
+            "STATE_TTL_SECONDS": "5",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
-        self.args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-                     "--pool", pool, "--concurrency", str(concurrency), "-n", self.node,
-                     "-Q", self.queue, "--loglevel", "INFO", "--without-mingle",
-                     "--without-gossip", *(extra_args or [])]
+        self.args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "-n",
+            self.node,
+            "-Q",
+            self.queue,
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            *(extra_args or []),
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = redis.Redis.from_url(redis_url)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> WorkerProcess:
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     @property
@@ -80,10 +118,8 @@ class WorkerProcess:
         if self.proc.poll() is None:
             with suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers: pool children
         with suppress(subprocess.TimeoutExpired):
@@ -111,15 +147,17 @@ class WorkerProcess:
 
         return [c.pid for c in psutil.Process(self.pid).children()]
 
-    def wait_ready(self, processes: int | None = None, timeout: float = 90.0,
-                   require_ready: bool = True) -> list[dict[str, Any]]:
+    def wait_ready(
+        self, processes: int | None = None, timeout: float = 90.0, require_ready: bool = True
+    ) -> list[dict[str, Any]]:
         """Block until ``processes`` pool processes have published a (ready) snapshot."""
         want = processes or self.concurrency
 
         def check() -> list[dict[str, Any]] | None:
             if not self.alive():
-                raise RuntimeError(f"worker exited ({self.proc and self.proc.returncode}):\n"
-                                   + self.log()[-3000:])
+                raise RuntimeError(
+                    f"worker exited ({self.proc and self.proc.returncode}):\n" + self.log()[-3000:]
+                )
             snaps = [s for s in self.snapshots() if s.get("node") == self.node]
             done = [s for s in snaps if s["ready"] or not require_ready]
             return snaps if len(done) >= want else None
@@ -129,9 +167,13 @@ class WorkerProcess:
     def app(self) -> Celery:
         """A client that knows only the broker, the queue and task names."""
         app = Celery(broker=self.redis_url, backend=self.redis_url)
-        app.conf.update(task_default_queue=self.queue, task_serializer="json",
-                        result_serializer="json", accept_content=["json"],
-                        result_accept_content=["json"])
+        app.conf.update(
+            task_default_queue=self.queue,
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            result_accept_content=["json"],
+        )
         return app
 
     def __enter__(self) -> WorkerProcess:

@@ -11,10 +11,13 @@ from tests.fixtures import build_kmeans, write_manifest
 
 def test_a_valid_manifest_lists_each_entry_with_its_absolute_location(tmp_path: Path) -> None:
     build_kmeans(tmp_path / "seg.joblib")
-    path = write_manifest(tmp_path, [
-        {"name": "seg", "family": "sklearn", "path": "seg.joblib", "version": "2.0"},
-        {"name": "textblob", "family": "textblob", "required": False},
-    ])
+    path = write_manifest(
+        tmp_path,
+        [
+            {"name": "seg", "family": "sklearn", "path": "seg.joblib", "version": "2.0"},
+            {"name": "textblob", "family": "textblob", "required": False},
+        ],
+    )
     manifest = load_manifest(path)
     assert manifest.problems == {}
     seg = manifest.get("seg")
@@ -24,11 +27,14 @@ def test_a_valid_manifest_lists_each_entry_with_its_absolute_location(tmp_path: 
 
 def test_a_bad_entry_is_reported_by_name_and_the_others_still_load(tmp_path: Path) -> None:
     build_kmeans(tmp_path / "seg.joblib")
-    path = write_manifest(tmp_path, [
-        {"name": "broken", "family": "no-such-family", "path": "x.joblib"},
-        {"name": "escape", "family": "sklearn", "path": "../etc/passwd"},
-        {"name": "seg", "family": "sklearn", "path": "seg.joblib"},
-    ])
+    path = write_manifest(
+        tmp_path,
+        [
+            {"name": "broken", "family": "no-such-family", "path": "x.joblib"},
+            {"name": "escape", "family": "sklearn", "path": "../etc/passwd"},
+            {"name": "seg", "family": "sklearn", "path": "seg.joblib"},
+        ],
+    )
     manifest = load_manifest(path)
     assert [s.name for s in manifest.specs] == ["seg"]
     assert "family" in manifest.problems["broken"]
@@ -38,18 +44,20 @@ def test_a_bad_entry_is_reported_by_name_and_the_others_still_load(tmp_path: Pat
 def test_files_the_manifest_does_not_list_are_reported_as_unlisted(tmp_path: Path) -> None:
     build_kmeans(tmp_path / "seg.joblib")
     build_kmeans(tmp_path / "dropped-in.pkl")
-    manifest = load_manifest(write_manifest(tmp_path, [
-        {"name": "seg", "family": "sklearn", "path": "seg.joblib"}]))
+    manifest = load_manifest(
+        write_manifest(tmp_path, [{"name": "seg", "family": "sklearn", "path": "seg.joblib"}])
+    )
     assert manifest.unlisted == ["dropped-in.pkl"]
 
 
 def test_a_changed_artifact_fails_its_checksum_with_a_clear_error(tmp_path: Path) -> None:
     build_kmeans(tmp_path / "seg.joblib")
-    manifest = load_manifest(write_manifest(tmp_path, [
-        {"name": "seg", "family": "sklearn", "path": "seg.joblib"}]))
+    manifest = load_manifest(
+        write_manifest(tmp_path, [{"name": "seg", "family": "sklearn", "path": "seg.joblib"}])
+    )
     with (tmp_path / "seg.joblib").open("r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(ArtifactError, match="seg.*sha256"):
+    with pytest.raises(ArtifactError, match=r"seg.*sha256"):
         verify_artifact(manifest.get("seg"))
 
 
@@ -66,10 +74,21 @@ def test_directory_checksums_change_when_any_file_changes(tmp_path: Path) -> Non
 def test_versions_are_looked_up_by_name_and_unknown_ones_are_refused(tmp_path: Path) -> None:
     build_kmeans(tmp_path / "a.joblib")
     build_kmeans(tmp_path / "b.joblib", k=2)
-    manifest = load_manifest(write_manifest(tmp_path, [
-        {"name": "seg", "family": "sklearn", "path": "a.joblib", "version": "1"},
-        {"name": "seg", "family": "sklearn", "path": "b.joblib", "version": "2", "active": True},
-    ]))
+    manifest = load_manifest(
+        write_manifest(
+            tmp_path,
+            [
+                {"name": "seg", "family": "sklearn", "path": "a.joblib", "version": "1"},
+                {
+                    "name": "seg",
+                    "family": "sklearn",
+                    "path": "b.joblib",
+                    "version": "2",
+                    "active": True,
+                },
+            ],
+        )
+    )
     assert manifest.get("seg").version == "2"
     assert manifest.get("seg", "1").path == "a.joblib"
     with pytest.raises(ModelNotFound, match="no version '3'"):
@@ -84,7 +103,8 @@ def test_the_projects_manifest_is_valid_and_every_artifact_verifies() -> None:
     manifest = load_manifest(MANIFEST)
     assert manifest.problems == {} and manifest.unlisted == []
     assert {"sentiment", "textblob", "customer_segments", "co2_prophet", "sunspots_arima"} <= set(
-        manifest.names)
+        manifest.names
+    )
     for spec in manifest.specs:
         if spec.path:
             verify_artifact(spec)

@@ -18,14 +18,25 @@ def kmeans_specs(tmp_path: Path, **extra: object) -> dict[str, ModelSpec]:
     build_kmeans(tmp_path / "seg.joblib")
     build_kmeans(tmp_path / "seg2.joblib", k=2)
     (tmp_path / "garbage.joblib").write_bytes(b"not a pickle at all")
-    manifest = load_manifest(write_manifest(tmp_path, [
-        {"name": "seg", "family": "sklearn", "path": "seg.joblib", "version": "1", **extra},
-        {"name": "seg", "family": "sklearn", "path": "seg2.joblib", "version": "2"},
-        {"name": "seg", "family": "sklearn", "path": "garbage.joblib", "version": "bad"},
-        {"name": "tb", "family": "textblob", "required": False},
-        {"name": "opt", "family": "sklearn", "path": "missing.joblib", "required": False,
-         "fallback": "tb", "sha256": "0" * 64},
-    ]))
+    manifest = load_manifest(
+        write_manifest(
+            tmp_path,
+            [
+                {"name": "seg", "family": "sklearn", "path": "seg.joblib", "version": "1", **extra},
+                {"name": "seg", "family": "sklearn", "path": "seg2.joblib", "version": "2"},
+                {"name": "seg", "family": "sklearn", "path": "garbage.joblib", "version": "bad"},
+                {"name": "tb", "family": "textblob", "required": False},
+                {
+                    "name": "opt",
+                    "family": "sklearn",
+                    "path": "missing.joblib",
+                    "required": False,
+                    "fallback": "tb",
+                    "sha256": "0" * 64,
+                },
+            ],
+        )
+    )
     return {f"{s.name}@{s.version}": s for s in manifest.specs}
 
 
@@ -172,10 +183,16 @@ def test_lazy_model_loader_runs_its_factory_once_and_retries_after_a_failure() -
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
 def test_a_load_that_hangs_is_marked_failed_after_the_load_timeout(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "hangs.joblib")  # reading it blocks forever: no writer
-    manifest = load_manifest(write_manifest(tmp_path, [
-        {"name": "hangs", "family": "sklearn", "path": "hangs.joblib", "sha256": "0" * 64},
-        {"name": "tb", "family": "textblob"},
-    ], hash_paths=False))
+    manifest = load_manifest(
+        write_manifest(
+            tmp_path,
+            [
+                {"name": "hangs", "family": "sklearn", "path": "hangs.joblib", "sha256": "0" * 64},
+                {"name": "tb", "family": "textblob"},
+            ],
+            hash_paths=False,
+        )
+    )
     registry = ModelRegistry(load_timeout=1.0)
     t0 = time.monotonic()
     registry.load_all(manifest.specs)

@@ -1,0 +1,176 @@
+"""Worker processes: preloading per pool type, replacement children, state in Redis, failures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.manifest import load_manifest
+from tests.conftest import MANIFEST
+from tests.fixtures import build_kmeans, write_manifest
+from tests.harness import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.integration
+Start = Callable[..., WorkerProcess]
+
+
+def toy_manifest(
+    folder: Path, *, sentiment_sha: str | None = None, ghost_required: bool = False
+) -> Path:
+    """seg (sklearn) + the real sentiment model (optionally with a wrong sha) + textblob."""
+    build_kmeans(folder / "seg.joblib")
+    real = load_manifest(MANIFEST).get("sentiment")
+    (folder / "sentiment").symlink_to(Path(real.location), target_is_directory=True)
+    entries: list[dict[str, Any]] = [
+        {"name": "seg", "family": "sklearn", "path": "seg.joblib"},
+        {
+            "name": "sentiment",
+            "family": "transformers",
+            "path": "sentiment",
+            "required": False,
+            "fallback": "textblob",
+            "sha256": sentiment_sha or real.sha256,
+        },
+        {"name": "textblob", "family": "textblob", "required": False},
+    ]
+    if ghost_required:
+        entries.append(
+            {"name": "ghost", "family": "sklearn", "path": "ghost.joblib", "sha256": "0" * 64}
+        )
+    return write_manifest(folder, entries)
+
+
+def test_every_pool_process_publishes_its_own_state_with_a_ttl(
+    serving_worker: WorkerProcess,
+) -> None:
+    snaps = serving_worker.wait_ready(2)
+    children = set(serving_worker.children_pids())
+    assert {s["pid"] for s in snaps} == children and len(children) == 2
+    for snap in snaps:
+        key = f"{serving_worker.prefix}:proc:{snap['host']}:{snap['pid']}"
+        ttl = serving_worker.client.ttl(key)
+        assert 0 < ttl <= 5
+        assert snap["models"]["sentiment"]["status"] == "READY"
+        assert snap["models"]["sentiment"]["load_seconds"] > 0
+    # the heartbeat refreshes the snapshot
+    before = {s["pid"]: s["heartbeat"] for s in snaps}
+    wait_for(
+        lambda: all(s["heartbeat"] > before[s["pid"]] for s in serving_worker.snapshots()),
+        10,
+        "a newer heartbeat from every process",
+    )
+
+
+def test_replacement_children_load_their_models_and_are_not_killed(start_worker: Start) -> None:
+    worker = start_worker(
+        concurrency=1,
+        extra_args=["--max-tasks-per-child", "1"],
+        env={"MODEL_MANIFEST": str(MANIFEST)},
+    )
+    first = worker.wait_ready(1)[0]["pid"]
+    client = worker.app()
+    seen = set()
+    for i in range(3):  # each task retires its child; the next one needs a fresh, loaded child
+        result = client.send_task("sentiment.analyze", args=[f"great product number {i}"])
+        assert result.get(timeout=90)["fallback"] is False
+        seen.add(result.get()["model"])
+        wait_for(
+            lambda: worker.children_pids() and first not in worker.children_pids(),
+            60,
+            "the child to be replaced",
+        )
+    new = worker.wait_ready(1)
+    assert all(s["pid"] != first for s in new if s["pid"] in worker.children_pids())
+    log = worker.log()
+    assert "Timed out waiting for UP message" not in log
+    assert log.count("registry of pid") >= 3  # the first child and its replacements loaded
+    client.close()
+
+
+def test_first_tasks_after_ready_are_fast_and_warm_ones_faster(start_worker: Start) -> None:
+    """The seed's floors, as checks: first task after READY < 2 s, warm tasks < 100 ms."""
+    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(MANIFEST)})
+    worker.wait_ready(1)
+    client = worker.app()
+    jobs = [
+        ("sentiment.analyze", ["I really enjoyed this"]),
+        ("forecast.predict", ["co2_prophet", 3]),
+        ("forecast.predict", ["sunspots_arima", 3]),
+        ("clustering.assign", [[[10.0, 5.0, 300.0, 12.0]]]),
+    ]
+    for name, args in jobs:
+        t0 = time.perf_counter()
+        client.send_task(name, args=args).get(timeout=30)
+        first = time.perf_counter() - t0
+        warm = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            client.send_task(name, args=args).get(timeout=30)
+            warm.append(time.perf_counter() - t0)
+        assert first < 2.0, f"first {name} took {first:.3f} s"
+        assert sorted(warm)[2] < 0.1, f"warm {name} median {sorted(warm)[2]:.3f} s"
+    client.close()
+
+
+def test_failed_models_are_reported_and_the_fallback_and_others_serve(
+    start_worker: Start, tmp_path: Path
+) -> None:
+    manifest = toy_manifest(tmp_path, sentiment_sha="f" * 64, ghost_required=True)
+    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(manifest)})
+    snap = worker.wait_ready(1, require_ready=False)[0]
+    assert snap["ready"] is False
+    assert snap["models"]["sentiment"]["status"] == "FAILED"
+    assert "sha256" in snap["models"]["sentiment"]["error"]
+    assert snap["models"]["ghost"]["status"] == "FAILED"
+    assert any(r.startswith("ghost is FAILED") for r in snap["not_ready_reasons"])
+    client = worker.app()
+    answer = client.send_task("sentiment.analyze", args=["what a lovely day"]).get(timeout=30)
+    assert answer["fallback"] is True and answer["model"] == "textblob"
+    assert answer["label"] == "positive"
+    assert client.send_task(
+        "clustering.assign", args=[[[0.0, 1.0, 2.0]]], kwargs={"model": "seg"}
+    ).get(timeout=30)["labels"]
+    result = client.send_task("clustering.assign", args=[[[0.0]]], kwargs={"model": "ghost"})
+    t0 = time.perf_counter()
+    result.get(timeout=30, propagate=False)
+    assert time.perf_counter() - t0 < 5
+    exc = result.backend.get_task_meta(result.id)["result"]
+    assert exc["exc_type"] == "ModelNotReady" and "ghost" in exc["exc_message"][0]
+    assert "FAILED" in exc["exc_message"][0]
+    client.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_threads_and_solo_pools_preload_too(start_worker: Start, tmp_path: Path, pool: str) -> None:
+    manifest = toy_manifest(tmp_path)
+    worker = start_worker(
+        pool=pool, concurrency=2 if pool == "threads" else 1, env={"MODEL_MANIFEST": str(manifest)}
+    )
+    snaps = worker.wait_ready(1)
+    assert len(snaps) == 1 and snaps[0]["pid"] == worker.pid  # the main process serves
+    assert snaps[0]["models"]["sentiment"]["status"] == "READY"
+    client = worker.app()
+    texts = ["good", "bad", "great", "awful"]
+    results = [client.send_task("sentiment.analyze", args=[t]) for t in texts]
+    assert [r.get(timeout=30)["fallback"] for r in results] == [False] * 4
+    client.close()
+
+
+def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProcess) -> None:
+    client = serving_worker.app()
+    client.conf.accept_content = ["json", "pickle"]
+    result = client.send_task("clustering.fit", args=[[[0.0], [1.0]], 2], serializer="pickle")
+    wait_for(
+        lambda: (
+            "untrusted content" in serving_worker.log()
+            or "Refusing to deserialize" in serving_worker.log()
+        ),
+        20,
+        "the refusal in the log",
+    )
+    assert result.state == "PENDING"  # never executed
+    client.close()
