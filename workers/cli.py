@@ -374,6 +374,76 @@ def health(
     raise typer.Exit(0 if summary["ready"] else 1)
 
 
+@cli.command()
+def reload(
+    model: str = typer.Argument(None, help="Model name from the manifest (default: all)."),
+    version: str = typer.Option(None, "--version", "-v", help="A version listed in the manifest."),
+    destination: list[str] = typer.Option(None, "--destination", "-d", help="Node name(s)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for every process's result."),
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the replies."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Reload models in every pool process (load beside, swap, free); exit 1 if any failed."""
+    from shared.errors import ModelWorkersError
+    from shared.manifest import load_manifest
+    from shared.reload import collect_replies, send_reload
+
+    settings = get_settings()
+    client = redis_client(settings)
+    try:
+        request = send_reload(
+            client,
+            settings.key_prefix,
+            load_manifest(settings.model_manifest),
+            models=[model] if model else None,
+            version=version,
+            nodes=destination or None,
+        )
+    except ModelWorkersError as exc:
+        err.print(f"[red]refused: {exc}[/]")
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        err.print(f"[red]cannot reach Redis: {redact(str(exc))}[/]")
+        raise typer.Exit(2) from None
+    expected = len(request["expected"])
+    if not wait:
+        console.print(f"reload {request['id']} sent to {expected} processes")
+        return
+    with console.status("reloading...") as status:
+        outcome = collect_replies(
+            client,
+            settings.key_prefix,
+            request,
+            timeout=timeout,
+            progress=lambda done, total: status.update(f"{done}/{total} processes reloaded"),
+        )
+    if as_json:
+        console.print_json(json.dumps(outcome))
+    else:
+        table = Table(title=f"reload {request['id'][:8]}: {', '.join(request['models'])}")
+        for col in ("node", "pid", "model", "old", "new", "seconds", "result"):
+            table.add_column(col, overflow="fold")
+        for reply in outcome["replies"]:
+            for r in reply["results"]:
+                table.add_row(
+                    reply["node"],
+                    str(reply["pid"]),
+                    str(r["model"]),
+                    str(r["old_version"]),
+                    str(r["new_version"]),
+                    f"{r['seconds']:.2f}" if r.get("seconds") else "-",
+                    "ok" if r["ok"] else f"[red]{r['error']}[/]",
+                )
+        for miss in outcome["missing"]:
+            table.add_row(
+                str(miss["node"]), str(miss["pid"]), "-", "-", "-", "-", f"[red]{miss['error']}[/]"
+            )
+        console.print(table)
+    if not expected:
+        err.print("[yellow]no live pool process matched: nothing was reloaded[/]")
+    raise typer.Exit(0 if outcome["ok"] else 1)
+
+
 def main() -> None:
     cli()
 

@@ -13,15 +13,18 @@ Called from the thin handlers in ``workers.signals``. Which process loads depend
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
 import threading
 import time
+from typing import Any
 
 from shared.families import family_class
 from shared.manifest import Manifest, ModelSpec, load_manifest
 from shared.registry import ModelRegistry, get_registry, set_registry
+from shared.reload import channel, converge, handle_request, read_desired, reply_key
 from shared.settings import Settings
 from shared.state import proc_key, publish_snapshot
 from shared.urls import redact, redis_client
@@ -34,11 +37,6 @@ NODE_NAME: str = ""
 _manifest: Manifest | None = None
 _heartbeat: Heartbeat | None = None
 _loaded_in_pid: int | None = None
-
-
-def desired_key(prefix: str) -> str:
-    """Hash name -> version: the version every process should serve (set by reloads)."""
-    return f"{prefix}:desired"
 
 
 def read_manifest(settings: Settings) -> Manifest:
@@ -73,7 +71,7 @@ def specs_to_load(manifest: Manifest, settings: Settings) -> list[ModelSpec]:
     """The active spec of each model, or the version a fleet-wide reload asked for."""
     specs = manifest.active()
     try:
-        desired = redis_client(settings).hgetall(desired_key(settings.key_prefix))
+        desired = read_desired(redis_client(settings), settings.key_prefix, NODE_NAME or None)
     except Exception as exc:  # Redis down at start: serve the manifest's active versions
         log.warning(
             "cannot read desired versions from Redis (%s); using manifest defaults",
@@ -82,10 +80,10 @@ def specs_to_load(manifest: Manifest, settings: Settings) -> list[ModelSpec]:
         return specs
     out = []
     for spec in specs:
-        version = desired.get(spec.name.encode())
-        if version and version.decode() != spec.version:
+        version = desired.get(spec.name)
+        if version and version != spec.version:
             try:
-                spec = manifest.get(spec.name, version.decode())
+                spec = manifest.get(spec.name, version)
             except Exception:
                 log.warning("desired version %s of %s is not in the manifest", version, spec.name)
         out.append(spec)
@@ -162,8 +160,35 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
     return registry
 
 
+def overrides(settings: Settings) -> dict[str, str] | None:
+    return {"sentiment": settings.sentiment_model} if settings.sentiment_model else None
+
+
+def log_reload(result: dict[str, Any]) -> None:
+    if result.get("ok"):
+        log.info(
+            "reloaded %s: %s -> %s in %.2f s [pid %d]",
+            result["model"],
+            result["old_version"],
+            result["new_version"],
+            result["seconds"] or 0,
+            os.getpid(),
+        )
+    else:
+        log.error(
+            "reload of %s to %s failed, %s keeps serving: %s [pid %d]",
+            result["model"],
+            result["new_version"],
+            result["old_version"],
+            result["error"],
+            os.getpid(),
+        )
+
+
 class Heartbeat(threading.Thread):
-    """Republishes this process's snapshot every HEARTBEAT_SECONDS; survives Redis restarts."""
+    """Every HEARTBEAT_SECONDS: republish this process's snapshot, and converge on the fleet's
+    desired model versions (catching up on a reload this process missed). Survives Redis
+    restarts: a failed beat is logged once and retried."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         super().__init__(name="registry-heartbeat", daemon=True)
@@ -171,11 +196,28 @@ class Heartbeat(threading.Thread):
         self.client = redis_client(settings)
         self.stopping = threading.Event()
         self.wake = threading.Event()
+        self.reload_lock = threading.Lock()  # shared with the listener: reloads never interleave
+        self.attempted: set[tuple[str, str]] = set()
         self._failing = False
+
+    def converge(self) -> None:
+        desired = read_desired(self.client, self.settings.key_prefix, self.registry.node)
+        if not desired:
+            return
+        with self.reload_lock:
+            for result in converge(
+                self.registry,
+                self.settings.model_manifest,
+                desired,
+                self.attempted,
+                overrides=overrides(self.settings),
+            ):
+                log_reload(result)
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
+                self.converge()
                 publish_snapshot(
                     self.client,
                     self.settings.key_prefix,
@@ -202,15 +244,84 @@ class Heartbeat(threading.Thread):
             pass
 
 
+class ControlListener(threading.Thread):
+    """Acts on reload requests from the PREFIX:control channel, one at a time, and replies."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, heartbeat: Heartbeat) -> None:
+        super().__init__(name="control-listener", daemon=True)
+        self.settings, self.registry, self.heartbeat = settings, registry, heartbeat
+        self.stopping = threading.Event()
+        self.subscribed = threading.Event()
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                client = redis_client(self.settings, socket_timeout=None)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(channel(self.settings.key_prefix))
+                self.subscribed.set()
+                backoff = 0.5
+                while not self.stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        self.handle(client, json.loads(message["data"]))
+            except Exception as exc:
+                self.subscribed.clear()
+                if not self.stopping.is_set():
+                    log.warning(
+                        "control channel lost (%s); resubscribing in %.1f s",
+                        redact(str(exc)),
+                        backoff,
+                    )
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+
+    def handle(self, client: Any, request: dict[str, Any]) -> None:
+        nodes = request.get("nodes")
+        if request.get("action") != "reload" or (nodes and self.registry.node not in nodes):
+            return
+        with self.heartbeat.reload_lock:
+            results = handle_request(
+                self.registry,
+                self.settings.model_manifest,
+                request,
+                overrides=overrides(self.settings),
+            )
+        for result in results:
+            log_reload(result)
+            if request.get("version") and result.get("model"):
+                self.heartbeat.attempted.add((result["model"], request["version"]))
+        snap = self.registry.snapshot()
+        reply = {
+            "node": snap["node"],
+            "host": snap["host"],
+            "pid": snap["pid"],
+            "ok": all(r["ok"] for r in results),
+            "results": results,
+        }
+        key = reply_key(self.settings.key_prefix, request["id"])
+        client.rpush(key, json.dumps(reply))
+        client.expire(key, 3600)
+        self.heartbeat.wake.set()  # publish the new state now
+
+
+_listener: ControlListener | None = None
+
+
 def start_heartbeat(settings: Settings, registry: ModelRegistry) -> None:
-    global _heartbeat
-    # A new heartbeat per process: one inherited through fork has no thread in the child.
+    global _heartbeat, _listener
+    # New threads per process: threads inherited through fork do not run in the child.
     _heartbeat = Heartbeat(settings, registry)
     _heartbeat.start()
+    _listener = ControlListener(settings, registry, _heartbeat)
+    _listener.start()
 
 
 def stop_serving() -> None:
     """Process shutdown: stop the heartbeat, remove our key, unload every model."""
+    if _listener is not None:
+        _listener.stopping.set()
     if _heartbeat is not None:
         _heartbeat.stop()
     if _loaded_in_pid == os.getpid():

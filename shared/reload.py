@@ -1,0 +1,232 @@
+"""Fleet-wide reload: reaching every pool process, on every node, through Redis.
+
+Celery's remote-control commands run in each worker's main process, which holds no models, and
+a ``Broadcast`` queue reaches only one pool process per node. So a reload travels on a Redis
+pub/sub channel that every serving process listens to, and each process answers on a list::
+
+    PREFIX:control          pub/sub channel; message {"id", "action": "reload", "models",
+                            "version", "nodes", "sent_at"}  (models null = all; nodes null = all)
+    PREFIX:reload:ID        list of replies, one per process: {"node", "host", "pid", "ok",
+                            "results": [{"model", "old_version", "new_version", "ok",
+                            "seconds", "error"}]}; expires after an hour
+    PREFIX:desired          hash model -> version: what every process should serve. Processes
+                            that start later (replacement children, new nodes) load it, and a
+                            process that missed a message catches up on its next heartbeat.
+    PREFIX:desired:NODE     the same for one node (a reload sent with destinations); it takes
+                            precedence over the fleet-wide hash on that node.
+
+Each process handles requests one at a time (queued, never interleaved) and loads the new
+version beside the old one before swapping (``ModelRegistry.reload``). Only names and versions
+listed in the manifest are accepted, never paths. No Celery here: the CLI, the remote-control
+command and a web app can all send reloads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ModelNotFound, ReloadRefused
+from shared.manifest import Manifest, load_manifest
+from shared.registry import ModelRegistry, ModelState
+from shared.state import fleet_summary, read_snapshots
+
+REPLY_TTL = 3600
+
+
+def channel(prefix: str) -> str:
+    return f"{prefix}:control"
+
+
+def reply_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}:reload:{request_id}"
+
+
+def desired_key(prefix: str, node: str | None = None) -> str:
+    """Fleet-wide desired versions, or one node's (which take precedence for that node)."""
+    return f"{prefix}:desired" if node is None else f"{prefix}:desired:{node}"
+
+
+def read_desired(client: Any, prefix: str, node: str | None) -> dict[str, str]:
+    """The versions this node should serve: fleet-wide, overlaid with the node's own."""
+    keys = [desired_key(prefix)] + ([desired_key(prefix, node)] if node else [])
+    merged: dict[str, str] = {}
+    for key in keys:
+        merged.update({k.decode(): v.decode() for k, v in client.hgetall(key).items()})
+    return merged
+
+
+def validate_request(
+    manifest: Manifest, models: list[str] | None, version: str | None
+) -> list[str]:
+    """The model names a reload covers; refuses unknown names, unknown versions and paths."""
+    names = models or [s.name for s in manifest.active()]
+    for name in names:
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ReloadRefused(f"reload takes model names from the manifest, not paths: {name!r}")
+        if name not in manifest.names:
+            raise ReloadRefused(str(ModelNotFound(name, manifest.names)))
+        if version is not None and version not in {s.version for s in manifest.versions(name)}:
+            listed = ", ".join(s.version for s in manifest.versions(name))
+            raise ReloadRefused(
+                f"model {name!r} has no version {version!r} in the manifest (listed: {listed})"
+            )
+    if version is not None and len(names) != 1:
+        raise ReloadRefused("a version can only be given when reloading one model")
+    return names
+
+
+def handle_request(
+    registry: ModelRegistry,
+    manifest_path: Path,
+    request: dict[str, Any],
+    *,
+    overrides: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one reload request in this process: re-read the manifest, reload each model."""
+    manifest = load_manifest(manifest_path, overrides=overrides)
+    results = []
+    try:
+        names = validate_request(manifest, request.get("models"), request.get("version"))
+    except ReloadRefused as exc:
+        return [
+            {
+                "model": None,
+                "ok": False,
+                "error": f"ReloadRefused: {exc}",
+                "old_version": None,
+                "new_version": None,
+                "seconds": None,
+            }
+        ]
+    for name in names:
+        spec = manifest.get(name, request.get("version"))
+        results.append(registry.reload(spec))
+    return results
+
+
+def converge(
+    registry: ModelRegistry,
+    manifest_path: Path,
+    desired: dict[str, str],
+    attempted: set[tuple[str, str]],
+    *,
+    overrides: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Reload any model whose serving version differs from the fleet's desired one (each
+    (name, version) tried once per process, so a broken version is not retried forever)."""
+    todo = []
+    for name, version in desired.items():
+        if name not in registry.names() or (name, version) in attempted:
+            continue
+        meta = registry.metadata(name)
+        if meta.version != version and meta.status in (ModelState.READY, ModelState.FAILED):
+            todo.append((name, version))
+    if not todo:
+        return []
+    manifest = load_manifest(manifest_path, overrides=overrides)
+    results = []
+    for name, version in todo:
+        attempted.add((name, version))
+        try:
+            results.append(registry.reload(manifest.get(name, version)))
+        except ModelNotFound as exc:
+            results.append(
+                {
+                    "model": name,
+                    "ok": False,
+                    "error": str(exc),
+                    "old_version": None,
+                    "new_version": version,
+                    "seconds": None,
+                }
+            )
+    return results
+
+
+def send_reload(
+    client: Any,
+    prefix: str,
+    manifest: Manifest,
+    *,
+    models: list[str] | None = None,
+    version: str | None = None,
+    nodes: list[str] | None = None,
+    set_desired: bool = True,
+) -> dict[str, Any]:
+    """Validate and publish a reload; returns the request with the processes expected to answer.
+
+    ``set_desired`` records the target versions (fleet-wide, or per destination node) so that
+    processes started later load them too; ``collect_replies`` puts the old ones back when any
+    process fails, and the processes that did switch converge back on their next heartbeat.
+    """
+    names = validate_request(manifest, models, version)
+    live = read_snapshots(client, prefix)
+    expected = [(s.get("node"), s["pid"]) for s in live if not nodes or s.get("node") in nodes]
+    request = {
+        "id": uuid.uuid4().hex,
+        "action": "reload",
+        "models": names,
+        "version": version,
+        "nodes": nodes,
+        "sent_at": time.time(),
+    }
+    previous: list[tuple[str, str, str]] = []  # (key, model, version to restore)
+    if set_desired:
+        scopes: list[str | None] = list(nodes) if nodes else [None]
+        for node in scopes:
+            key = desired_key(prefix, node)
+            before = read_desired(client, prefix, node)
+            for name in names:
+                old = before.get(name) or manifest.get(name).version
+                previous.append((key, name, old))
+                client.hset(key, name, manifest.get(name, version).version)
+    receivers = client.publish(channel(prefix), json.dumps(request))
+    return {**request, "expected": expected, "receivers": receivers, "previous_desired": previous}
+
+
+def collect_replies(
+    client: Any,
+    prefix: str,
+    request: dict[str, Any],
+    *,
+    timeout: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Wait (bounded) for a reply from every expected process; report who did not answer."""
+    key = reply_key(prefix, request["id"])
+    expected = {(node, pid) for node, pid in request["expected"]}
+    deadline = time.monotonic() + timeout
+    replies: list[dict[str, Any]] = []
+    while True:
+        raw = client.lrange(key, 0, -1)
+        replies = [json.loads(r) for r in raw]
+        got = {(r.get("node"), r["pid"]) for r in replies}
+        if progress:
+            progress(len(got & expected), len(expected))
+        if expected <= got or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    missing = sorted(expected - {(r.get("node"), r["pid"]) for r in replies}, key=str)
+    ok = bool(replies) and not missing and all(r["ok"] for r in replies)
+    if not ok and request.get("previous_desired"):
+        # Not every process took the new version: do not make later processes load it.
+        # Processes that did switch converge back to it on their next heartbeat.
+        for key, name, old in request["previous_desired"]:
+            client.hset(key, name, old)
+    return {
+        "id": request["id"],
+        "ok": ok,
+        "replies": replies,
+        "missing": [
+            {"node": n, "pid": p, "error": f"no answer within {timeout:g} s"} for n, p in missing
+        ],
+    }
+
+
+def fleet_ready(client: Any, prefix: str, min_processes: int = 1) -> dict[str, Any]:
+    return fleet_summary(read_snapshots(client, prefix), min_processes=min_processes)
