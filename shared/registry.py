@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+from shared import metrics
 from shared.errors import LoadTimeout, ModelNotFound, ModelNotReady
 from shared.families import Model, family_class
 from shared.manifest import ModelSpec
@@ -168,7 +169,7 @@ class ModelRegistry:
         self._listeners.append(callback)
 
     def _notify(self, meta: ModelMetadata) -> None:
-        for callback in self._listeners:
+        for callback in (metrics.record_state, *self._listeners):
             try:
                 callback(meta)
             except Exception:  # a listener must never break loading
@@ -399,11 +400,14 @@ class ModelRegistry:
             return self.get(fallback), True
 
     def observe(self, name: str, seconds: float, ok: bool) -> None:
-        """Record one served call of ``name`` (for the serving counters)."""
+        """Record one served call of ``name`` (serving counters and Prometheus metrics)."""
         with self._lock:
             entry = self._entries.get(name)
-            if entry is not None:
-                entry.meta.observe(seconds, ok)
+            if entry is None:
+                return
+            entry.meta.observe(seconds, ok)
+            version = entry.meta.version
+        metrics.record_call(name, version, seconds, ok)
 
     # ---- health ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, WorkerProcess
+from tests.harness import ROOT, WorkerProcess, close_app
 from workers.embedded import EmbeddedRedis
 
 MANIFEST = ROOT / "models" / "models.toml"
@@ -68,7 +68,7 @@ def serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]
 def client(serving_worker: WorkerProcess) -> Iterator[Any]:
     app = serving_worker.app()
     yield app
-    app.close()
+    close_app(app)
 
 
 @pytest.fixture(autouse=True)

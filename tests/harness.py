@@ -21,6 +21,15 @@ from celery import Celery
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def close_app(app: Celery) -> None:
+    """Close a client app, its result listener included (else it outlives the test's Redis)."""
+    with suppress(Exception):
+        consumer = getattr(app.backend, "result_consumer", None)
+        if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+            consumer.stop()
+    app.close()
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
 ) -> Any:
@@ -160,9 +169,17 @@ class WorkerProcess:
                 )
             snaps = [s for s in self.snapshots() if s.get("node") == self.node]
             done = [s for s in snaps if s["ready"] or not require_ready]
-            return snaps if len(done) >= want else None
+            if len(done) >= want:
+                return snaps
+            seen.clear()
+            seen.extend(s["not_ready_reasons"] for s in snaps if not s["ready"])
+            return None
 
-        return wait_for(check, timeout, f"{want} pool processes of {self.node}", 0.1)
+        seen: list[Any] = []
+        try:
+            return wait_for(check, timeout, f"{want} pool processes of {self.node}", 0.1)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; not-ready reasons: {seen}") from None
 
     def app(self) -> Celery:
         """A client that knows only the broker, the queue and task names."""

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 from celery import Celery
+
+from shared.settings import get_settings
+
+
+def _prepare_metrics_dir() -> None:
+    """Multi-process metrics need their directory set before prometheus_client is imported."""
+    settings = get_settings()
+    if not settings.metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    folder = settings.prometheus_multiproc_dir or (
+        Path(tempfile.gettempdir()) / f"modelworkers-metrics-{os.getpid()}"
+    )
+    shutil.rmtree(folder, ignore_errors=True)  # stale files of a previous run would add up
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
+_prepare_metrics_dir()
 
 app = Celery(
     "modelworkers",
@@ -12,3 +35,6 @@ app.config_from_object("celeryconfig")
 
 # Connect the signal handlers and remote-control commands (import for side effect).
 from workers import control, signals  # noqa: E402, F401
+from workers.bootsteps import RegistryStats  # noqa: E402
+
+app.steps["worker"].add(RegistryStats)

@@ -326,3 +326,6 @@ def stop_serving() -> None:
         _heartbeat.stop()
     if _loaded_in_pid == os.getpid():
         get_registry().unload_all()
+    from shared import metrics
+
+    metrics.mark_process_dead(os.getpid())

@@ -28,6 +28,7 @@ def _quiet() -> None:
 
     for name in ("prophet", "cmdstanpy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("prophet.plot").setLevel(logging.CRITICAL)  # "Importing plotly failed"
 
 
 class ProphetForecaster(Model):
@@ -38,6 +39,7 @@ class ProphetForecaster(Model):
 
     @classmethod
     def preimport(cls) -> None:
+        _quiet()
         import prophet  # noqa: F401
         from prophet.serialize import model_from_json  # noqa: F401
 

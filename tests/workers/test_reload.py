@@ -19,7 +19,7 @@ import pytest
 from shared.manifest import load_manifest
 from tests.conftest import MANIFEST
 from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import ROOT, WorkerProcess, wait_for
+from tests.harness import ROOT, WorkerProcess, close_app, wait_for
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
@@ -130,7 +130,7 @@ class Stream:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=90)
-        self.app.close()
+        close_app(self.app)
 
 
 def versions(worker: WorkerProcess) -> list[str]:
@@ -190,7 +190,7 @@ def test_a_reload_to_a_corrupt_artifact_fails_everywhere_and_the_old_version_ser
         client.send_task("sentiment.analyze", args=["lovely"]).get(timeout=30) for _ in range(6)
     ]
     assert {(a["version"], a["fallback"]) for a in answers} == {("1.0.0", False)}
-    client.close()
+    close_app(client)
     snaps = alpha.snapshots()
     assert all(s["models"]["sentiment"]["reload_error"] for s in snaps)
     # the broken version is not left as the fleet's desired version
@@ -243,4 +243,4 @@ def test_celery_broadcast_reloads_only_the_named_node(
         timeout=10,
     )
     assert "error" in bad[0][beta.node] and "not paths" in bad[0][beta.node]["error"]
-    app.close()
+    close_app(app)

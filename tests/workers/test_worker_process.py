@@ -12,7 +12,8 @@ import pytest
 from shared.manifest import load_manifest
 from tests.conftest import MANIFEST
 from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, wait_for
+from tests.harness import WorkerProcess, close_app, wait_for
+from tests.tasks.test_contract import stored_error
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
@@ -88,7 +89,7 @@ def test_replacement_children_load_their_models_and_are_not_killed(start_worker:
     log = worker.log()
     assert "Timed out waiting for UP message" not in log
     assert log.count("registry of pid") >= 3  # the first child and its replacements loaded
-    client.close()
+    close_app(client)
 
 
 def test_first_tasks_after_ready_are_fast_and_warm_ones_faster(start_worker: Start) -> None:
@@ -113,7 +114,7 @@ def test_first_tasks_after_ready_are_fast_and_warm_ones_faster(start_worker: Sta
             warm.append(time.perf_counter() - t0)
         assert first < 2.0, f"first {name} took {first:.3f} s"
         assert sorted(warm)[2] < 0.1, f"warm {name} median {sorted(warm)[2]:.3f} s"
-    client.close()
+    close_app(client)
 
 
 def test_failed_models_are_reported_and_the_fallback_and_others_serve(
@@ -138,10 +139,9 @@ def test_failed_models_are_reported_and_the_fallback_and_others_serve(
     t0 = time.perf_counter()
     result.get(timeout=30, propagate=False)
     assert time.perf_counter() - t0 < 5
-    exc = result.backend.get_task_meta(result.id)["result"]
-    assert exc["exc_type"] == "ModelNotReady" and "ghost" in exc["exc_message"][0]
-    assert "FAILED" in exc["exc_message"][0]
-    client.close()
+    exc_type, message = stored_error(result)
+    assert exc_type == "ModelNotReady" and "ghost" in message and "FAILED" in message
+    close_app(client)
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
@@ -157,7 +157,7 @@ def test_threads_and_solo_pools_preload_too(start_worker: Start, tmp_path: Path,
     texts = ["good", "bad", "great", "awful"]
     results = [client.send_task("sentiment.analyze", args=[t]) for t in texts]
     assert [r.get(timeout=30)["fallback"] for r in results] == [False] * 4
-    client.close()
+    close_app(client)
 
 
 def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProcess) -> None:
@@ -173,4 +173,4 @@ def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProces
         "the refusal in the log",
     )
     assert result.state == "PENDING"  # never executed
-    client.close()
+    close_app(client)

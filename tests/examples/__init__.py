@@ -1,0 +1,1 @@
+"""Tests of the copy-and-adapt examples in examples/."""
