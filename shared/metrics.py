@@ -21,7 +21,12 @@ ENABLED = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
 
 if ENABLED:
-    from prometheus_client import Counter, Gauge, Histogram
+    from prometheus_client import Counter, Gauge, Histogram, values
+
+    # prometheus_client picks its value class when first imported; under `celery worker` that
+    # happens before PROMETHEUS_MULTIPROC_DIR is set (Flower's CLI plugin imports it), so pick
+    # again now that the directory is known.
+    values.ValueClass = values.get_value_class()
 
     LOAD_SECONDS = Gauge(
         "modelworkers_model_load_seconds",

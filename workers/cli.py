@@ -94,7 +94,7 @@ def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
 
 
 def flower_command(port: int, basic_auth: str) -> list[str]:
-    settings = get_settings()
+    """Flower on loopback with basic auth (its HTTP API then needs the same credentials)."""
     return [
         sys.executable,
         "-m",
@@ -105,7 +105,6 @@ def flower_command(port: int, basic_auth: str) -> list[str]:
         f"--port={port}",
         "--address=127.0.0.1",
         f"--basic-auth={basic_auth}",
-        f"--broker-api={redis_client_url(settings)}",
     ]
 
 

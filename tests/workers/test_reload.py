@@ -169,9 +169,13 @@ def test_reload_reaches_all_four_processes_while_a_task_stream_keeps_succeeding(
         30,
         "a replacement child",
     )
-    snaps = alpha.wait_ready(4)
-    fresh = [s for s in snaps if s["pid"] not in {p for _, p in pids}]
-    assert fresh and all(s["models"]["sentiment"]["version"] == "1.1.0" for s in fresh)
+    old_pids = {p for _, p in pids}
+    fresh = wait_for(
+        lambda: [s for s in alpha.snapshots() if s["pid"] not in old_pids and s["ready"]],
+        60,
+        "the replacement child's snapshot",
+    )
+    assert [s["models"]["sentiment"]["version"] for s in fresh] == ["1.1.0"]
 
 
 def test_a_reload_to_a_corrupt_artifact_fails_everywhere_and_the_old_version_serves(
