@@ -10,9 +10,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -233,7 +235,7 @@ def demo_jobs() -> list[tuple[str, str, list[Any], dict[str, Any]]]:
 
 def _short(result: Any) -> str:
     if isinstance(result, list):
-        return "; ".join(_short(r) for r in result)
+        return ", ".join(f"{r['label']} {r['score']:.2f}" for r in result)
     if "label" in result:
         return f"{result['label']} ({result['score']:.2f}, {result['model']}@{result['version']})"
     if "yhat" in result:
@@ -261,9 +263,14 @@ def demo(
         for key in client.scan_iter(match=f"{get_settings().key_prefix}:proc:*"):
             client.delete(key)
         console.print(f"broker and registry: {redact(url)}")
+        log_path = Path(tempfile.gettempdir()) / "modelworkers-demo-worker.log"
+        log_file = log_path.open("wb")
         worker = spawn(
-            worker_command(concurrency, "prefork", "WARNING", "demo@%h"), stdout=subprocess.DEVNULL
+            worker_command(concurrency, "prefork", "INFO", "demo@%h"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
+        console.print(f"worker log: {log_path}")
         try:
             t0 = time.perf_counter()
             wait_ready(concurrency, timeout, watch=worker)
@@ -294,44 +301,42 @@ def demo(
             print_status(read_snapshots(client, get_settings().key_prefix))
         finally:
             stop_process(worker, "worker")
+            log_file.close()
             app.close()
 
 
 def print_status(snaps: list[dict[str, Any]]) -> None:
+    """One row per (process, model); errors are listed in full under the table."""
     summary = fleet_summary(snaps)
-    table = Table(
-        title=f"model registry: {summary['processes']} processes, "
-        f"{'READY' if summary['ready'] else 'NOT READY'}"
-    )
-    for col in (
-        "node",
-        "pid",
-        "model",
-        "version",
-        "status",
-        "device",
-        "load s",
-        "calls",
-        "p95 ms",
-        "error",
-    ):
-        table.add_column(col, overflow="fold")
+    state = "READY" if summary["ready"] else "NOT READY"
+    table = Table(title=f"model registry: {summary['processes']} pool processes, {state}")
+    for col in ("node", "pid", "model", "version", "status", "load s", "calls", "p95 ms"):
+        table.add_column(col, no_wrap=col in ("model", "node"))
+    problems = []
     for snap in snaps:
+        node = snap.get("node", snap["host"])
         for name, m in snap["models"].items():
             p95 = m.get("latency_p95_ms")
+            load = m.get("load_seconds")
+            status = m["status"] + ("*" if m.get("reload_error") else "")
             table.add_row(
-                snap.get("node", snap["host"]),
+                node,
                 str(snap["pid"]),
                 name,
                 m["version"],
-                m["status"],
-                m["device"],
-                f"{m['load_seconds']:.2f}" if m.get("load_seconds") is not None else "-",
+                status,
+                f"{load:.2f}" if load is not None else "-",
                 str(m["calls"]),
                 f"{p95:.1f}" if p95 is not None else "-",
-                (m.get("error") or m.get("reload_error") or "")[:80],
             )
+            for kind in ("error", "reload_error"):
+                if m.get(kind):
+                    problems.append(f"{node} pid {snap['pid']} {name} {kind}: {m[kind]}")
     console.print(table)
+    for line in problems:
+        console.print(f"[red]{line}[/]", soft_wrap=True)
+    if any(m.get("reload_error") for s in snaps for m in s["models"].values()):
+        console.print("* serving the previous version after a failed reload")
 
 
 @cli.command()
