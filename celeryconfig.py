@@ -55,7 +55,6 @@ worker_max_memory_per_child = _s.worker_max_memory_per_child_kb
 # A new pool process must load every eager model before it reports UP; Celery's default 4 s
 # kills replacement children in a loop (see docs/architecture.md).
 worker_proc_alive_timeout = _s.proc_alive_timeout_seconds
-worker_hijack_root_logger = False
 worker_redirect_stdouts = False
 worker_cancel_long_running_tasks_on_connection_loss = False
 

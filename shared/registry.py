@@ -156,6 +156,8 @@ class ModelRegistry:
         self.loader_threads = loader_threads
         self.warmup = warmup
         self.node = ""  # the Celery node name, set by the worker
+        # Extra per-process figures for the snapshot (e.g. micro-batching), name -> callable.
+        self.extra_stats: dict[str, Callable[[], dict[str, Any]]] = {}
         self.unlisted: list[str] = []
         self.manifest_problems: dict[str, str] = {}
         self.started_at = time.time()
@@ -447,6 +449,7 @@ class ModelRegistry:
             "models": models,
             "unlisted_artifacts": list(self.unlisted),
             "manifest_problems": dict(self.manifest_problems),
+            "stats": {name: fn() for name, fn in self.extra_stats.items()},
         }
 
 

@@ -145,12 +145,13 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
 
-    def resolved_torch_threads(self) -> int:
-        """torch threads per pool process: the setting, or cores split across the pool."""
+    def resolved_torch_threads(self, processes: int | None = None) -> int:
+        """torch threads per serving process: the setting, or the cores split across the
+        ``processes`` that serve on this node (prefork: the concurrency; threads/solo: 1)."""
         if self.torch_threads:
             return self.torch_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) // max(1, self.worker_concurrency))
+        return max(1, (cores or 1) // max(1, processes or self.worker_concurrency))
 
     def ensure_dirs(self) -> None:
         """Create the model cache directory and point the Hugging Face cache at it."""
@@ -158,6 +159,8 @@ class Settings(BaseSettings):
         os.environ.setdefault("HF_HOME", str(self.model_cache_dir.resolve()))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no bars in worker logs
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @lru_cache(maxsize=1)

@@ -11,16 +11,32 @@ from shared.registry import ModelMetadata, ModelState
 log = logging.getLogger("modelworkers")
 
 
-def configure_logging(level: int = logging.INFO, *, handler: bool = False) -> None:
-    """Let modelworkers' INFO lines through; add a stderr handler only outside Celery (CLI)."""
+_early: logging.Handler | None = None
+
+
+def configure_logging(level: int = logging.INFO, *, early: bool = False) -> None:
+    """Let modelworkers' INFO lines through.
+
+    ``early``: Celery sends ``worker_init`` before it sets up logging, so the imports and
+    parent-side loads done there would log into the void; a temporary stderr handler carries
+    them until ``drop_early_handler`` runs (on Celery's ``after_setup_logger``).
+    """
+    global _early
     root = logging.getLogger("modelworkers")
-    if handler and not root.handlers and not logging.getLogger().handlers:
-        stream = logging.StreamHandler()
-        stream.setFormatter(
-            logging.Formatter("[%(asctime)s: %(levelname)s %(process)d] %(message)s")
+    if early and _early is None and not logging.getLogger().handlers:
+        _early = logging.StreamHandler()
+        _early.setFormatter(
+            logging.Formatter("[%(asctime)s: %(levelname)s/MainProcess] %(message)s")
         )
-        root.addHandler(stream)
+        root.addHandler(_early)
     root.setLevel(level)
+
+
+def drop_early_handler() -> None:
+    global _early
+    if _early is not None:
+        logging.getLogger("modelworkers").removeHandler(_early)
+        _early = None
 
 
 def log_model_event(meta: ModelMetadata) -> None:

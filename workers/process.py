@@ -34,6 +34,7 @@ log = logging.getLogger("modelworkers.worker")
 
 # Set in the worker's main process before the pool forks; inherited by every child.
 NODE_NAME: str = ""
+SERVING_PROCESSES: int | None = None  # processes that share this node's cores (torch threads)
 _manifest: Manifest | None = None
 _heartbeat: Heartbeat | None = None
 _loaded_in_pid: int | None = None
@@ -91,7 +92,7 @@ def specs_to_load(manifest: Manifest, settings: Settings) -> list[ModelSpec]:
 
 
 def set_torch_threads(settings: Settings) -> int:
-    threads = settings.resolved_torch_threads()
+    threads = settings.resolved_torch_threads(SERVING_PROCESSES)
     if "torch" in sys.modules:
         import torch
 

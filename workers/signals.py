@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery.signals import (
+    after_setup_logger,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -14,7 +15,7 @@ from celery.signals import (
 
 from shared.settings import get_settings
 from workers import process
-from workers.logs import configure_logging
+from workers.logs import configure_logging, drop_early_handler
 
 log = logging.getLogger("modelworkers.worker")
 _pool_kind = "prefork"
@@ -34,11 +35,13 @@ def pool_kind(worker: Any) -> str:
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Main process, before the pool starts: imports (and parent-mode loads) happen here."""
     global _pool_kind
-    configure_logging()
+    configure_logging(early=True)
     settings = get_settings()
     settings.ensure_dirs()
     process.NODE_NAME = getattr(sender, "hostname", "") or ""
     _pool_kind = pool_kind(sender)
+    concurrency = int(getattr(sender, "concurrency", 0) or settings.worker_concurrency)
+    process.SERVING_PROCESSES = concurrency if _pool_kind == "prefork" else 1
     manifest = process.read_manifest(settings)
     if settings.preimport:
         seconds = process.preimport(manifest)
@@ -50,6 +53,12 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         process.start_serving(settings)
     elif _pool_kind == "prefork" and settings.preload_mode == "parent":
         process.load_in_parent(settings)
+
+
+@after_setup_logger.connect
+def on_after_setup_logger(**_: Any) -> None:
+    """Celery's handlers are in place: stop using the temporary one from worker_init."""
+    drop_early_handler()
 
 
 @worker_process_init.connect

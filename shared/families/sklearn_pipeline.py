@@ -22,8 +22,13 @@ class SklearnPipeline(Model):
         import sklearn.preprocessing  # noqa: F401
 
     def load(self) -> None:
+        import warnings
+
         import joblib
         import numpy as np
+
+        # Pipelines fitted on a DataFrame warn on every plain-array call; rows are positional.
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
 
         path = verify_artifact(self.spec)  # never unpickle an unverified file
         self._estimator = joblib.load(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,4 +174,48 @@ def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProces
         "the refusal in the log",
     )
     assert result.state == "PENDING"  # never executed
+    close_app(client)
+
+
+def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
+    start_worker: Start, serving_worker: WorkerProcess
+) -> None:
+    worker = start_worker(
+        concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST), "PRELOAD_MODE": "parent"}
+    )
+    snaps = worker.wait_ready(2)
+    assert "models loaded in the parent (copy-on-write mode)" in worker.log()
+    loaded = {s["pid"]: s["models"]["sentiment"]["loaded_at"] for s in snaps}
+    assert len(set(loaded.values())) == 1  # one load, inherited by both children
+    assert all(s["models"]["sentiment"]["loaded_at"] < s["started_at"] for s in snaps)
+    texts = ["a wonderful, moving film", "a dull and tiresome mess"]
+    cow, child = worker.app(), serving_worker.app()
+    for text in texts:  # children compute (torch) after fork without hanging, same answers
+        a = cow.send_task("sentiment.analyze", args=[text]).get(timeout=30)
+        b = child.send_task("sentiment.analyze", args=[text]).get(timeout=30)
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    close_app(cow)
+    close_app(child)
+
+
+def test_threads_pool_batches_concurrent_requests_into_shared_forward_passes(
+    start_worker: Start, tmp_path: Path
+) -> None:
+    worker = start_worker(
+        pool="threads", concurrency=16, env={"MODEL_MANIFEST": str(toy_manifest(tmp_path))}
+    )
+    worker.wait_ready(1)
+    client = worker.app()
+    texts = [f"review {i}: {'great' if i % 2 else 'awful'} film" for i in range(64)]
+    pending = [client.send_task("sentiment.analyze", args=[t]) for t in texts]
+    got = [p.get(timeout=60) for p in pending]
+    batch = client.send_task("sentiment.analyze_batch", args=[texts]).get(timeout=60)
+    assert [g["label"] for g in got] == [b["label"] for b in batch]
+    for g, b in zip(got, batch, strict=True):
+        assert g["score"] == pytest.approx(b["score"], abs=1e-4)
+    stats = client.send_task("control.publish_state").get(timeout=30)["stats"]
+    batching = stats["sentiment_batching"]
+    assert batching["items"] == 64 and batching["batches"] < 64 and batching["largest"] > 1
+    cores = len(os.sched_getaffinity(0))
+    assert f"(torch threads {cores})" in worker.log()  # one process: all cores
     close_app(client)

@@ -1,0 +1,139 @@
+"""Pool processes SIGKILLed mid-task, again and again, under a stream of tasks.
+
+Tasks are acks_late + reject_on_worker_lost: a task whose pool process dies is requeued and runs
+again, so from the client's view every task id still ends with exactly one SUCCESS result. The
+replacement processes must load every model (a ready snapshot under a new pid) without being
+killed by Celery's start-up timeout ("Timed out waiting for UP message").
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Callable
+from contextlib import suppress
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.conftest import MANIFEST
+from tests.harness import WorkerProcess, close_app, wait_for
+from tests.reliability.tools import Tally, client_app, queue_drained, read_results, wait_final
+
+pytestmark = pytest.mark.integration
+Start = Callable[..., WorkerProcess]
+
+TASKS = 200
+KILLS = 8
+LOADED = re.compile(r"pid (\d+) loaded \d+ models")
+
+
+def stream(app: Celery, n: int, seed: int = 0) -> list[str]:
+    """n tasks: three in four fast (sentiment.analyze), one in four slower (clustering.fit on
+    400 rows) so that a kill has something to land on."""
+    rng = random.Random(seed)
+    rows = [[rng.random(), rng.random(), rng.random()] for _ in range(400)]
+    ids = []
+    for i in range(n):
+        if i % 4 == 3:
+            ids.append(app.send_task("clustering.fit", args=[rows, 8]).id)
+        else:
+            ids.append(app.send_task("sentiment.analyze", args=[f"review {i}: great value"]).id)
+    return ids
+
+
+def test_pool_processes_killed_mid_task_lose_nothing_and_reload(
+    start_worker: Start, redis_url: str, rclient: redis.Redis
+) -> None:
+    worker = start_worker(concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST)})
+    initial = {s["pid"] for s in worker.wait_ready(2, timeout=180)}
+    app = client_app(redis_url, worker.queue)
+    rng = random.Random(1)
+    t0 = time.monotonic()
+    ids = stream(app, TASKS)
+
+    killed: list[tuple[int, str]] = []  # (pid, id of the task it was running)
+    next_kill = time.monotonic()
+
+    def victim() -> tuple[int, str] | None:
+        """A live pool process that is running one of our tasks right now (its STARTED record
+        names its pid), once the 0.3-0.5 s spacing since the last kill has passed."""
+        if time.monotonic() < next_kill:
+            return None
+        children = set(worker.children_pids()) - {pid for pid, _ in killed}  # not yet reaped
+        running = [
+            (res["result"]["pid"], task_id)
+            for task_id, res in read_results(rclient, ids).items()
+            if res["status"] == "STARTED" and res["result"]["pid"] in children
+        ]
+        return rng.choice(running) if running else None
+
+    def everything_final() -> bool:
+        results = read_results(rclient, ids)
+        return len(results) == len(ids) and all(r["status"] == "SUCCESS" for r in results.values())
+
+    kill_deadline = time.monotonic() + 120
+    while len(killed) < KILLS and time.monotonic() < kill_deadline and not everything_final():
+        with suppress(TimeoutError):
+            pid, task_id = wait_for(victim, max(0.1, kill_deadline - time.monotonic()), "victim")
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append((pid, task_id))
+            next_kill = time.monotonic() + rng.uniform(0.3, 0.5)
+    kill_phase = time.monotonic() - t0
+
+    results = wait_final(rclient, ids, 180, "every task after the kills")
+    wait_for(lambda: queue_drained(rclient, worker.queue), 30, "queue and unacked drained")
+    # one final SUCCESS per id, stable once nothing is left to redeliver
+    results = read_results(rclient, ids)
+    killed_pids = {pid for pid, _ in killed}
+    snaps = wait_for(
+        lambda: (
+            [
+                s
+                for s in worker.snapshots()
+                if s["node"] == worker.node and s["ready"] and s["pid"] in worker.children_pids()
+            ]
+            if len(worker.children_pids()) == 2
+            else None
+        ),
+        120,
+        "2 ready pool processes after the kills",
+    )
+    log = worker.log()
+    loaded_pids = {int(p) for p in LOADED.findall(log)}
+    tally = Tally.count(
+        f"pool process SIGKILL x{len(killed)}",
+        ids,
+        results,
+        [worker],
+        t0,
+        kills=len(killed),
+        kill_phase_s=round(kill_phase, 1),
+        killed_tasks_redelivered=0,
+        processes_that_loaded=len(loaded_pids),
+        sigkill_lines=log.count("exited with 'signal 9 (SIGKILL)'"),
+    )
+    received = re.findall(r"Task [\w.]+\[([0-9a-f-]{36})\] received", log)
+    tally.extra["killed_tasks_redelivered"] = sum(1 for _, t in killed if received.count(t) > 1)
+    tally.report()
+    close_app(app)
+
+    assert len(killed) >= 8, f"only {len(killed)} kills landed mid-task"
+    assert tally.sent == TASKS
+    assert tally.completed == TASKS and tally.failed == 0 and tally.lost == 0
+    assert all(r["status"] == "SUCCESS" for r in results.values()) and len(results) == TASKS
+    # every kill requeued at most the one task the process was running
+    assert 1 <= tally.redelivered <= len(killed)
+    assert tally.extra["killed_tasks_redelivered"] >= 1
+    assert tally.duplicated <= len(killed)
+    # replacements loaded their models and serve; none was killed for being slow to start
+    assert "Timed out waiting for UP message" not in log
+    assert len(snaps) == 2 and not ({s["pid"] for s in snaps} & killed_pids)
+    assert all(m["status"] == "READY" for s in snaps for m in s["models"].values())
+    assert loaded_pids >= initial | killed_pids
+    assert len(loaded_pids) >= 2 + len(killed)

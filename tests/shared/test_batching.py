@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from shared.batching import MicroBatcher
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
+    seen: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        time.sleep(0.01)  # a forward pass: requests pile up meanwhile
+        return [2 * i for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(double, max_size=16, window=0.002)
+    results: dict[int, int] = {}
+    start = threading.Barrier(40)
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = batcher.submit(i, timeout=10)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert results == {i: 2 * i for i in range(40)}
+    assert batcher.items == 40 and batcher.batches < 40 and batcher.largest > 1
+    assert max(len(b) for b in seen) <= 16
+
+
+def test_a_lone_request_runs_alone_without_waiting_for_the_window() -> None:
+    batcher: MicroBatcher[str, str] = MicroBatcher(lambda xs: [x.upper() for x in xs], window=5.0)
+    t0 = time.perf_counter()
+    assert batcher.submit("a", timeout=10) == "A"
+    assert time.perf_counter() - t0 < 1.0  # the 5 s window only applies under load
+    assert batcher.largest == 1
+
+
+def test_an_error_reaches_every_request_of_the_batch_and_the_batcher_survives() -> None:
+    def fail_on_bad(items: list[str]) -> list[str]:
+        if "bad" in items:
+            raise ValueError("bad item in batch")
+        return items
+
+    batcher: MicroBatcher[str, str] = MicroBatcher(fail_on_bad)
+    with pytest.raises(ValueError, match="bad item"):
+        batcher.submit("bad", timeout=10)
+    assert batcher.submit("good", timeout=10) == "good"
