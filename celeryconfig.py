@@ -5,16 +5,16 @@ Loaded by ``workers.app`` with ``app.config_from_object("celeryconfig")``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any as _Any
 
-from shared.settings import get_settings
-from shared.urls import redis_connection_url
+from shared.settings import get_settings as _get_settings
+from shared.urls import redis_connection_url as _redis_connection_url
 
-_s = get_settings()
+_s = _get_settings()
 
 # Where REDIS_URL is unset and no `modelworkers up` started an embedded Redis, a plain
 # `celery -A workers.app worker` talks to a local Redis on the default port.
-broker_url = redis_connection_url(_s)
+broker_url = _redis_connection_url(_s)
 result_backend = broker_url
 
 # JSON only: a pickled message is rejected and never deserialized.
@@ -28,10 +28,10 @@ event_serializer = "json"
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = _s.prefetch_multiplier
-broker_transport_options: dict[str, Any] = {
+broker_transport_options: dict[str, _Any] = {
     "visibility_timeout": _s.visibility_timeout_seconds,
 }
-result_backend_transport_options: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+result_backend_transport_options: dict[str, _Any] = {"retry_policy": {"timeout": 5.0}}
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep trying while Redis restarts
 result_expires = _s.result_expires_seconds
@@ -45,6 +45,8 @@ task_routes = {
     "control.*": {"queue": _s.task_queue},
 }
 task_track_started = True
+task_time_limit = _s.task_time_limit_seconds
+task_soft_time_limit = max(1, _s.task_time_limit_seconds - 10)
 task_send_sent_event = True
 worker_send_task_events = True
 
@@ -59,10 +61,12 @@ worker_redirect_stdouts = False
 worker_cancel_long_running_tasks_on_connection_loss = False
 
 if broker_url.startswith("rediss://"):
-    import ssl
+    import ssl as _ssl
 
-    _reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}[
-        _s.redis_tls_cert_reqs
-    ]
+    _reqs = {
+        "required": _ssl.CERT_REQUIRED,
+        "optional": _ssl.CERT_OPTIONAL,
+        "none": _ssl.CERT_NONE,
+    }[_s.redis_tls_cert_reqs]
     broker_use_ssl = {"ssl_cert_reqs": _reqs, "ssl_ca_certs": _s.redis_tls_ca_certs}
     redis_backend_use_ssl = broker_use_ssl

@@ -156,9 +156,12 @@ def verify_artifact(spec: ModelSpec) -> Path:
     return path
 
 
-def load_manifest(path: Path, *, overrides: dict[str, str] | None = None) -> Manifest:
+def load_manifest(
+    path: Path, *, overrides: dict[str, str] | None = None, default_version: str = "1.0.0"
+) -> Manifest:
     """Parse the manifest at ``path``; bad entries land in ``problems``, never raise.
 
+    ``default_version`` (MODEL_VERSION) is the version of entries that give none.
     ``overrides`` maps a model name to a replacement location (an HF directory or hub id) for
     its active entry; such an entry is marked ``sha256 = ""`` with ``options.trusted_override``.
     """
@@ -178,6 +181,8 @@ def load_manifest(path: Path, *, overrides: dict[str, str] | None = None) -> Man
             if isinstance(entry, dict)
             else f"#{index + 1}"
         )
+        if isinstance(entry, dict) and "version" not in entry:
+            entry = {**entry, "version": default_version}
         try:
             spec = ModelSpec.model_validate(entry)
         except ValidationError as exc:

@@ -52,10 +52,18 @@ if ENABLED:
     )
 
 
+_versions: dict[str, str] = {}
+
+
 def record_state(meta: Any) -> None:
     """Registry listener: status and load time of a model in this process."""
     if not ENABLED:
         return
+    previous = _versions.get(meta.name)
+    if previous is not None and previous != meta.version:
+        for status in STATES:  # the replaced version no longer serves here
+            MODEL_STATE.labels(meta.name, previous, status).set(0)
+    _versions[meta.name] = meta.version
     for status in STATES:
         MODEL_STATE.labels(meta.name, meta.version, status).set(
             1 if str(meta.status) == status else 0

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -106,7 +106,8 @@ class ModelMetadata:
 class LazyModelLoader(Generic[T]):
     """Calls ``factory`` once, on first ``get()``; concurrent first callers wait for that one load.
 
-    A failed load is not cached: the next ``get()`` tries again.
+    A failed load is not cached: the next ``get()`` tries again (the registry does not call it
+    again for a FAILED model; see ModelRegistry.get).
     """
 
     def __init__(self, factory: Callable[[], T]) -> None:
@@ -138,6 +139,7 @@ class _Entry:
     model: Model | None = None
     lazy: LazyModelLoader[Model] | None = None
     load_lock: threading.Lock = field(default_factory=threading.Lock)
+    started: float | None = None  # monotonic start of the current load
 
 
 class ModelRegistry:
@@ -225,20 +227,31 @@ class ModelRegistry:
         return {name: e.meta for name, e in self._entries.items()}
 
     def _wait_all(self, futures: dict[str, Future[Model]]) -> None:
-        deadline = time.monotonic() + self.load_timeout
-        for name, future in futures.items():
-            try:
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                self._fail(
-                    self._entries[name],
-                    LoadTimeout(
-                        f"model {name!r} did not load within {self.load_timeout:g} s "
-                        "(LOAD_TIMEOUT_SECONDS)"
-                    ),
-                )
-            except Exception:  # already recorded as FAILED by _load_entry
-                pass
+        """Wait for every load; fail one that runs past LOAD_TIMEOUT_SECONDS from its own start
+        (a load queued behind busy loader threads is not charged for the wait, but the whole
+        wait is capped so that hung loaders cannot block the process forever)."""
+        rounds = -(-len(futures) // max(1, self.loader_threads))
+        hard_deadline = time.monotonic() + self.load_timeout * (rounds + 1)
+        pending = dict(futures)
+        while pending:
+            wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+            now = time.monotonic()
+            for name, future in list(pending.items()):
+                entry = self._entries[name]
+                started = entry.started
+                if future.done():
+                    pending.pop(name)
+                elif (started is not None and now - started > self.load_timeout) or (
+                    now > hard_deadline
+                ):
+                    pending.pop(name)
+                    self._fail(
+                        entry,
+                        LoadTimeout(
+                            f"model {name!r} did not load within {self.load_timeout:g} s "
+                            "(LOAD_TIMEOUT_SECONDS)"
+                        ),
+                    )
 
     def _build(self, spec: ModelSpec) -> tuple[Model, float, float]:
         cls = family_class(spec.family)
@@ -255,6 +268,7 @@ class ModelRegistry:
         with entry.load_lock:
             with self._lock:
                 meta.status, meta.error = ModelState.LOADING, None
+                entry.started = time.monotonic()
             self._notify(meta)
             try:
                 model, seconds, mem = self._build(entry.spec)
@@ -329,8 +343,10 @@ class ModelRegistry:
                 meta.loaded_at, meta.load_seconds = time.time(), round(seconds, 4)
                 meta.memory_delta_mb, meta.error, meta.reload_error = round(mem, 1), None, None
                 meta.device, meta.details = model.device, model.describe()
-            if old is not None:
-                old.unload()
+            # The old instance is not unloaded here: a task that fetched it just before the swap
+            # may still be running on it. Dropping the registry's reference frees it as soon as
+            # the last such task returns.
+            del old
             self._notify(meta)
             outcome.update(ok=True, seconds=round(seconds, 4))
             return outcome
@@ -378,7 +394,11 @@ class ModelRegistry:
             return entry
 
     def get(self, name: str) -> Model:
-        """The READY model ``name``; loads a lazy model on first use. Raises if not READY."""
+        """The READY model ``name``; loads a lazy model on first use. Raises if not READY.
+
+        A lazy model whose first load failed stays FAILED (each request would otherwise pay for
+        a failing load) until a reload succeeds.
+        """
         entry = self._entry(name)
         model = entry.model
         if model is not None:

@@ -64,6 +64,8 @@ def validate_request(
     manifest: Manifest, models: list[str] | None, version: str | None
 ) -> list[str]:
     """The model names a reload covers; refuses unknown names, unknown versions and paths."""
+    if version is not None and (not models or len(models) != 1):
+        raise ReloadRefused("a version can only be given when reloading one model by name")
     names = models or [s.name for s in manifest.active()]
     for name in names:
         if "/" in name or "\\" in name or name.startswith("."):
@@ -75,8 +77,6 @@ def validate_request(
             raise ReloadRefused(
                 f"model {name!r} has no version {version!r} in the manifest (listed: {listed})"
             )
-    if version is not None and len(names) != 1:
-        raise ReloadRefused("a version can only be given when reloading one model")
     return names
 
 
@@ -167,7 +167,7 @@ def send_reload(
     names = validate_request(manifest, models, version)
     live = read_snapshots(client, prefix)
     expected = [(s.get("node"), s["pid"]) for s in live if not nodes or s.get("node") in nodes]
-    request = {
+    request: dict[str, Any] = {
         "id": uuid.uuid4().hex,
         "action": "reload",
         "models": names,
@@ -176,6 +176,10 @@ def send_reload(
         "sent_at": time.time(),
     }
     previous: list[tuple[str, str, str]] = []  # (key, model, version to restore)
+    if set_desired and not nodes:
+        # A fleet-wide version supersedes what earlier per-node reloads pinned.
+        for key in client.scan_iter(match=f"{desired_key(prefix)}:*"):
+            client.hdel(key, *names)
     if set_desired:
         scopes: list[str | None] = list(nodes) if nodes else [None]
         for node in scopes:
@@ -185,8 +189,11 @@ def send_reload(
                 old = before.get(name) or manifest.get(name).version
                 previous.append((key, name, old))
                 client.hset(key, name, manifest.get(name, version).version)
+    # The processes restore the previous desired versions themselves if their reload fails, so a
+    # failed reload sent without waiting (or as a Celery broadcast) is not left pinned.
+    request["previous_desired"] = previous
     receivers = client.publish(channel(prefix), json.dumps(request))
-    return {**request, "expected": expected, "receivers": receivers, "previous_desired": previous}
+    return {**request, "expected": expected, "receivers": receivers}
 
 
 def collect_replies(
@@ -215,9 +222,7 @@ def collect_replies(
     ok = bool(replies) and not missing and all(r["ok"] for r in replies)
     if not ok and request.get("previous_desired"):
         # Not every process took the new version: do not make later processes load it.
-        # Processes that did switch converge back to it on their next heartbeat.
-        for key, name, old in request["previous_desired"]:
-            client.hset(key, name, old)
+        restore_desired(client, request)
     return {
         "id": request["id"],
         "ok": ok,
@@ -226,6 +231,13 @@ def collect_replies(
             {"node": n, "pid": p, "error": f"no answer within {timeout:g} s"} for n, p in missing
         ],
     }
+
+
+def restore_desired(client: Any, request: dict[str, Any]) -> None:
+    """Put back the desired versions a failed reload replaced; processes that did switch
+    converge back on their next heartbeat (a reload is all or nothing)."""
+    for key, name, old in request.get("previous_desired") or []:
+        client.hset(key, name, old)
 
 
 def fleet_ready(client: Any, prefix: str, min_processes: int = 1) -> dict[str, Any]:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="Redis transport visibility timeout: an unacknowledged task is redelivered "
         "after this long (tasks are acked late, so this bounds redelivery after a node dies).",
     )
+    task_time_limit_seconds: int = Field(
+        120,
+        ge=1,
+        description="Hard time limit per task (soft limit 10 s before); keep it below "
+        "VISIBILITY_TIMEOUT_SECONDS so that a slow task is never delivered twice.",
+    )
     prefetch_multiplier: int = Field(
         1, ge=1, description="Tasks reserved per pool process (1: fair dispatch, little loss)."
     )
@@ -88,14 +94,17 @@ class Settings(BaseSettings):
 
     # --- models ---------------------------------------------------------------------------
     model_manifest: Path = Field(
-        PROJECT_ROOT / "models" / "models.toml", description="The model manifest (TOML)."
+        PROJECT_ROOT / "models" / "models.toml"
+        if (PROJECT_ROOT / "models" / "models.toml").exists()
+        else Path("models/models.toml"),
+        description="The model manifest (TOML); default: the project's models/models.toml.",
     )
     model_cache_dir: Path = Field(
         Path("models/cache"),
         description="Hugging Face cache directory (HF_HOME); created on start.",
     )
     model_version: str = Field(
-        "1.0.0", description="Version reported for manifest entries that set none."
+        "1.0.0", description="Version given to manifest entries that set none."
     )
     model_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device for transformers models; auto picks CUDA in the child if any."
@@ -105,7 +114,10 @@ class Settings(BaseSettings):
         0, ge=0, description="torch threads per pool process; 0 = max(1, cores // concurrency)."
     )
     load_timeout_seconds: float = Field(
-        60.0, gt=0, description="Per-model load timeout; a load past it is marked FAILED."
+        60.0,
+        gt=0,
+        description="Per-model load timeout, counted from that model's load start; a load "
+        "past it is marked FAILED (its thread is abandoned).",
     )
     sentiment_model: str | None = Field(
         None,
@@ -115,7 +127,10 @@ class Settings(BaseSettings):
 
     # --- micro-batching -------------------------------------------------------------------
     batch_window_ms: float = Field(
-        2.0, ge=0, description="How long sentiment.analyze waits to fill a batch (0 disables)."
+        2.0,
+        ge=0,
+        description="Threads pool only: once requests arrive together, how long "
+        "sentiment.analyze waits to fill the next batch (0: batch only what is already queued).",
     )
     batch_max_size: int = Field(32, ge=1, description="Largest micro-batch for one forward pass.")
 

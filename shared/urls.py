@@ -15,19 +15,21 @@ def redis_connection_url(settings: Any) -> str:
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     parts = urlsplit(url)
     if password and parts.scheme in ("redis", "rediss") and not parts.password:
-        netloc = f":{quote(password, safe='')}@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
+        host = parts.netloc.rsplit("@", 1)[-1]  # keeps [IPv6] brackets and the port
+        user = quote(parts.username, safe="") if parts.username else ""
+        netloc = f"{user}:{quote(password, safe='')}@{host}"
         url = urlunsplit(parts._replace(netloc=netloc))
     return url
 
 
-_SECRET = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<pw>[^@/]+)@")
+_SECRET = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]+)@")
+_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Replace passwords in URLs inside ``text`` with ``***``."""
-    return _SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """Replace passwords in URLs inside ``text`` (user:password@ and ?password=) with ``***``."""
+    text = _SECRET.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
 
 
 def redis_client(settings: Any, **kwargs: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,15 +12,16 @@ from shared.settings import get_settings
 
 
 def _prepare_metrics_dir() -> None:
-    """Multi-process metrics need their directory set before prometheus_client is imported."""
+    """Multi-process metrics need their directory set before prometheus_client is imported.
+    It is emptied by the worker's main process at start (workers.signals), not here: any
+    process that imports the app (CLI, Flower) would otherwise wipe a live worker's files."""
     settings = get_settings()
     if not settings.metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
     folder = settings.prometheus_multiproc_dir or (
         Path(tempfile.gettempdir()) / f"modelworkers-metrics-{os.getpid()}"
     )
-    shutil.rmtree(folder, ignore_errors=True)  # stale files of a previous run would add up
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 

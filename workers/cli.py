@@ -254,15 +254,18 @@ def demo(
     timeout: float = typer.Option(180.0, help="Seconds to wait for the workers."),
 ) -> None:
     """Start what is needed, run real jobs of every family, print results, latencies, registry."""
+    # The demo's own registry prefix and queue: in a shared Redis it never touches (or serves)
+    # a live fleet's keys and tasks.
+    demo_id = f"modelworkers-demo-{secrets.token_hex(3)}"
+    os.environ["KEY_PREFIX"] = os.environ["TASK_QUEUE"] = demo_id
+    get_settings.cache_clear()
     with redis_for_run() as url:
         from workers.app import app
 
         app.conf.broker_url = app.conf.result_backend = redis_client_url(get_settings())
-        # Fresh start: no old registry keys, no tasks left over in this queue.
+        app.conf.task_default_queue = demo_id
         client = redis_client(get_settings())
-        for key in client.scan_iter(match=f"{get_settings().key_prefix}:proc:*"):
-            client.delete(key)
-        console.print(f"broker and registry: {redact(url)}")
+        console.print(f"broker and registry: {redact(url)} (demo queue and prefix {demo_id})")
         log_path = Path(tempfile.gettempdir()) / "modelworkers-demo-worker.log"
         log_file = log_path.open("wb")
         worker = spawn(
@@ -302,6 +305,8 @@ def demo(
         finally:
             stop_process(worker, "worker")
             log_file.close()
+            with suppress(Exception):  # leave nothing of the demo behind in a shared Redis
+                client.delete(demo_id, *client.scan_iter(match=f"{demo_id}:*"))
             app.close()
 
 

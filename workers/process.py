@@ -24,7 +24,14 @@ from typing import Any
 from shared.families import family_class
 from shared.manifest import Manifest, ModelSpec, load_manifest
 from shared.registry import ModelRegistry, get_registry, set_registry
-from shared.reload import channel, converge, handle_request, read_desired, reply_key
+from shared.reload import (
+    channel,
+    converge,
+    handle_request,
+    read_desired,
+    reply_key,
+    restore_desired,
+)
 from shared.settings import Settings
 from shared.state import proc_key, publish_snapshot
 from shared.urls import redact, redis_client
@@ -40,11 +47,24 @@ _heartbeat: Heartbeat | None = None
 _loaded_in_pid: int | None = None
 
 
+def reset_metrics_dir() -> None:
+    """Empty the multi-process metrics folder at worker start: a previous run's counters would
+    otherwise add up (prometheus-client's multiprocess mode keeps one file per pid)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder or not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(folder, name))
+
+
 def read_manifest(settings: Settings) -> Manifest:
     """Parse the manifest once per process, logging entries it had to skip."""
     global _manifest
     overrides = {"sentiment": settings.sentiment_model} if settings.sentiment_model else None
-    manifest = load_manifest(settings.model_manifest, overrides=overrides)
+    manifest = load_manifest(
+        settings.model_manifest, overrides=overrides, default_version=settings.model_version
+    )
     for name, problem in manifest.problems.items():
         log.error("manifest entry %s skipped: %s", name, problem)
     for path in manifest.unlisted:
@@ -89,6 +109,27 @@ def specs_to_load(manifest: Manifest, settings: Settings) -> list[ModelSpec]:
                 log.warning("desired version %s of %s is not in the manifest", version, spec.name)
         out.append(spec)
     return out
+
+
+def fall_back_to_active(
+    registry: ModelRegistry, manifest: Manifest, specs: list[ModelSpec]
+) -> None:
+    """A reloaded (desired) version that fails to load in a new process: serve the manifest's
+    active version instead of nothing, and say so."""
+    active = {s.name: s for s in manifest.active()}
+    for spec in specs:
+        default = active.get(spec.name)
+        meta = registry.metadata(spec.name)
+        if default is None or default.version == spec.version or meta.status != "FAILED":
+            continue
+        log.warning(
+            "desired version %s of %s failed to load (%s); loading the manifest's %s",
+            spec.version,
+            spec.name,
+            meta.error,
+            default.version,
+        )
+        registry.reload(default)
 
 
 def set_torch_threads(settings: Settings) -> int:
@@ -148,7 +189,9 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
         registry = new_registry(settings, device=settings.model_device, warmup=True)
         registry.unlisted, registry.manifest_problems = manifest.unlisted, manifest.problems
         t0 = time.perf_counter()
-        registry.load_all(specs_to_load(manifest, settings))
+        specs = specs_to_load(manifest, settings)
+        registry.load_all(specs)
+        fall_back_to_active(registry, manifest, specs)
         log.info(
             "pid %d loaded %d models in %.2f s (torch threads %d)",
             os.getpid(),
@@ -301,6 +344,8 @@ class ControlListener(threading.Thread):
             "ok": all(r["ok"] for r in results),
             "results": results,
         }
+        if not reply["ok"]:
+            restore_desired(client, request)
         key = reply_key(self.settings.key_prefix, request["id"])
         client.rpush(key, json.dumps(reply))
         client.expire(key, 3600)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -94,7 +96,10 @@ def test_reload_swaps_to_the_new_version_and_frees_the_old(tmp_path: Path) -> No
     assert outcome["ok"] and outcome["old_version"] == "1" and outcome["new_version"] == "2"
     new = registry.get("seg")
     assert new is not old and new.version == "2" and registry.metadata("seg").version == "2"
-    assert old._estimator is None  # unloaded after the swap
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None  # nothing but in-flight callers kept it; now it is freed
 
 
 def test_a_failed_reload_keeps_the_old_version_serving(tmp_path: Path) -> None:
