@@ -171,7 +171,8 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the model cache directory and point the Hugging Face cache at it."""
         self.model_cache_dir.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("HF_HOME", str(self.model_cache_dir.resolve()))
+        if not os.environ.get("HF_HOME"):  # before huggingface_hub is imported (it reads it once)
+            os.environ["HF_HOME"] = str(self.model_cache_dir.resolve())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no bars in worker logs

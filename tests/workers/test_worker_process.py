@@ -219,3 +219,31 @@ def test_threads_pool_batches_concurrent_requests_into_shared_forward_passes(
     cores = len(os.sched_getaffinity(0))
     assert f"(torch threads {cores})" in worker.log()  # one process: all cores
     close_app(client)
+
+
+def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
+    start_worker: Start, tmp_path: Path
+) -> None:
+    """SENTIMENT_MODEL=org/name, found offline in the Hugging Face cache under MODEL_CACHE_DIR."""
+    import shutil
+
+    real = load_manifest(MANIFEST).get("sentiment", "1.1.0")
+    repo = tmp_path / "cache" / "hub" / "models--local--tiny-sentiment"
+    shutil.copytree(real.location, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    worker = start_worker(
+        concurrency=1,
+        env={
+            "MODEL_MANIFEST": str(MANIFEST),
+            "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+            "SENTIMENT_MODEL": "local/tiny-sentiment",
+            "HF_HOME": "",
+        },
+    )
+    snap = worker.wait_ready(1)[0]
+    assert snap["models"]["sentiment"]["version"] == "1.0.0+override"
+    client = worker.app()
+    got = client.send_task("sentiment.analyze", args=["a moving, beautiful film"]).get(timeout=30)
+    assert got["fallback"] is False and got["label"] == "positive"
+    close_app(client)
