@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -248,3 +249,37 @@ def test_celery_broadcast_reloads_only_the_named_node(
     )
     assert "error" in bad[0][beta.node] and "not paths" in bad[0][beta.node]["error"]
     close_app(app)
+
+
+def test_a_node_that_does_not_answer_is_reported_not_waited_on_forever(
+    fleet: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    alpha, beta = fleet
+    frozen = beta.children_pids()
+    for pid in frozen:  # beta's pool processes stop answering (their snapshots still live)
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        done = cli(alpha, "reload", "sentiment", "--version", "1.1.0", "--timeout", "8", "--json")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    outcome = json.loads(done.stdout)
+    assert sorted(m["pid"] for m in outcome["missing"]) == sorted(frozen)
+    assert all("no answer within 8 s" in m["error"] for m in outcome["missing"])
+    assert {r["node"] for r in outcome["replies"]} == {alpha.node}
+
+
+def test_reloads_sent_back_to_back_are_queued_never_interleaved(
+    fleet: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    alpha, _ = fleet
+    for version in ("1.1.0", "1.0.0", "1.1.0"):
+        done = cli(alpha, "reload", "sentiment", "--version", version, "--no-wait")
+        assert done.returncode == 0, done.stderr
+    wait_for(lambda: versions(alpha) == ["1.1.0"] * 4, 90, "all processes to end on 1.1.0")
+    log = alpha.log()
+    # each process ran the three reloads one after the other, in order
+    for pid in alpha.children_pids():
+        steps = re.findall(rf"reloaded sentiment: (\S+) -> (\S+) in [\d.]+ s \[pid {pid}\]", log)
+        assert steps == [("1.0.0", "1.1.0"), ("1.1.0", "1.0.0"), ("1.0.0", "1.1.0")], steps

@@ -1,0 +1,46 @@
+"""The admin CLI against a live worker: status, health exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import ROOT, WorkerProcess
+from workers.embedded import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_health_exit_codes_follow_the_fleet(serving_worker: WorkerProcess) -> None:
+    serving_worker.wait_ready(2)
+    env = serving_worker.env
+    ok = cli(env, "health", "--min-processes", "2")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["ready"] is True
+    assert cli(env, "health", "--min-processes", "3").returncode == 1
+    assert cli({**env, "KEY_PREFIX": "nobody-here"}, "health").returncode == 1
+    down = cli({**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "health")
+    assert down.returncode == 2 and "cannot read the registry" in down.stderr
+
+
+def test_status_shows_every_process_and_model(serving_worker: WorkerProcess) -> None:
+    done = cli(serving_worker.env, "status", "--json")
+    data = json.loads(done.stdout)
+    assert data["summary"]["processes"] == 2 and data["summary"]["ready"] is True
+    assert {p["pid"] for p in data["processes"]} == set(serving_worker.children_pids())
+    table = cli({**serving_worker.env, "COLUMNS": "100"}, "status")
+    assert "sentiment" in table.stdout and "READY" in table.stdout
