@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from typing import Any
 
 import redis
 from celery import Celery
+
+from workers.cli import worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,22 +77,7 @@ class WorkerProcess:
             **(env or {}),
         }
         self.args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "--pool",
-            pool,
-            "--concurrency",
-            str(concurrency),
-            "-n",
-            self.node,
-            "-Q",
-            self.queue,
-            "--loglevel",
-            "INFO",
+            *worker_command(concurrency, pool, "INFO", self.node, self.queue),
             "--without-mingle",
             "--without-gossip",
             *(extra_args or []),

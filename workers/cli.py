@@ -23,7 +23,7 @@ from rich.table import Table
 
 from shared.settings import get_settings
 from shared.state import fleet_summary, read_snapshots
-from shared.urls import redact, redis_client
+from shared.urls import redact, redis_client, redis_connection_url
 from workers.embedded import EmbeddedRedis
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -53,8 +53,10 @@ def redis_for_run() -> Iterator[str]:
             get_settings.cache_clear()
 
 
-def worker_command(concurrency: int, pool: str, loglevel: str, node: str) -> list[str]:
-    settings = get_settings()
+def worker_command(
+    concurrency: int, pool: str, loglevel: str, node: str, queue: str | None = None
+) -> list[str]:
+    """The `celery worker` command line that `up`, `demo` (and the tests) run."""
     return [
         sys.executable,
         "-m",
@@ -71,7 +73,7 @@ def worker_command(concurrency: int, pool: str, loglevel: str, node: str) -> lis
         "-n",
         node,
         "-Q",
-        settings.task_queue,
+        queue or get_settings().task_queue,
     ]
 
 
@@ -108,12 +110,6 @@ def flower_command(port: int, basic_auth: str) -> list[str]:
         "--address=127.0.0.1",
         f"--basic-auth={basic_auth}",
     ]
-
-
-def redis_client_url(settings: Any) -> str:
-    from shared.urls import redis_connection_url
-
-    return redis_connection_url(settings)
 
 
 def wait_ready(
@@ -262,7 +258,7 @@ def demo(
     with redis_for_run() as url:
         from workers.app import app
 
-        app.conf.broker_url = app.conf.result_backend = redis_client_url(get_settings())
+        app.conf.broker_url = app.conf.result_backend = redis_connection_url(get_settings())
         app.conf.task_default_queue = demo_id
         client = redis_client(get_settings())
         console.print(f"broker and registry: {redact(url)} (demo queue and prefix {demo_id})")
@@ -344,15 +340,20 @@ def print_status(snaps: list[dict[str, Any]]) -> None:
         console.print("* serving the previous version after a failed reload")
 
 
+def read_fleet() -> list[dict[str, Any]]:
+    """Every live process's snapshot; exit 2 with a clear line when Redis cannot be read."""
+    settings = get_settings()
+    try:
+        return read_snapshots(redis_client(settings), settings.key_prefix)
+    except Exception as exc:
+        err.print(f"cannot read the registry from Redis: {redact(str(exc))}")
+        raise typer.Exit(2) from None
+
+
 @cli.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead.")) -> None:
     """Every pool process and its models, from the registry in Redis."""
-    settings = get_settings()
-    try:
-        snaps = read_snapshots(redis_client(settings), settings.key_prefix)
-    except Exception as exc:
-        err.print(f"[red]cannot read the registry from Redis: {redact(str(exc))}[/]")
-        raise typer.Exit(2) from None
+    snaps = read_fleet()
     if as_json:
         console.print_json(json.dumps({"summary": fleet_summary(snaps), "processes": snaps}))
         return
@@ -368,12 +369,7 @@ def health(
     node: str = typer.Option(None, help="Only this node's processes (a container check)."),
 ) -> None:
     """Exit 0 when the fleet is ready, 1 when not, 2 when Redis cannot be read."""
-    settings = get_settings()
-    try:
-        snaps = read_snapshots(redis_client(settings), settings.key_prefix)
-    except Exception as exc:
-        err.print(f"cannot read the registry from Redis: {redact(str(exc))}")
-        raise typer.Exit(2) from None
+    snaps = read_fleet()
     if node:
         snaps = [s for s in snaps if s.get("node") == node or s.get("host") == node]
     summary = fleet_summary(snaps, min_processes=min_processes)
