@@ -224,3 +224,12 @@ def load_manifest(
             if not any(resolved == p or p in resolved.parents for p in listed):
                 manifest.unlisted.append(candidate.relative_to(base).as_posix())
     return manifest
+
+
+def manifest_from_settings(settings: Any) -> Manifest:
+    """The manifest as every part of modelworkers reads it: MODEL_MANIFEST, MODEL_VERSION for
+    entries without a version, and the SENTIMENT_MODEL override."""
+    overrides = {"sentiment": settings.sentiment_model} if settings.sentiment_model else None
+    return load_manifest(
+        settings.model_manifest, overrides=overrides, default_version=settings.model_version
+    )

@@ -63,6 +63,7 @@ def record_state(meta: Any) -> None:
     if previous is not None and previous != meta.version:
         for status in STATES:  # the replaced version no longer serves here
             MODEL_STATE.labels(meta.name, previous, status).set(0)
+        LOAD_SECONDS.labels(meta.name, previous).set(0)
     _versions[meta.name] = meta.version
     for status in STATES:
         MODEL_STATE.labels(meta.name, meta.version, status).set(

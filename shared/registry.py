@@ -152,11 +152,13 @@ class ModelRegistry:
         load_timeout: float = 60.0,
         loader_threads: int = 4,
         warmup: bool = True,
+        start_deadline: float | None = None,
     ) -> None:
         self.device = device
         self.load_timeout = load_timeout
         self.loader_threads = loader_threads
         self.warmup = warmup
+        self.start_deadline = start_deadline
         self.node = ""  # the Celery node name, set by the worker
         # Extra per-process figures for the snapshot (e.g. micro-batching), name -> callable.
         self.extra_stats: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -231,7 +233,10 @@ class ModelRegistry:
         (a load queued behind busy loader threads is not charged for the wait, but the whole
         wait is capped so that hung loaders cannot block the process forever)."""
         rounds = -(-len(futures) // max(1, self.loader_threads))
-        hard_deadline = time.monotonic() + self.load_timeout * (rounds + 1)
+        cap = self.load_timeout * (rounds + 1)
+        if self.start_deadline is not None:
+            cap = min(cap, self.start_deadline)
+        hard_deadline = time.monotonic() + cap
         pending = dict(futures)
         while pending:
             wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)

@@ -27,11 +27,10 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelNotFound, ReloadRefused
-from shared.manifest import Manifest, load_manifest
+from shared.manifest import Manifest
 from shared.registry import ModelRegistry, ModelState
 from shared.state import fleet_summary, read_snapshots
 
@@ -81,14 +80,10 @@ def validate_request(
 
 
 def handle_request(
-    registry: ModelRegistry,
-    manifest_path: Path,
-    request: dict[str, Any],
-    *,
-    overrides: dict[str, str] | None = None,
+    registry: ModelRegistry, read_manifest: Callable[[], Manifest], request: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Run one reload request in this process: re-read the manifest, reload each model."""
-    manifest = load_manifest(manifest_path, overrides=overrides)
+    manifest = read_manifest()
     results = []
     try:
         names = validate_request(manifest, request.get("models"), request.get("version"))
@@ -111,11 +106,9 @@ def handle_request(
 
 def converge(
     registry: ModelRegistry,
-    manifest_path: Path,
+    read_manifest: Callable[[], Manifest],
     desired: dict[str, str],
     attempted: set[tuple[str, str]],
-    *,
-    overrides: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Reload any model whose serving version differs from the fleet's desired one (each
     (name, version) tried once per process, so a broken version is not retried forever)."""
@@ -128,7 +121,7 @@ def converge(
             todo.append((name, version))
     if not todo:
         return []
-    manifest = load_manifest(manifest_path, overrides=overrides)
+    manifest = read_manifest()
     results = []
     for name, version in todo:
         attempted.add((name, version))
@@ -175,20 +168,28 @@ def send_reload(
         "nodes": nodes,
         "sent_at": time.time(),
     }
-    previous: list[tuple[str, str, str]] = []  # (key, model, version to restore)
-    if set_desired and not nodes:
-        # A fleet-wide version supersedes what earlier per-node reloads pinned.
-        for key in client.scan_iter(match=f"{desired_key(prefix)}:*"):
-            client.hdel(key, *names)
+    # (hash key, model, version to put back or None to remove): exactly what was there before
+    previous: list[tuple[str, str, str | None]] = []
+
+    def remember_and_set(key: str, name: str, value: str | None) -> None:
+        old = client.hget(key, name)
+        previous.append((key, name, old.decode() if old else None))
+        if value is None:
+            client.hdel(key, name)
+        else:
+            client.hset(key, name, value)
+
     if set_desired:
-        scopes: list[str | None] = list(nodes) if nodes else [None]
-        for node in scopes:
-            key = desired_key(prefix, node)
-            before = read_desired(client, prefix, node)
-            for name in names:
-                old = before.get(name) or manifest.get(name).version
-                previous.append((key, name, old))
-                client.hset(key, name, manifest.get(name, version).version)
+        for name in names:
+            target = manifest.get(name, version).version
+            if nodes:
+                for node in nodes:
+                    remember_and_set(desired_key(prefix, node), name, target)
+            else:
+                # A fleet-wide version supersedes what earlier per-node reloads pinned.
+                for key in client.scan_iter(match=f"{desired_key(prefix)}:*"):
+                    remember_and_set(key.decode() if isinstance(key, bytes) else key, name, None)
+                remember_and_set(desired_key(prefix), name, target)
     # The processes restore the previous desired versions themselves if their reload fails, so a
     # failed reload sent without waiting (or as a Celery broadcast) is not left pinned.
     request["previous_desired"] = previous
@@ -220,12 +221,16 @@ def collect_replies(
         time.sleep(0.1)
     missing = sorted(expected - {(r.get("node"), r["pid"]) for r in replies}, key=str)
     ok = bool(replies) and not missing and all(r["ok"] for r in replies)
-    if not ok and request.get("previous_desired"):
-        # Not every process took the new version: do not make later processes load it.
+    rolled_back: list[dict[str, Any]] = []
+    if not ok:
+        # Not every process took the new version: later processes must not load it, and the
+        # processes that did switch go back, so that the fleet serves one version.
         restore_desired(client, request)
+        rolled_back = roll_back(client, prefix, replies)
     return {
         "id": request["id"],
         "ok": ok,
+        "rolled_back": rolled_back,
         "replies": replies,
         "missing": [
             {"node": n, "pid": p, "error": f"no answer within {timeout:g} s"} for n, p in missing
@@ -233,11 +238,38 @@ def collect_replies(
     }
 
 
+def roll_back(client: Any, prefix: str, replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send the processes' nodes that switched a model back to the version they had before
+    (a reload is all or nothing); returns the rollback requests sent (not waited for)."""
+    back: dict[tuple[str, str], set[str]] = {}
+    for reply in replies:
+        for result in reply["results"]:
+            if result.get("ok") and result.get("old_version") and result["model"]:
+                key = (result["model"], result["old_version"])
+                back.setdefault(key, set()).add(reply["node"])
+    sent = []
+    for (name, version), nodes in sorted(back.items()):
+        request = {
+            "id": uuid.uuid4().hex,
+            "action": "reload",
+            "models": [name],
+            "version": version,
+            "nodes": sorted(nodes),
+            "sent_at": time.time(),
+            "previous_desired": [],
+        }
+        client.publish(channel(prefix), json.dumps(request))
+        sent.append(request)
+    return sent
+
+
 def restore_desired(client: Any, request: dict[str, Any]) -> None:
-    """Put back the desired versions a failed reload replaced; processes that did switch
-    converge back on their next heartbeat (a reload is all or nothing)."""
+    """Put back exactly the desired versions (or their absence) that a failed reload replaced."""
     for key, name, old in request.get("previous_desired") or []:
-        client.hset(key, name, old)
+        if old is None:
+            client.hdel(key, name)
+        else:
+            client.hset(key, name, old)
 
 
 def fleet_ready(client: Any, prefix: str, min_processes: int = 1) -> dict[str, Any]:

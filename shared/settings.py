@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,10 @@ class Settings(BaseSettings):
     )
     loader_threads: int = Field(4, ge=1, description="Threads that load models in each process.")
     torch_threads: int = Field(
-        0, ge=0, description="torch threads per pool process; 0 = max(1, cores // concurrency)."
+        0,
+        ge=0,
+        description="torch threads per serving process; 0 = max(1, cores // serving processes) "
+        "(prefork: the concurrency; threads and solo pools: 1 process).",
     )
     load_timeout_seconds: float = Field(
         60.0,
@@ -154,6 +157,15 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: Path | None = Field(
         None, description="Directory for multi-process metrics (set per worker node)."
     )
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> Settings:
+        if self.task_time_limit_seconds >= self.visibility_timeout_seconds:
+            raise ValueError(
+                "TASK_TIME_LIMIT_SECONDS must be below VISIBILITY_TIMEOUT_SECONDS, or a task still "
+                "running when the visibility timeout ends is delivered a second time"
+            )
+        return self
 
     @field_validator("redis_url")
     @classmethod

@@ -390,7 +390,7 @@ def reload(
 ) -> None:
     """Reload models in every pool process (load beside, swap, free); exit 1 if any failed."""
     from shared.errors import ModelWorkersError
-    from shared.manifest import load_manifest
+    from shared.manifest import manifest_from_settings
     from shared.reload import collect_replies, send_reload
 
     settings = get_settings()
@@ -399,7 +399,7 @@ def reload(
         request = send_reload(
             client,
             settings.key_prefix,
-            load_manifest(settings.model_manifest),
+            manifest_from_settings(settings),
             models=[model] if model else None,
             version=version,
             nodes=destination or None,

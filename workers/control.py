@@ -14,7 +14,7 @@ from typing import Any
 from celery.worker.control import control_command, inspect_command
 
 from shared.errors import ModelWorkersError
-from shared.manifest import load_manifest
+from shared.manifest import manifest_from_settings
 from shared.reload import send_reload
 from shared.settings import get_settings
 from shared.state import read_snapshots
@@ -45,7 +45,7 @@ def reload_models(
     node = state.consumer.hostname
     settings = get_settings()
     try:
-        manifest = load_manifest(settings.model_manifest)
+        manifest = manifest_from_settings(settings)
         request = send_reload(
             redis_client(settings),
             settings.key_prefix,

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from shared.families import family_class
-from shared.manifest import Manifest, ModelSpec, load_manifest
+from shared.manifest import Manifest, ModelSpec, manifest_from_settings
 from shared.registry import ModelRegistry, get_registry, set_registry
 from shared.reload import (
     channel,
@@ -44,6 +44,9 @@ NODE_NAME: str = ""
 SERVING_PROCESSES: int | None = None  # processes that share this node's cores (torch threads)
 _manifest: Manifest | None = None
 _heartbeat: Heartbeat | None = None
+# (model, version) pairs that failed at start and were replaced by the active version: the
+# heartbeat must not try them again (inherited by children in parent mode).
+_fell_back: set[tuple[str, str]] = set()
 _loaded_in_pid: int | None = None
 
 
@@ -61,10 +64,7 @@ def reset_metrics_dir() -> None:
 def read_manifest(settings: Settings) -> Manifest:
     """Parse the manifest once per process, logging entries it had to skip."""
     global _manifest
-    overrides = {"sentiment": settings.sentiment_model} if settings.sentiment_model else None
-    manifest = load_manifest(
-        settings.model_manifest, overrides=overrides, default_version=settings.model_version
-    )
+    manifest = manifest_from_settings(settings)
     for name, problem in manifest.problems.items():
         log.error("manifest entry %s skipped: %s", name, problem)
     for path in manifest.unlisted:
@@ -146,6 +146,8 @@ def new_registry(settings: Settings, *, device: str, warmup: bool) -> ModelRegis
     registry = ModelRegistry(
         device=device,
         load_timeout=settings.load_timeout_seconds,
+        # every load must end (READY or FAILED) before Celery gives up on the child
+        start_deadline=max(1.0, settings.proc_alive_timeout_seconds - 10),
         loader_threads=settings.loader_threads,
         warmup=warmup,
     )
@@ -163,7 +165,9 @@ def load_in_parent(settings: Settings) -> None:
         torch.set_num_threads(1)  # no intra-op thread pool in the parent: fork-safe
     registry = new_registry(settings, device="cpu", warmup=False)
     registry.unlisted, registry.manifest_problems = manifest.unlisted, manifest.problems
-    registry.load_all(specs_to_load(manifest, settings))
+    specs = specs_to_load(manifest, settings)
+    registry.load_all(specs)
+    fall_back_to_active(registry, manifest, specs)
     gc.collect()
     gc.freeze()  # keep object headers of the shared models from being copied on refcount writes
     log.info(
@@ -204,10 +208,6 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
     return registry
 
 
-def overrides(settings: Settings) -> dict[str, str] | None:
-    return {"sentiment": settings.sentiment_model} if settings.sentiment_model else None
-
-
 def log_reload(result: dict[str, Any]) -> None:
     if result.get("ok"):
         log.info(
@@ -241,7 +241,7 @@ class Heartbeat(threading.Thread):
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.reload_lock = threading.Lock()  # shared with the listener: reloads never interleave
-        self.attempted: set[tuple[str, str]] = set()
+        self.attempted: set[tuple[str, str]] = set(_fell_back)
         self._failing = False
 
     def converge(self) -> None:
@@ -251,10 +251,9 @@ class Heartbeat(threading.Thread):
         with self.reload_lock:
             for result in converge(
                 self.registry,
-                self.settings.model_manifest,
+                lambda: manifest_from_settings(self.settings),
                 desired,
                 self.attempted,
-                overrides=overrides(self.settings),
             ):
                 log_reload(result)
 
@@ -327,10 +326,7 @@ class ControlListener(threading.Thread):
             return
         with self.heartbeat.reload_lock:
             results = handle_request(
-                self.registry,
-                self.settings.model_manifest,
-                request,
-                overrides=overrides(self.settings),
+                self.registry, lambda: manifest_from_settings(self.settings), request
             )
         for result in results:
             log_reload(result)
