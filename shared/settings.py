@@ -76,11 +76,12 @@ class Settings(BaseSettings):
         description="How long a new pool process may take to load its models before the parent "
         "kills it. Must exceed the slowest eager load (Celery's default of 4 s does not).",
     )
-    preload_mode: Literal["child", "parent"] = Field(
-        "child",
-        description="child: each pool process loads its models after fork (imports already done "
-        "in the parent). parent: models load once in the parent and are shared copy-on-write "
-        "(gc.freeze() before fork); transformers stay on CPU in that mode.",
+    preload_mode: Literal["auto", "child", "parent"] = Field(
+        "auto",
+        description="parent: models load once in the prefork parent and are shared "
+        "copy-on-write (gc.freeze() before fork; CPU only). child: each pool process loads its "
+        "own after fork (imports already done in the parent). auto: parent unless a CUDA "
+        "device is present or MODEL_DEVICE=cuda (CUDA must first be touched in the child).",
     )
     preimport: bool = Field(
         True, description="Import the ML libraries in the parent before fork (children inherit)."

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+from shared import metrics
 from shared.families import family_class
 from shared.manifest import Manifest, ModelSpec, manifest_from_settings
 from shared.registry import ModelRegistry, get_registry, set_registry
@@ -156,6 +157,31 @@ def new_registry(settings: Settings, *, device: str, warmup: bool) -> ModelRegis
     return set_registry(registry)
 
 
+_preload_mode: str | None = None
+
+
+def resolve_preload_mode(settings: Settings) -> str:
+    """PRELOAD_MODE, with auto decided once in the parent: copy-on-write unless CUDA is in play.
+
+    ``torch.cuda.device_count()`` is safe before fork (it does not initialise CUDA), unlike
+    ``torch.cuda.is_available()``; see docs/architecture.md.
+    """
+    global _preload_mode
+    if _preload_mode is None:
+        mode = settings.preload_mode
+        if mode == "auto":
+            mode = "parent"
+            if settings.model_device == "cuda":
+                mode = "child"
+            elif settings.model_device == "auto" and "torch" in sys.modules:
+                import torch
+
+                if torch.cuda.device_count() > 0:
+                    mode = "child"
+        _preload_mode = mode
+    return _preload_mode
+
+
 def load_in_parent(settings: Settings) -> None:
     """PRELOAD_MODE=parent: load on CPU, no compute, then freeze the heap for copy-on-write."""
     manifest = current_manifest(settings)
@@ -168,6 +194,7 @@ def load_in_parent(settings: Settings) -> None:
     specs = specs_to_load(manifest, settings)
     registry.load_all(specs)
     fall_back_to_active(registry, manifest, specs)
+    metrics.mark_process_dead(os.getpid())  # the children report these models, not the parent
     gc.collect()
     gc.freeze()  # keep object headers of the shared models from being copied on refcount writes
     log.info(
@@ -189,6 +216,20 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
         registry = get_registry()
         registry.started_at = time.time()
         registry.warm_all()
+        for name in registry.names():  # this process now serves them: its own metrics series
+            metrics.record_state(registry.metadata(name))
+        # A child forked after a reload inherits the parent's (older) models: catch up with the
+        # fleet's desired versions before serving.
+        try:
+            desired = read_desired(redis_client(settings), settings.key_prefix, NODE_NAME or None)
+            for result in converge(
+                registry, lambda: manifest_from_settings(settings), desired, set(_fell_back)
+            ):
+                log_reload(result)
+        except Exception as exc:
+            log.warning(
+                "cannot check desired versions (%s); heartbeat will retry", redact(str(exc))
+            )
     else:
         registry = new_registry(settings, device=settings.model_device, warmup=True)
         registry.unlisted, registry.manifest_problems = manifest.unlisted, manifest.problems
@@ -368,6 +409,4 @@ def stop_serving() -> None:
         _heartbeat.stop()
     if _loaded_in_pid == os.getpid():
         get_registry().unload_all()
-    from shared import metrics
-
     metrics.mark_process_dead(os.getpid())

@@ -52,7 +52,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     if _pool_kind in ("threads", "gevent", "eventlet"):
         # These pools never send worker_process_init: this process serves, so it loads now.
         process.start_serving(settings)
-    elif _pool_kind == "prefork" and settings.preload_mode == "parent":
+    elif _pool_kind == "prefork" and process.resolve_preload_mode(settings) == "parent":
         process.load_in_parent(settings)
 
 
@@ -66,7 +66,7 @@ def on_after_setup_logger(**_: Any) -> None:
 def on_worker_process_init(**_: Any) -> None:
     """Each prefork child (and the solo pool's main process): load the models, then serve."""
     settings = get_settings()
-    inherited = _pool_kind == "prefork" and settings.preload_mode == "parent"
+    inherited = _pool_kind == "prefork" and process.resolve_preload_mode(settings) == "parent"
     process.start_serving(settings, inherited=inherited)
 
 

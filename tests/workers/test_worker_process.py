@@ -178,8 +178,10 @@ def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProces
 
 
 def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
-    start_worker: Start, serving_worker: WorkerProcess
+    start_worker: Start,
 ) -> None:
+    from transformers import pipeline
+
     worker = start_worker(
         concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST), "PRELOAD_MODE": "parent"}
     )
@@ -188,14 +190,20 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
     loaded = {s["pid"]: s["models"]["sentiment"]["loaded_at"] for s in snaps}
     assert len(set(loaded.values())) == 1  # one load, inherited by both children
     assert all(s["models"]["sentiment"]["loaded_at"] < s["started_at"] for s in snaps)
-    texts = ["a wonderful, moving film", "a dull and tiresome mess"]
-    cow, child = worker.app(), serving_worker.app()
-    for text in texts:  # children compute (torch) after fork without hanging, same answers
-        a = cow.send_task("sentiment.analyze", args=[text]).get(timeout=30)
-        b = child.send_task("sentiment.analyze", args=[text]).get(timeout=30)
-        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
-    close_app(cow)
-    close_app(child)
+    spec = load_manifest(MANIFEST).get("sentiment")
+    pipe = pipeline("text-classification", model=spec.location, tokenizer=spec.location)
+    client = worker.app()
+    for text in ["a wonderful, moving film", "a dull and tiresome mess"]:
+        # children run torch after fork without hanging, and answer like the library
+        got = client.send_task("sentiment.analyze", args=[text]).get(timeout=30)
+        want = pipe(text)[0]
+        assert got["label"] == want["label"].lower()
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    close_app(client)
+
+
+def test_auto_preload_mode_is_copy_on_write_without_a_gpu(serving_worker: WorkerProcess) -> None:
+    assert "models loaded in the parent (copy-on-write mode)" in serving_worker.log()
 
 
 def test_threads_pool_batches_concurrent_requests_into_shared_forward_passes(
