@@ -30,7 +30,14 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = _s.prefetch_multiplier
 broker_transport_options: dict[str, _Any] = {
     "visibility_timeout": _s.visibility_timeout_seconds,
+    # How often a live worker looks for a dead node's unacknowledged tasks. kombu's defaults
+    # (every 10 s, throttled x10) add ~100 s on top of the visibility timeout.
+    "unacked_restore_interval": max(1, min(10, _s.visibility_timeout_seconds // 10)),
+    "unacked_restore_throttle": 1,
 }
+# A result write that meets a Redis blip is retried instead of failing the task.
+result_backend_always_retry = True
+result_backend_max_retries = 10
 result_backend_transport_options: dict[str, _Any] = {"retry_policy": {"timeout": 5.0}}
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep trying while Redis restarts

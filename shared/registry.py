@@ -140,6 +140,8 @@ class _Entry:
     lazy: LazyModelLoader[Model] | None = None
     load_lock: threading.Lock = field(default_factory=threading.Lock)
     started: float | None = None  # monotonic start of the current load
+    abandoned: bool = False  # its load timed out; the loader thread may still be stuck
+    generation: int = 0  # bumped by every load, reload and abandon: only the current one writes
 
 
 class ModelRegistry:
@@ -250,6 +252,9 @@ class ModelRegistry:
                     now > hard_deadline
                 ):
                     pending.pop(name)
+                    with self._lock:
+                        entry.abandoned = True
+                        entry.generation += 1
                     self._fail(
                         entry,
                         LoadTimeout(
@@ -274,15 +279,20 @@ class ModelRegistry:
             with self._lock:
                 meta.status, meta.error = ModelState.LOADING, None
                 entry.started = time.monotonic()
+                entry.generation += 1
+                generation = entry.generation
             self._notify(meta)
             try:
                 model, seconds, mem = self._build(entry.spec)
             except Exception as exc:
-                self._fail(entry, exc)
+                with self._lock:
+                    current = entry.generation == generation
+                if current:  # a load abandoned after its timeout must not overwrite newer state
+                    self._fail(entry, exc)
                 raise
             with self._lock:
-                if meta.status is not ModelState.LOADING:  # timed out meanwhile: discard
-                    model.unload()
+                if entry.generation != generation or meta.status is not ModelState.LOADING:
+                    model.unload()  # timed out (or reloaded) meanwhile: discard
                     raise LoadTimeout(meta.error or f"model {meta.name!r} load abandoned")
                 entry.model = model
                 meta.status, meta.loaded_at = ModelState.READY, time.time()
@@ -319,7 +329,24 @@ class ModelRegistry:
             "seconds": None,
             "error": None,
         }
-        with entry.load_lock:  # one load or reload of a model at a time, never interleaved
+        # One load or reload of a model at a time, never interleaved; a load that hangs must not
+        # make the reload (and whoever waits on it) hang too. A load abandoned after its timeout
+        # still holds its lock in a stuck thread: give the entry a fresh one (the stuck load's
+        # result is discarded when it ends, see _load_entry).
+        with self._lock:
+            entry.generation += 1  # void any straggling load of this model
+            if entry.abandoned:
+                entry.load_lock, entry.abandoned = threading.Lock(), False
+        if not entry.load_lock.acquire(timeout=self.load_timeout):
+            outcome["error"] = (
+                f"ReloadRefused: another load of {spec.name!r} is still running "
+                f"after {self.load_timeout:g} s"
+            )
+            with self._lock:
+                entry.meta.reload_error = outcome["error"]
+            self._notify(entry.meta)
+            return outcome
+        try:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-reload")
             error: str | None = None
             try:
@@ -355,6 +382,16 @@ class ModelRegistry:
             self._notify(meta)
             outcome.update(ok=True, seconds=round(seconds, 4))
             return outcome
+        finally:
+            entry.load_lock.release()
+
+    def after_fork(self) -> None:
+        """In a forked child: fresh locks (a parent thread may have held one at fork time, and
+        it would never be released in the child)."""
+        self._lock = threading.RLock()
+        for entry in self._entries.values():
+            entry.load_lock = threading.Lock()
+            entry.abandoned = False
 
     def warm_all(self) -> None:
         """Run each READY model's warm-up (after fork, when the parent loaded without compute)."""

@@ -154,8 +154,9 @@ def send_reload(
     """Validate and publish a reload; returns the request with the processes expected to answer.
 
     ``set_desired`` records the target versions (fleet-wide, or per destination node) so that
-    processes started later load them too; ``collect_replies`` puts the old ones back when any
-    process fails, and the processes that did switch converge back on their next heartbeat.
+    processes started later load them too. The request carries what those hashes held before:
+    a process whose reload fails puts it back, and ``collect_replies`` does too and rolls back
+    the processes that did switch.
     """
     names = validate_request(manifest, models, version)
     live = read_snapshots(client, prefix)

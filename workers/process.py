@@ -130,16 +130,25 @@ def fall_back_to_active(
             meta.error,
             default.version,
         )
+        _fell_back.add((spec.name, spec.version))
         registry.reload(default)
 
 
 def set_torch_threads(settings: Settings) -> int:
+    """Split the cores among the serving processes: torch's intra-op threads, and the BLAS /
+    OpenMP pools of numpy, scipy and scikit-learn (already loaded in the parent, so setting
+    OMP_NUM_THREADS now would change nothing: threadpoolctl resizes them)."""
     threads = settings.resolved_torch_threads(SERVING_PROCESSES)
     if "torch" in sys.modules:
         import torch
 
         torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
     return threads
 
 
@@ -214,8 +223,10 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
     manifest = current_manifest(settings)
     if inherited:
         registry = get_registry()
+        registry.after_fork()
         registry.started_at = time.time()
         registry.warm_all()
+        registry.warmup = True  # reloads in this child warm their new models up
         for name in registry.names():  # this process now serves them: its own metrics series
             metrics.record_state(registry.metadata(name))
         # A child forked after a reload inherits the parent's (older) models: catch up with the
@@ -287,9 +298,9 @@ class Heartbeat(threading.Thread):
 
     def converge(self) -> None:
         desired = read_desired(self.client, self.settings.key_prefix, self.registry.node)
-        if not desired:
-            return
-        with self.reload_lock:
+        if not desired or not self.reload_lock.acquire(blocking=False):
+            return  # nothing desired, or a reload is running: never block the heartbeat
+        try:
             for result in converge(
                 self.registry,
                 lambda: manifest_from_settings(self.settings),
@@ -297,6 +308,8 @@ class Heartbeat(threading.Thread):
                 self.attempted,
             ):
                 log_reload(result)
+        finally:
+            self.reload_lock.release()
 
     def run(self) -> None:
         while not self.stopping.is_set():

@@ -33,10 +33,11 @@ import pytest
 import redis
 
 from shared.manifest import artifact_sha256, load_manifest
+from shared.reload import collect_replies, send_reload
 from tests.conftest import MANIFEST
 from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, close_app
-from tests.reliability.tools import Tally, client_app, meta_key, wait_final
+from tests.harness import WorkerProcess, close_app, wait_for
+from tests.reliability.tools import Misbehaviour, Tally, client_app, meta_key, wait_final
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
@@ -225,3 +226,69 @@ def test_each_broken_model_fails_alone_with_its_reason_and_the_rest_serve(
         assert worker.alive() and len(worker.children_pids()) == 1
     finally:
         unblock(fifo)
+
+
+def test_a_reload_during_a_hung_load_answers_and_the_heartbeat_goes_on(
+    start_worker: Start, redis_url: str, rclient: redis.Redis, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    build_kmeans(folder / "seg.joblib")
+    os.mkfifo(folder / "hang.joblib")
+    manifest = write_manifest(
+        folder,
+        [
+            {"name": "seg", "family": "sklearn", "path": "seg.joblib"},
+            {"name": "hang", "family": "sklearn", "path": "hang.joblib", "sha256": "0" * 64},
+        ],
+    )
+    try:
+        worker = start_worker(
+            concurrency=1,
+            env={"MODEL_MANIFEST": str(manifest), "LOAD_TIMEOUT_SECONDS": str(LOAD_TIMEOUT)},
+        )
+        snap = worker.wait_ready(1, timeout=120, require_ready=False)[0]
+        assert "LoadTimeout" in snap["models"]["hang"]["error"]
+        app = client_app(redis_url, worker.queue)
+        t0 = time.monotonic()
+
+        # an admin reloads every model (as `modelworkers reload --wait` does)
+        request = send_reload(rclient, worker.prefix, load_manifest(manifest))
+        sent_at = time.time()
+        bound = LOAD_TIMEOUT + 10
+        replies = collect_replies(rclient, worker.prefix, request, timeout=bound)
+        answered = {r["pid"] for r in replies["replies"]}
+        task_id = app.send_task(
+            "clustering.assign", args=[[[0.0, 1.0, 2.0]]], kwargs={"model": "seg"}
+        ).id
+        served = wait_final(rclient, [task_id], 30, "a seg task")
+        heartbeat_went_on = True
+        try:  # the snapshot outlives its TTL (5 s here): the heartbeat still runs
+            wait_for(
+                lambda: any(s["heartbeat"] > sent_at + 6 for s in worker.snapshots()),
+                15,
+                "a heartbeat 6 s after the reload",
+            )
+        except TimeoutError:
+            heartbeat_went_on = False
+        Tally.count(
+            "reload during a hung load",
+            [task_id],
+            served,
+            [worker],
+            t0,
+            reload_answered=bool(answered),
+            heartbeat_went_on=heartbeat_went_on,
+            snapshots_left=len(worker.snapshots()),
+        ).report()
+        close_app(app)
+
+        assert served[task_id]["status"] == "SUCCESS"  # serving goes on either way
+        if replies["missing"] or answered != {snap["pid"]}:
+            raise Misbehaviour(f"no reply to the reload within {bound} s: {replies}")
+        if not heartbeat_went_on:
+            raise Misbehaviour("the heartbeat stopped: the process left the registry")
+        by_model = {r["model"]: r for r in replies["replies"][0]["results"]}
+        assert by_model["seg"]["ok"] is True
+        assert by_model["hang"]["ok"] is False and by_model["hang"]["error"]
+    finally:
+        unblock(folder / "hang.joblib")

@@ -8,8 +8,9 @@ the consumer starts (``on_poll_init``) and then from a timer every ``unacked_res
 seconds (default 10), scanning only on every ``unacked_restore_throttle``-th tick (default 10).
 A publisher never scans, so a client needs no visibility_timeout of its own.
 
-These workers run with VISIBILITY_TIMEOUT_SECONDS=10 (the smallest the settings accept) instead
-of the 300 s default, so that a redelivery can be observed within a test.
+These workers run with VISIBILITY_TIMEOUT_SECONDS=20 instead of the 300 s default, so that a
+redelivery can be observed within a test (and TASK_TIME_LIMIT_SECONDS=15: the settings require the
+task time limit to stay below the visibility timeout).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from celery import Celery
 
 from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import (
+    Misbehaviour,
     Tally,
     client_app,
     log_counts,
@@ -41,19 +43,32 @@ from workers.embedded import EmbeddedRedis
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
 
-VISIBILITY = 10
+VISIBILITY = 20
+TIME_LIMIT = 15  # soft limit 5 s: the tasks here take well under 1 s
 TASKS = 16
 
 
 def node_env(manifest: Path) -> dict[str, str]:
-    return {"MODEL_MANIFEST": str(manifest), "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY)}
+    return {
+        "MODEL_MANIFEST": str(manifest),
+        "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY),
+        "TASK_TIME_LIMIT_SECONDS": str(TIME_LIMIT),
+        # Two nodes = 4 pool processes on this 2-core machine. Each pool process runs OpenMP /
+        # OpenBLAS with one thread per core (OMP_NUM_THREADS set in the child comes too late:
+        # the libraries were initialised in the parent by the preimport), and the spinning
+        # threads make a 30 ms KMeans fit take seconds, past the soft time limit. Not what this
+        # test is about: one thread per process here (the bug is in docs/reliability.md).
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
 
 
 def send_slow_tasks(app: Celery, n: int) -> list[str]:
-    """clustering.fit on 1,500 rows: long enough (~0.5-1 s here) to be caught in flight."""
+    """clustering.fit of 40 clusters on 5,000 rows: long enough (~0.3 s) to be caught in flight,
+    far below the 5 s soft time limit."""
     rng = random.Random(2)
-    rows = [[rng.random(), rng.random(), rng.random()] for _ in range(1500)]
-    return [app.send_task("clustering.fit", args=[rows, 10]).id for _ in range(n)]
+    rows = [[rng.random(), rng.random(), rng.random()] for _ in range(5000)]
+    return [app.send_task("clustering.fit", args=[rows, 40]).id for _ in range(n)]
 
 
 def done_at(result: dict[str, Any]) -> float:
@@ -66,7 +81,7 @@ def kill_with_tasks_in_flight(
     node: WorkerProcess, client: redis.Redis, ids: list[str]
 ) -> tuple[set[str], float]:
     """Wait until both pool processes of ``node`` run one of ``ids``, then SIGKILL the node.
-    Returns the ids the node held unacknowledged when it died, and the kill time."""
+    Returns the ids the node had received and not completed when it died, and the kill time."""
 
     def both_running() -> bool:
         children = set(node.children_pids())
@@ -80,9 +95,15 @@ def kill_with_tasks_in_flight(
     wait_for(both_running, 60, f"2 tasks running on {node.node}")
     node.kill()
     killed_at = time.time()
-    # each unacked entry is [message, exchange, routing_key]; the task id is in the headers
-    held = {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
-    return held, killed_at
+    received, _ = log_counts([node], ids)
+    done = {i for i, r in read_results(client, ids).items() if r["status"] == "SUCCESS"}
+    return set(received) - done, killed_at
+
+
+def unacked_ids(client: redis.Redis) -> set[str]:
+    """Task ids delivered but not acknowledged (by any node): each entry of the ``unacked`` hash
+    is [message, exchange, routing_key], the task id is in the message headers."""
+    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
 
 
 def test_tasks_of_a_killed_node_are_redelivered_to_a_new_node(
@@ -98,7 +119,8 @@ def test_tasks_of_a_killed_node_are_redelivered_to_a_new_node(
     ids = send_slow_tasks(app, TASKS)
     held_ids, killed_at = kill_with_tasks_in_flight(node_a, client, ids)
     assert not node_a.alive()
-    assert len(held_ids) == 2 and held_ids <= set(ids)  # prefetch multiplier 1 x concurrency 2
+    assert len(held_ids) == 2  # prefetch multiplier 1 x concurrency 2
+    assert unacked_ids(client) == held_ids  # the only node: all unacked messages were its own
 
     # An operator (or an orchestrator) starts a new node once the dead one's deliveries are past
     # the visibility timeout: its consumer restores them when it starts polling.
@@ -138,16 +160,6 @@ def test_tasks_of_a_killed_node_are_redelivered_to_a_new_node(
     assert tally.redelivered == len(held_ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: VISIBILITY_TIMEOUT_SECONDS does not bound redelivery after a node dies: "
-        "celeryconfig.broker_transport_options sets only visibility_timeout, so a live worker "
-        "scans the unacked index once at start and then every unacked_restore_interval (10 s) x "
-        "unacked_restore_throttle (10) = ~100 s; the dead node's tasks wait up to "
-        "visibility_timeout + 100 s"
-    ),
-)
 def test_a_running_node_takes_over_a_dead_nodes_tasks_within_the_visibility_timeout(
     start_worker: Start, private_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
@@ -166,16 +178,20 @@ def test_a_running_node_takes_over_a_dead_nodes_tasks_within_the_visibility_time
     t0 = time.monotonic()
     ids = send_slow_tasks(app, TASKS)
     held_ids, killed_at = kill_with_tasks_in_flight(node_a, client, ids)
+    assert len(held_ids) == 2  # the precondition: the dead node held two tasks
     bound = VISIBILITY + 15
     try:
         # the dead node's tasks must reach the survivor within the bound (delivery, not
         # completion: how fast the survivor then works through the queue is another matter)
-        wait_for(
-            lambda: held_ids <= set(log_counts([node_b], held_ids)[0]),
-            max(1.0, bound - (time.time() - killed_at)),
-            f"the dead node's tasks to be redelivered within {bound} s of the kill",
-            interval=0.2,
-        )
+        try:
+            wait_for(
+                lambda: held_ids <= set(log_counts([node_b], held_ids)[0]),
+                max(1.0, bound - (time.time() - killed_at)),
+                f"the dead node's tasks to be redelivered within {bound} s of the kill",
+                interval=0.2,
+            )
+        except TimeoutError as exc:
+            raise Misbehaviour(str(exc)) from None
         redelivered_after = time.time() - killed_at
         results = wait_final(client, ids, 120, "every task")
     finally:

@@ -35,10 +35,24 @@ from tests.harness import WorkerProcess, wait_for
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LOG_LINE = re.compile(r"Task ([\w.]+)\[([0-9a-f-]{36})\] (received|succeeded)")
+SERVING = re.compile(r"registry of pid (\d+): READY")
 TALLY_FILE = Path(
     os.environ.get("RELIABILITY_TALLY_FILE")
     or Path(tempfile.gettempdir()) / "modelworkers-reliability.jsonl"
 )
+
+
+class Misbehaviour(AssertionError):
+    """The behaviour a strict-xfail test asserts did not happen: a known product bug. Those
+    tests mark only this exception as expected (``xfail(raises=Misbehaviour)``), so that a
+    broken precondition still fails them."""
+
+
+def ready_pool_pids(worker: WorkerProcess) -> set[int]:
+    """Pids of the pool processes that logged a READY registry table: each serving process
+    does, whether it loaded its models (PRELOAD_MODE=child) or inherited them from the parent
+    (parent), in which case the parent's own table is left out."""
+    return {int(p) for p in SERVING.findall(worker.log())} - {worker.pid}
 
 
 def seg_manifest(folder: Path) -> Path:
