@@ -109,8 +109,11 @@ def _check_size(field: str, value: Any, limit: int, what: str) -> None:
         raise InvalidInput(field, f"{len(value):,} {what} is more than the limit of {limit:,}")
 
 
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
 def _check_text(field: str, text: str, limits: Limits) -> str:
-    if not text.strip():
+    if not text.translate(_INVISIBLE).strip():  # whitespace or zero-width characters only
         raise InvalidInput(field, "must be a non-empty string")
     if len(text) > limits.max_text_chars:
         raise InvalidInput(

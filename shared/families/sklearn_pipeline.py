@@ -56,11 +56,17 @@ class SklearnPipeline(Model):
 
 def fit_kmeans(rows: list[list[float]], n_clusters: int, *, seed: int = 0) -> dict[str, Any]:
     """Fit KMeans on ``rows`` (what clustering.fit serves); deterministic for a given seed."""
+    import warnings
+
     import numpy as np
     from sklearn.cluster import KMeans
 
     x = np.asarray(rows, dtype=float)
-    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # overflow / convergence chatter: checked just below
+        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
+    if not (np.isfinite(km.inertia_) and np.isfinite(km.cluster_centers_).all()):
+        raise ValueError("the fit overflowed (values too large): inertia is not finite")
     return {
         "labels": [int(v) for v in km.labels_],
         "centers": km.cluster_centers_.tolist(),

@@ -28,6 +28,7 @@ def check(fn: Any, *args: Any) -> Any:
         ((["a"],), "text"),
         (("x" * (L.max_text_chars + 1),), "text"),
         (("a\x00b",), "text"),
+        (("\u200b\ufeff \n",), "text"),
     ],
 )
 def test_bad_sentiment_text_names_the_text_field(args: tuple[Any, ...], field: str) -> None:
