@@ -1,0 +1,180 @@
+"""Section 1, cold start: worker launch -> every pool process READY, three loading strategies;
+launch -> first answer vs a bare Python process that imports, loads and answers once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import Ctx, clean_env, med, ready_time, release, rnd
+from bench.data import REAL_MANIFEST, ROOT, texts
+from bench.report import target
+
+# (a), (b), (c) are the issue's three strategies, all in PRELOAD_MODE=child (each pool process
+# loads its own weights); (d) is the current default (PRELOAD_MODE=auto -> parent on a CPU-only
+# host: imports and weights in the parent, children fork and warm up).
+CONFIGS = {
+    "a_child_sequential": {"PRELOAD_MODE": "child", "PREIMPORT": "false", "LOADER_THREADS": "1"},
+    "b_child_threadpool": {"PRELOAD_MODE": "child", "PREIMPORT": "false", "LOADER_THREADS": "4"},
+    "c_child_preimport": {"PRELOAD_MODE": "child", "PREIMPORT": "true", "LOADER_THREADS": "4"},
+    "d_default_auto": {},
+}
+
+
+def launch_to_ready(ctx: Ctx, env: dict[str, str], concurrency: int = 2) -> dict[str, Any]:
+    worker = ctx.worker(concurrency=concurrency, env={"MODEL_MANIFEST": str(REAL_MANIFEST), **env})
+    t0 = time.time()
+    worker.start()
+    try:
+        out = ready_time(worker, concurrency, t0)
+        out["cpu_s"] = tree_cpu_seconds(worker.pid)
+        out.update(log_figures(worker.log()))
+        return out
+    finally:
+        worker.stop()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) spent so far by the worker and its pool processes."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def log_figures(log: str) -> dict[str, Any]:
+    """What the worker logged about its start: preimport seconds, per-process load seconds."""
+    import re
+
+    pre = re.findall(r"imported model libraries in ([0-9.]+) s", log)
+    loads = re.findall(r"pid \d+ loaded \d+ models in ([0-9.]+) s", log)
+    return {
+        "preimport_s": float(pre[0]) if pre else None,
+        "child_load_s": [float(x) for x in loads],
+    }
+
+
+def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
+    """The task is queued before the worker is launched; seconds from launch to its result."""
+    worker = ctx.worker(concurrency=concurrency, env={"MODEL_MANIFEST": str(REAL_MANIFEST)})
+    app = worker.app()
+    try:
+        result = app.send_task("sentiment.analyze", args=[texts()[0]])
+        t0 = time.time()
+        worker.start()
+        try:
+            value = result.get(timeout=240)
+            seconds = time.time() - t0
+        finally:
+            release(app, result)
+            worker.stop()
+        return {"seconds": seconds, "label": value["label"], "fallback": value["fallback"]}
+    finally:
+        from tests.harness import close_app
+
+        close_app(app)
+
+
+HELPER = [sys.executable, "-m", "bench.helper"]
+
+
+def bare_first_answer(ctx: Ctx) -> dict[str, Any]:
+    """python -m bench.helper: import the stack, ModelRegistry.load_all, one sentiment answer;
+    timed from spawn to the answer line on its stdout."""
+    import json
+
+    log = (ctx.logs / "bare.log").open("ab")
+    t0 = time.time()
+    proc = subprocess.Popen(
+        [*HELPER, "--manifest", str(REAL_MANIFEST), "--text", texts()[0]],
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        seconds = time.time() - t0
+        answer = json.loads(line)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+    return {
+        "seconds": seconds,
+        "label": answer["label"],
+        "import_and_load_s": answer["loaded"] - t0,
+        "torch_threads": answer["torch_threads"],
+    }
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    reps = ctx.n(3, 1)
+    names = list(CONFIGS) if not ctx.quick else ["a_child_sequential", "c_child_preimport"]
+    raw: dict[str, list[Any]] = {k: [] for k in names}
+    raw.update({"first_answer_c2": [], "first_answer_c1": [], "bare": []})
+    extra = ["bare", "first_answer_c2"] + ([] if ctx.quick else ["first_answer_c1"])
+    for rep in range(reps):
+        order = names + extra
+        order = order[rep % len(order) :] + order[: rep % len(order)]  # spread machine drift
+        for key in order:
+            ctx.quiet()
+            if key in CONFIGS:
+                raw[key].append(launch_to_ready(ctx, CONFIGS[key]))
+            elif key == "bare":
+                raw[key].append(bare_first_answer(ctx))
+            else:
+                raw[key].append(launch_to_first_answer(ctx, int(key[-1])))
+    ready = {k: med([r["observed_s"] for r in raw[k]]) for k in names}
+    loaded = {k: med([r["last_loaded_s"] for r in raw[k]]) for k in names}
+    first_c2 = med([r["seconds"] for r in raw["first_answer_c2"]])
+    first_c1 = (
+        med([r["seconds"] for r in raw["first_answer_c1"]]) if raw["first_answer_c1"] else None
+    )
+    bare = med([r["seconds"] for r in raw["bare"]])
+    summary: dict[str, Any] = {}
+    cpu = {k: med([r["cpu_s"] for r in raw[k]]) for k in names}
+    for k in names:
+        summary[f"{k}: launch -> all READY seen in Redis, s (median)"] = rnd(ready[k], 2)
+        summary[f"{k}: CPU seconds of the worker tree at READY"] = rnd(cpu[k], 1)
+        summary[f"{k}: launch -> last model loaded, s (median)"] = rnd(loaded[k], 2)
+    summary["worker -c 2 launch -> first answer, s"] = rnd(first_c2, 2)
+    if first_c1 is not None:
+        summary["worker -c 1 launch -> first answer, s"] = rnd(first_c1, 2)
+    summary["bare python: spawn -> first answer, s"] = rnd(bare, 2)
+    ratio_ca = ready["c_child_preimport"] / ready["a_child_sequential"]
+    summary["(c)/(a) READY ratio"] = rnd(ratio_ca)
+    summary["(c)/(a) CPU seconds ratio"] = rnd(cpu["c_child_preimport"] / cpu["a_child_sequential"])
+    for key in ("b_child_threadpool", "d_default_auto"):
+        if key in ready:
+            summary[f"({key[0]})/(a) READY ratio"] = rnd(ready[key] / ready["a_child_sequential"])
+    summary["worker -c 2 first answer / bare"] = rnd(first_c2 / bare)
+    if first_c1 is not None:
+        summary["worker -c 1 first answer / bare"] = rnd(first_c1 / bare)
+    targets = [
+        target("(c) imports in parent, weights in child / (a) sequential child", ratio_ca, 0.5),
+        target("worker launch -> first answer / bare process (-c 2)", first_c2 / bare, 1.2),
+    ]
+    if first_c1 is not None:
+        targets.append(
+            target("worker launch -> first answer / bare process (-c 1)", first_c1 / bare, 1.2)
+        )
+    return {
+        "raw": raw,
+        "summary": summary,
+        "targets": targets,
+        "config": {"concurrency": 2, "manifest": "models/models.toml", "repeats": reps},
+    }

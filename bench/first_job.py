@@ -1,0 +1,103 @@
+"""Section 2, first job: the first task of each family a (single) pool process serves after
+READY, vs that family's warm p50; eager loading (the real manifest) vs lazy (same models,
+``lazy = true``)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from bench.common import Client, Ctx, med, rnd
+from bench.data import REAL_MANIFEST, bench_manifest, family_jobs
+from bench.report import target
+
+FAMILIES = ["sentiment", "prophet", "arima", "predict", "clustering"]
+WARM_N = {"sentiment": 30, "clustering": 30, "predict": 12, "arima": 12, "prophet": 8}
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    reps = ctx.n(len(FAMILIES), 1)  # full: each family is the process's very first task once
+    manifests = {"eager": REAL_MANIFEST, "lazy": bench_manifest("lazy", lazy=True)}
+    modes = ["eager", "lazy"] if not ctx.quick else ["eager"]
+    jobs = family_jobs()
+    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for rep in range(reps):
+        order = FAMILIES[rep:] + FAMILIES[:rep]
+        for mode in modes:
+            worker = ctx.worker(concurrency=1, env={"MODEL_MANIFEST": str(manifests[mode])})
+            with ctx.running(worker):
+                client = Client(worker)
+                try:
+                    for position, family in enumerate(order):
+                        name, args, kwargs = jobs[family]
+                        with ctx.block() as blk:  # a first call cannot be repeated: recorded
+                            first_ms, _ = client.call(name, args, kwargs)
+                        warm_n = WARM_N[family] if not ctx.quick else max(4, WARM_N[family] // 3)
+                        warm = ctx.measure(
+                            partial(client.sequential, name, [(args, kwargs)], warm_n)
+                        )
+                        raw[mode].append(
+                            {
+                                "rep": rep,
+                                "family": family,
+                                "position": position,
+                                "first_ms": first_ms,
+                                "first_foreign_cores": round(blk.foreign_cores, 3),
+                                "warm_ms": warm,
+                            }
+                        )
+                finally:
+                    client.close()
+    summary: dict[str, Any] = {}
+    targets = []
+    table: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        for family in FAMILIES:
+            rows = [r for r in raw[mode] if r["family"] == family]
+            first = med([r["first_ms"] for r in rows])
+            warm = med([ms for r in rows for ms in r["warm_ms"]])
+            very_first = [r["first_ms"] for r in rows if r["position"] == 0]
+            later = med([r["first_ms"] for r in rows if r["position"] > 0])
+            early_warm = med([r["warm_ms"][0] for r in rows])
+            table[f"{mode}/{family}"] = {
+                "first_ms": rnd(first, 2),
+                "warm_p50_ms": rnd(warm, 2),
+                "ratio": rnd(first / warm),
+                "first_as_process_first_task_ms": rnd(very_first[0], 2) if very_first else None,
+                "first_when_not_process_first_ms": rnd(later, 2),
+                "second_call_ms": rnd(early_warm, 2),
+            }
+            summary[f"{mode} {family}: first ms / warm p50 ms / ratio"] = (
+                f"{first:.1f} / {warm:.1f} / {first / warm:.2f}x"
+            )
+            if very_first:
+                summary[
+                    f"{mode} {family}: as the process's 1st task / otherwise / 2nd call, ms"
+                ] = f"{very_first[0]:.1f} / {later:.1f} / {early_warm:.1f}"
+            if mode == "eager":
+                targets.append(
+                    target(f"first {family} task after READY / warm p50 (eager)", first / warm, 1.5)
+                )
+    process_first = [
+        r["first_ms"] / med(r["warm_ms"]) for r in raw.get("eager", []) if r["position"] == 0
+    ]
+    if process_first:
+        summary["eager: the process's very first task / its family's warm p50 (median)"] = rnd(
+            med(process_first)
+        )
+    if "lazy" in modes:
+        for family in FAMILIES:
+            saved = table[f"lazy/{family}"]["first_ms"] - table[f"eager/{family}"]["first_ms"]
+            summary[f"preloading saves on the first {family} task, ms"] = rnd(saved, 1)
+    return {
+        "raw": raw,
+        "summary": summary,
+        "targets": targets,
+        "table": table,
+        "config": {
+            "concurrency": 1,
+            "repeats": reps,
+            "warm_n": WARM_N,
+            "order": "rotated: each family is the process's first task once",
+        },
+    }

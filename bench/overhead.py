@@ -1,0 +1,224 @@
+"""Section 3, overhead: sequential requests (one in flight) through Celery vs the same registry
+model called in-process on the same inputs, same torch threads, in short alternating rounds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench.common import CORES, Client, Ctx, med, pct, rnd, task_runtimes_ms
+from bench.data import (
+    CUSTOMERS,
+    REAL_MANIFEST,
+    arima_series,
+    bench_manifest,
+    prophet_series,
+    texts,
+)
+from bench.report import target
+
+# family -> (task, calls per round full, quick)
+FAMILIES = {
+    "sentiment": ("sentiment.analyze", 20, 20),
+    "clustering": ("clustering.assign", 20, 20),
+    "arima": ("forecast.arima", 4, 2),
+    "prophet": ("forecast.prophet", 3, 2),
+}
+ROUNDS = (15, 3)  # full, quick: short alternating blocks, so both sides see the same machine
+
+
+def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]]:
+    """(in-process inputs, Celery (args, kwargs)) for the same work."""
+    if family == "sentiment":
+        corpus = texts()[:64]
+        return corpus, [([t], {}) for t in corpus]
+    if family == "clustering":
+        return [CUSTOMERS], [([CUSTOMERS], {})]
+    if family == "arima":
+        s = arima_series()
+        return [[s, 5, [1, 1, 1]]], [([s, 5], {"order": [1, 1, 1]})]
+    s = prophet_series()
+    return [[s, 7, "D"]], [([s, 7], {"frequency": "D"})]
+
+
+def timed_ids(
+    client: Client, task: str, jobs: list[tuple[list[Any], dict[str, Any]]], n: int
+) -> tuple[list[float], list[str]]:
+    """``n`` sequential calls: their latencies and task ids."""
+    client.ids.clear()
+    return client.sequential(task, jobs, n), list(client.ids)
+
+
+def measure(ctx: Ctx, manifest: Path, families: list[str], threads: int) -> dict[str, Any]:
+    rounds = ctx.n(*ROUNDS)
+    env = {"MODEL_MANIFEST": str(manifest), "TORCH_THREADS": str(threads)}
+    worker = ctx.worker(concurrency=1, env=env)
+    out: dict[str, Any] = {
+        f: {"inproc_ms": [], "celery_ms": [], "runtime_ms": [], "round_ratios": []}
+        for f in families
+    }
+    with ctx.worker_and_helper(worker, manifest, threads=threads) as helper:
+        assert helper.cmd(cmd="threads")["torch_threads"] == threads
+        client = Client(worker)
+        try:
+            for family in families:  # warm both sides, not recorded
+                inputs, celery_jobs = jobs(family)
+                helper.cmd(cmd="latency", family=family, inputs=inputs, n=3)
+                client.sequential(FAMILIES[family][0], celery_jobs, 3)
+            for _ in range(rounds):
+                for family in families:
+                    task, n_full, n_quick = FAMILIES[family]
+                    n = ctx.n(n_full, n_quick)
+                    inputs, celery_jobs = jobs(family)
+                    local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n))
+                    remote, ids = ctx.measure(partial(timed_ids, client, task, celery_jobs, n))
+                    out[family]["inproc_ms"] += local
+                    out[family]["celery_ms"] += remote
+                    out[family]["round_ratios"].append(med(remote) / med(local))
+                    out[family]["runtime_ms"] += task_runtimes_ms(worker, ids)
+            time.sleep(1.2)  # one heartbeat: the snapshot's serving counters are fresh
+            snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
+            for family, model in (("sentiment", "sentiment"), ("clustering", "customer_segments")):
+                if family in out and snaps:
+                    # mean of every model call inside the worker (tasks.base.served)
+                    out[family]["worker_model_mean_ms"] = snaps[0]["models"][model][
+                        "latency_mean_ms"
+                    ]
+        finally:
+            client.close()
+    return out
+
+
+ABLATION: dict[str, tuple[dict[str, str], list[str]]] = {
+    "product config": ({}, []),
+    "no task_track_started": ({"BENCH_TRACK_STARTED": "0"}, []),
+    "no task events": ({"BENCH_TASK_EVENTS": "0"}, []),
+    "--loglevel WARNING": ({}, ["--loglevel", "WARNING"]),
+    "all three off + result_extended off": (
+        {"BENCH_TRACK_STARTED": "0", "BENCH_TASK_EVENTS": "0", "BENCH_RESULT_EXTENDED": "0"},
+        ["--loglevel", "WARNING"],
+    ),
+}
+
+
+def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
+    """tiny-bert sentiment.analyze p50 with some of celeryconfig.py's settings off (through
+    bench/exp_app.py): one -c 1 worker per variant, side by side, alternating blocks."""
+    corpus = [([t], {}) for t in texts()[:64]]
+    workers = {}
+    for name, (env, args) in ABLATION.items():
+        worker = ctx.worker(
+            concurrency=1,
+            env={"MODEL_MANIFEST": str(REAL_MANIFEST), "TORCH_THREADS": str(threads), **env},
+        )
+        worker.args[worker.args.index("workers.app")] = "bench.exp_app"
+        if args:
+            at = worker.args.index("--loglevel")
+            worker.args[at : at + 2] = args
+        workers[name] = worker
+    out: dict[str, Any] = {name: [] for name in workers}
+    started: list[Any] = []
+    try:
+        for worker in workers.values():
+            started.append(worker.start())
+        for worker in workers.values():
+            worker.wait_ready(1, timeout=240)
+        clients = {name: Client(w) for name, w in workers.items()}
+        try:
+            for client in clients.values():
+                client.sequential("sentiment.analyze", corpus, 5)
+            for _ in range(ctx.n(10, 2)):
+                for name, client in clients.items():
+                    out[name] += ctx.measure(
+                        partial(client.sequential, "sentiment.analyze", corpus, 20)
+                    )
+        finally:
+            for client in clients.values():
+                client.close()
+    finally:
+        for worker in started:
+            worker.stop()
+    return out
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    threads = max(1, CORES // 1)  # a concurrency-1 worker's default, set explicitly on both sides
+    raw: dict[str, Any] = {}
+    families = list(FAMILIES) if not ctx.quick else ["sentiment", "clustering"]
+    raw["tiny-bert"] = measure(ctx, REAL_MANIFEST, families, threads)
+    if not ctx.quick:
+        # the same at 1 torch thread on both sides: robust to other tenants of a shared machine
+        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MANIFEST, ["sentiment"], 1)
+        raw["minilm"] = measure(
+            ctx, bench_manifest("eager-minilm", sentiment="minilm"), ["sentiment"], threads
+        )
+    summary: dict[str, Any] = {}
+    targets = []
+    table: dict[str, Any] = {}
+    if not ctx.quick:
+        raw["ablation"] = ablation(ctx, threads)
+        base = med(raw["ablation"]["product config"])
+        for name, ms in raw["ablation"].items():
+            summary[f"ablation, tiny-bert sentiment p50 ms: {name}"] = (
+                f"{med(ms):.2f} ({med(ms) - base:+.2f})"
+            )
+    for model, fams in raw.items():
+        if model == "ablation":
+            continue
+        for family, d in fams.items():
+            ip50, ip99 = med(d["inproc_ms"]), pct(d["inproc_ms"], 99)
+            c50, c99 = med(d["celery_ms"]), pct(d["celery_ms"], 99)
+            rt50 = med(d["runtime_ms"]) if d["runtime_ms"] else float("nan")
+            paired = med(d["round_ratios"])
+            label = family + (f" ({model})" if family == "sentiment" else "")
+            table[label] = {
+                "inproc_p50_ms": rnd(ip50, 2),
+                "inproc_p99_ms": rnd(ip99, 2),
+                "celery_p50_ms": rnd(c50, 2),
+                "celery_p99_ms": rnd(c99, 2),
+                "p50_ratio": rnd(c50 / ip50),
+                "median_round_ratio": rnd(paired),
+                "p50_diff_ms": rnd(c50 - ip50, 2),
+                "worker_task_runtime_p50_ms": rnd(rt50, 2),
+                "n": len(d["celery_ms"]),
+            }
+            summary[f"{label}: p50 in-process / Celery ms, ratio, +ms"] = (
+                f"{ip50:.2f} / {c50:.2f}, {c50 / ip50:.2f}x, +{c50 - ip50:.2f}"
+            )
+            summary[f"{label}: median of per-round p50 ratios"] = rnd(paired)
+            summary[f"{label}: p99 in-process / Celery ms"] = f"{ip99:.2f} / {c99:.2f}"
+            summary[f"{label}: task runtime in the worker p50 ms"] = rnd(rt50, 2)
+            if d.get("worker_model_mean_ms") is not None:
+                summary[f"{label}: model call mean ms, in-process / inside the worker"] = (
+                    f"{statistics.fmean(d['inproc_ms']):.2f} / {d['worker_model_mean_ms']:.2f}"
+                )
+                table[label]["worker_model_mean_ms"] = rnd(d["worker_model_mean_ms"], 2)
+            if family == "sentiment":
+                targets.append(
+                    target(f"sentiment.analyze p50 / in-process p50 ({model})", paired, 1.2)
+                )
+                if model.startswith("tiny-bert"):
+                    targets.append(
+                        target(
+                            f"sentiment.analyze p50 - in-process p50 ({model})",
+                            c50 - ip50,
+                            3.0,
+                            unit="ms",
+                        )
+                    )
+    return {
+        "raw": raw,
+        "summary": summary,
+        "targets": targets,
+        "table": table,
+        "config": {
+            "torch_threads": threads,
+            "worker": "prefork -c 1",
+            "rounds": ctx.n(*ROUNDS),
+            "client": "Celery send_task(...).get()",
+            "ratio": "median over rounds of (Celery p50 / in-process p50) in that round",
+        },
+    }

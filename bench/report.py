@@ -1,0 +1,150 @@
+"""Targets, the printed table, the throughput plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def target(
+    name: str,
+    value: float | None,
+    limit: float,
+    *,
+    op: str = "<=",
+    unit: str = "x",
+    detail: str = "",
+) -> dict[str, Any]:
+    """One target of the issue: ``value op limit`` (None / NaN: not measured -> not met)."""
+    measured = value is not None and value == value
+    if not measured:
+        met = False
+    elif op == "<=":
+        met = value <= limit  # type: ignore[operator]
+    elif op == ">=":
+        met = value >= limit  # type: ignore[operator]
+    else:
+        raise ValueError(op)
+    return {
+        "name": name,
+        "value": round(value, 3) if measured else None,  # type: ignore[arg-type]
+        "target": f"{op} {limit:g}{unit if unit != 'x' else 'x'}",
+        "unit": unit,
+        "met": met,
+        "detail": detail,
+    }
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if unit == "x":
+            return f"{value:.2f}x"
+        return f"{value:.3g}{(' ' + unit) if unit else ''}"
+    return str(value)
+
+
+def print_table(results: dict[str, Any]) -> str:
+    """The figures of every section, then the targets with met / not met."""
+    lines = []
+    for section, data in results["sections"].items():
+        lines.append(f"== {section} ({data.get('seconds', 0):.0f} s)")
+        if data.get("error"):
+            lines.append(f"   ERROR: {data['error']}")
+            continue
+        for key, value in (data.get("summary") or {}).items():
+            lines.append(f"   {key:<58} {fmt(value)}")
+    lines.append("")
+    lines.append(f"{'target':<62} {'value':>12} {'target':>10}  result")
+    for section, data in results["sections"].items():
+        for t in data.get("targets", []):
+            value = fmt(t["value"], t["unit"])
+            lines.append(
+                f"{(section + ': ' + t['name'])[:62]:<62} {value:>12} {t['target']:>10}  "
+                f"{'met' if t['met'] else 'NOT MET'}"
+            )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot_throughput(data: dict[str, Any], path: Path, title: str) -> Path:
+    """Texts/s vs requests in flight per worker configuration, with the raw pipeline line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    labels = {
+        "prefork_c1": "prefork -c 1, single-text tasks",
+        "prefork_c2": "prefork -c 2, single-text tasks",
+        "threads_w0": "threads -c 64, micro-batching, window 0 ms",
+        "threads_w2": "threads -c 64, micro-batching, window 2 ms",
+        "threads_w2_t1": "threads -c 64, window 2 ms, TORCH_THREADS=1",
+    }
+    for key, label in labels.items():
+        curve = data.get("curves", {}).get(key)
+        if not curve:
+            continue
+        xs = sorted(int(k) for k in curve)
+        ax.plot(xs, [curve[str(x)] for x in xs], marker="o", label=label)
+    for key, label, marker in (
+        ("batch32_c1", "analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),
+        ("batch32_c2", "analyze_batch, 32 texts/task, prefork -c 2 (4 tasks in flight)", "D"),
+    ):
+        value = data.get("batch_points", {}).get(key)
+        if value:
+            ax.scatter([64], [value], marker=marker, s=60, label=label, zorder=5)
+    raw = data.get("raw_median")
+    if raw:
+        ax.axhline(
+            raw,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="raw in-process pipeline (batch 32, 2 threads)",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("single-text requests in flight")
+    ax.set_ylabel("texts / s")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report RESULTS.json [--plot PNG]``: print the table of a results file
+    again, and redraw the throughput plot from its raw figures."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results")
+    parser.add_argument("--plot", help="write the throughput plot here")
+    args = parser.parse_args(argv)
+    results = json.loads(Path(args.results).read_text())
+    print_table(results)
+    section = results["sections"].get("throughput", {})
+    if args.plot and section.get("raw", {}).get("curves"):
+        raw = section["raw"]
+        cores = results["meta"]["machine"]["nproc"]
+        plot_throughput(
+            raw,
+            Path(args.plot),
+            f"sentiment (MiniLM-L6 classifier) through the workers, {cores} cores; "
+            f"raw median {raw['raw_median']:.0f} texts/s",
+        )
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
