@@ -76,3 +76,12 @@ def _no_inherited_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests pass REDIS_URL explicitly to what they start; none may fall back to a shared Redis.
     if os.environ.get("REDIS_URL"):
         monkeypatch.delenv("REDIS_URL")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite's private Redis servers are gone now. Celery's AsyncResult.__del__ would try
+    to unsubscribe each leftover result from them at the final garbage collection, retrying
+    for ~20 s per result and keeping the run from exiting: nothing is left to clean up."""
+    from celery.result import AsyncResult
+
+    AsyncResult.__del__ = lambda self: None  # type: ignore[method-assign]
