@@ -42,7 +42,8 @@ result_backend_transport_options: dict[str, _Any] = {"retry_policy": {"timeout":
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep trying while Redis restarts
 result_expires = _s.result_expires_seconds
-result_extended = True
+# Inputs are not copied into results unless asked for (RESULT_EXTENDED).
+result_extended = _s.result_extended
 
 task_default_queue = _s.task_queue
 task_routes = {
@@ -51,11 +52,12 @@ task_routes = {
     "clustering.*": {"queue": _s.task_queue},
     "control.*": {"queue": _s.task_queue},
 }
-task_track_started = True
+task_track_started = _s.track_started
 task_time_limit = _s.task_time_limit_seconds
 task_soft_time_limit = max(1, _s.task_time_limit_seconds - 10)
-task_send_sent_event = True
-worker_send_task_events = True
+# Task events cost ~2 ms per task (bench/overhead.py); Flower enables them while it watches.
+task_send_sent_event = _s.task_events
+worker_send_task_events = _s.task_events
 
 worker_concurrency = _s.worker_concurrency
 worker_pool = _s.worker_pool

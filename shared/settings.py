@@ -129,6 +129,24 @@ class Settings(BaseSettings):
         "directory or cached hub id (checksum is not checked for overrides).",
     )
 
+    # --- per-task bookkeeping (measured in bench/overhead.py's ablation) ------------------
+    task_events: bool = Field(
+        False,
+        description="Send task events (task-received/started/succeeded) from every worker. Off: "
+        "they cost ~2 ms per task; Flower turns them on at run time (enable_events) while it "
+        "watches, and `modelworkers up --flower` sets this on.",
+    )
+    track_started: bool = Field(
+        True,
+        description="Store a STARTED state (pid, hostname) when a pool process starts a task, "
+        "so clients and operators can tell queued from running.",
+    )
+    result_extended: bool = Field(
+        False,
+        description="Store the task's name, args and kwargs with its result (the inputs stay "
+        "in Redis for RESULT_EXPIRES_SECONDS). Off: smaller results, no inputs at rest.",
+    )
+
     # --- micro-batching -------------------------------------------------------------------
     batch_window_ms: float = Field(
         2.0,
@@ -137,6 +155,14 @@ class Settings(BaseSettings):
         "sentiment.analyze waits to fill the next batch (0: batch only what is already queued).",
     )
     batch_max_size: int = Field(32, ge=1, description="Largest micro-batch for one forward pass.")
+    batch_pad_ratio: float = Field(
+        1.25,
+        ge=0,
+        description="CPU only: a batch of texts (micro-batch or analyze_batch) runs as "
+        "length-sorted forward passes whose padded tokens stay within this ratio of the real "
+        "ones (padding is wasted compute on a CPU). 0: one padded forward pass per batch, "
+        "as on a GPU.",
+    )
 
     # --- input limits ---------------------------------------------------------------------
     max_text_chars: int = Field(10_000, ge=1, description="Longest text accepted per item.")

@@ -54,9 +54,15 @@ def redis_for_run() -> Iterator[str]:
 
 
 def worker_command(
-    concurrency: int, pool: str, loglevel: str, node: str, queue: str | None = None
+    concurrency: int,
+    pool: str,
+    loglevel: str,
+    node: str,
+    queue: str | None = None,
+    events: bool = False,
 ) -> list[str]:
-    """The `celery worker` command line that `up`, `demo` (and the tests) run."""
+    """The `celery worker` command line that `up`, `demo` (and the tests) run. ``events``:
+    task events from the start (-E), whatever TASK_EVENTS says (Flower enables them anyway)."""
     return [
         sys.executable,
         "-m",
@@ -74,6 +80,7 @@ def worker_command(
         node,
         "-Q",
         queue or get_settings().task_queue,
+        *(["-E"] if events else []),
     ]
 
 
@@ -149,7 +156,7 @@ def up(
     with redis_for_run() as url:
         console.print(f"broker and registry: {redact(url)}")
         procs: list[tuple[str, subprocess.Popen[Any]]] = []
-        worker = spawn(worker_command(concurrency, pool, loglevel, node))
+        worker = spawn(worker_command(concurrency, pool, loglevel, node, events=flower))
         procs.append(("worker", worker))
         if flower:
             auth = (

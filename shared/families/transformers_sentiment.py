@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from shared.batching import pad_groups
 from shared.families.base import Model
 from shared.manifest import verify_artifact
+from shared.settings import get_settings
 
 # Labels a 2- or 3-class checkpoint may use, mapped onto the contract's labels.
 _GENERIC = {
@@ -29,7 +31,9 @@ class TransformersSentiment(Model):
     """A sequence-classification checkpoint run as tokenizer + model in one forward pass.
 
     Equivalent to ``transformers.pipeline("text-classification")`` (softmax over the logits,
-    top label), without the pipeline's per-call overhead; batches run as one padded forward pass.
+    top label), without the pipeline's per-call overhead. On a GPU a batch runs as one padded
+    forward pass; on a CPU as length-sorted forward passes with little padding (``pad_ratio``
+    manifest option, else BATCH_PAD_RATIO).
     """
 
     _model: Any = None
@@ -60,6 +64,10 @@ class TransformersSentiment(Model):
         self._model = model
         self._torch = torch
         self.max_length = int(self.spec.options.get("max_length", 128))
+        ratio = self.spec.options.get("pad_ratio")
+        if ratio is None:  # GPUs want one large batch; CPUs waste compute on padding
+            ratio = get_settings().batch_pad_ratio if self.device == "cpu" else 0.0
+        self.pad_ratio = float(ratio)
         id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
         generic = _GENERIC.get(len(id2label), {})
         self.labels = [
@@ -73,22 +81,51 @@ class TransformersSentiment(Model):
         self.classify(["warm up the model"])
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
-        """(label, probability of that label) per text, in order; one forward pass."""
+        """(label, probability of that label) per text, in order."""
         torch = self._torch
         with self._lock, torch.inference_mode():
-            enc = self._tokenizer(
-                texts,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            if self.device != "cpu":
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-            logits = self._model(**enc).logits.float()
-            probs = torch.softmax(logits, dim=-1)
-            scores, idx = probs.max(dim=-1)
-            pairs = zip(idx.tolist(), scores.tolist(), strict=True)
+            if len(texts) == 1 or self.pad_ratio <= 0:
+                enc = self._tokenizer(
+                    texts,
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                return self._forward(enc)
+            enc = self._tokenizer(texts, truncation=True, max_length=self.max_length)
+            groups = pad_groups([len(ids) for ids in enc["input_ids"]], self.pad_ratio)
+            out: list[tuple[str, float]] = [("", 0.0)] * len(texts)
+            for group in groups:
+                for i, pair in zip(group, self._forward(self._pad(enc, group)), strict=True):
+                    out[i] = pair
+            return out
+
+    def _pad(self, enc: Any, rows: list[int]) -> dict[str, Any]:
+        """Tensors of ``rows`` of an unpadded encoding, padded to the longest of them."""
+        tok = self._tokenizer
+        width = max(len(enc["input_ids"][i]) for i in rows)
+        left = tok.padding_side == "left"
+        fills = {"input_ids": tok.pad_token_id or 0, "token_type_ids": tok.pad_token_type_id}
+        batch = {}
+        for key in enc:
+            fill = fills.get(key, 0)
+            padded = []
+            for i in rows:
+                seq = list(enc[key][i])
+                pad = [fill] * (width - len(seq))
+                padded.append(pad + seq if left else seq + pad)
+            batch[key] = self._torch.tensor(padded, dtype=self._torch.long)
+        return batch
+
+    def _forward(self, enc: Any) -> list[tuple[str, float]]:
+        torch = self._torch
+        if self.device != "cpu":
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+        logits = self._model(**enc).logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        scores, idx = probs.max(dim=-1)
+        pairs = zip(idx.tolist(), scores.tolist(), strict=True)
         return [(self.labels[i], float(s)) for i, s in pairs]
 
     def unload(self) -> None:
@@ -101,4 +138,9 @@ class TransformersSentiment(Model):
 
     def describe(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self._model.parameters()) if self._model else 0
-        return {"labels": self.labels, "parameters": params, "max_length": self.max_length}
+        return {
+            "labels": self.labels,
+            "parameters": params,
+            "max_length": self.max_length,
+            "pad_ratio": self.pad_ratio,
+        }

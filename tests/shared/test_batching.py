@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared.batching import MicroBatcher
+from shared.batching import MicroBatcher, pad_groups
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
@@ -52,3 +52,23 @@ def test_an_error_reaches_every_request_of_the_batch_and_the_batcher_survives() 
     with pytest.raises(ValueError, match="bad item"):
         batcher.submit("bad", timeout=10)
     assert batcher.submit("good", timeout=10) == "good"
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.25, 2.0])
+def test_pad_groups_cover_every_item_once_and_keep_padding_within_the_ratio(ratio: float) -> None:
+    lengths = [12, 3, 40, 7, 7, 128, 9, 33, 3, 15, 64, 5, 21, 8, 8, 8]
+    groups = pad_groups(lengths, ratio)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        sizes = [lengths[i] for i in group]
+        assert sizes == sorted(sizes)
+        assert len(group) == 1 or len(group) * max(sizes) <= ratio * sum(sizes)
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded < len(lengths) * max(lengths)  # less padding than one batch padded to 128
+
+
+def test_pad_groups_without_a_ratio_keep_one_batch_in_order() -> None:
+    assert pad_groups([5, 1, 9], 0) == [[0, 1, 2]]
+    assert pad_groups([5], 1.25) == [[0]]
+    assert pad_groups([], 1.25) == [[]]
+    assert pad_groups([4, 4, 4, 4], 1.0) == [[0, 1, 2, 3]]  # equal lengths: no split

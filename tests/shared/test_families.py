@@ -34,6 +34,32 @@ def test_transformers_family_equals_the_transformers_pipeline(specs: dict[str, M
     model.unload()
 
 
+def test_length_sorted_forward_passes_answer_like_one_padded_batch(
+    specs: dict[str, ModelSpec],
+) -> None:
+    """BATCH_PAD_RATIO splits a mixed-length batch into tighter forward passes (CPU); the
+    answers, in the caller's order, are those of one padded pass and of one text at a time."""
+    model = loaded(specs["sentiment"])
+    texts = [
+        "ok",
+        "an utterly wonderful, moving and beautifully acted film that I would watch again " * 3,
+        "bad",
+        "boring and far too long, with a plot that goes nowhere at all",
+        "fine",
+        "great",
+        "the worst meal I have had in years; cold, late and overpriced",
+    ]
+    assert model.pad_ratio > 0  # CPU default
+    grouped = model.classify(texts)
+    model.pad_ratio = 0.0
+    padded = model.classify(texts)
+    one_by_one = [model.classify([t])[0] for t in texts]
+    for got, a, b in zip(grouped, padded, one_by_one, strict=True):
+        assert got[0] == a[0] == b[0]
+        assert got[1] == pytest.approx(a[1], abs=1e-5) and got[1] == pytest.approx(b[1], abs=1e-5)
+    model.unload()
+
+
 def test_textblob_family_maps_polarity_to_the_contracts_labels(specs: dict[str, ModelSpec]) -> None:
     from textblob import TextBlob
 

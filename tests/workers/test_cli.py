@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.harness import ROOT, WorkerProcess
+from workers.cli import worker_command
 from workers.embedded import free_port
 
 pytestmark = pytest.mark.integration
@@ -44,3 +46,32 @@ def test_status_shows_every_process_and_model(serving_worker: WorkerProcess) -> 
     assert {p["pid"] for p in data["processes"]} == set(serving_worker.children_pids())
     table = cli({**serving_worker.env, "COLUMNS": "100"}, "status")
     assert "sentiment" in table.stdout and "READY" in table.stdout
+
+
+def test_per_task_bookkeeping_follows_the_settings() -> None:
+    """Task events and extended results are off unless asked for; `up --flower` asks (-E)."""
+    code = (
+        "import json, celeryconfig as c; print(json.dumps([c.worker_send_task_events, "
+        "c.task_send_sent_event, c.result_extended, c.task_track_started]))"
+    )
+
+    def conf(**env: str) -> list[bool]:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    assert conf(TASK_EVENTS="", RESULT_EXTENDED="", TRACK_STARTED="") == [False, False, False, True]
+    assert conf(TASK_EVENTS="true", RESULT_EXTENDED="1", TRACK_STARTED="0") == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert "-E" in worker_command(2, "prefork", "INFO", "n@h", events=True)
+    assert "-E" not in worker_command(2, "prefork", "INFO", "n@h")

@@ -83,6 +83,27 @@ def test_flower_with_auth_shows_the_workers_and_the_model_registry(
         assert registry["models"]["sentiment"].startswith("READY in 2/2")
         assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401
         assert httpx.get(f"{base}/", timeout=10).status_code == 401
+
+        # Task events are off by default (TASK_EVENTS: ~2 ms a task); Flower turns them on at
+        # run time (enable_events broadcast), so it still sees the tasks while it watches.
+        app = serving_worker.app()
+        try:
+            sent: list[str] = []
+
+            def flower_saw_a_task() -> bool:
+                result = app.send_task("sentiment.analyze", args=["a lovely film"])
+                result.get(timeout=30)
+                sent.append(result.id)
+                r = httpx.get(f"{base}/api/tasks", auth=auth, timeout=10)
+                tasks = r.json() if r.status_code == 200 else {}
+                return any(tasks.get(i, {}).get("state") == "SUCCESS" for i in sent)
+
+            wait_for(flower_saw_a_task, 60, "Flower to see a task through its events", 0.5)
+            # results carry no copy of the inputs (RESULT_EXTENDED off)
+            meta = app.backend.get_task_meta(sent[-1])
+            assert meta["status"] == "SUCCESS" and meta.get("args") is None
+        finally:
+            close_app(app)
     finally:
         proc.terminate()
         try:
