@@ -484,6 +484,23 @@ class Client:
             release(self.app, result)
         return ms, value
 
+    def warm(self) -> None:
+        """Open this client's broker connection, result-backend connection and result
+        subscription without sending a task: a web app's client is long-lived, and the first
+        task a worker serves should not be charged with the client's own cold start."""
+        with self.app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=3)
+            queue = self.app.amqp.queues[self.app.conf.task_default_queue]
+            producer.maybe_declare(queue)  # what the first publish to the queue does once
+        self.app.backend.client.ping()
+        result = self.app.AsyncResult(uuid.uuid4().hex)
+        try:
+            result.get(timeout=0.05)
+        except Exception:  # nobody runs it: only the subscription matters
+            pass
+        finally:
+            release(self.app, result)
+
     def sequential(
         self, name: str, jobs: list[tuple[list[Any], dict[str, Any]]], n: int
     ) -> list[float]:

@@ -1,23 +1,36 @@
-"""The product's Celery app with some of its settings switched off, for the overhead section's
-ablation only (``celery -A bench.exp_app worker``): how much of a task's round trip each
-setting of ``celeryconfig.py`` costs. Read from the environment at import:
+"""The product's Celery app with some of its per-task settings switched, for the overhead
+section's ablation only (``celery -A bench.exp_app worker``): how much of a task's round trip
+each setting of ``celeryconfig.py`` costs. Read from the environment at import (``1`` on,
+``0`` off, unset: the product's setting):
 
-* ``BENCH_TRACK_STARTED=0``: ``task_track_started = False`` (no STARTED state write per task)
-* ``BENCH_TASK_EVENTS=0``: ``worker_send_task_events = False`` (no task-* events)
-* ``BENCH_RESULT_EXTENDED=0``: ``result_extended = False`` (smaller result meta)
+* ``BENCH_TRACK_STARTED``: ``task_track_started`` (a STARTED state write per task)
+* ``BENCH_TASK_EVENTS``: ``worker_send_task_events`` (task-* events; on while Flower watches)
+* ``BENCH_RESULT_EXTENDED``: ``result_extended`` (name/args/kwargs stored with the result)
+
+It also registers ``bench.noop`` (returns its argument): the round trip of Celery and Redis
+alone, the floor under any model task's latency.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from workers.app import app
 
-if os.environ.get("BENCH_TRACK_STARTED") == "0":
-    app.conf.task_track_started = False
-if os.environ.get("BENCH_TASK_EVENTS") == "0":
-    app.conf.worker_send_task_events = False
-if os.environ.get("BENCH_RESULT_EXTENDED") == "0":
-    app.conf.result_extended = False
+for _env, _key in (
+    ("BENCH_TRACK_STARTED", "task_track_started"),
+    ("BENCH_TASK_EVENTS", "worker_send_task_events"),
+    ("BENCH_RESULT_EXTENDED", "result_extended"),
+):
+    if os.environ.get(_env) in ("0", "1"):
+        app.conf[_key] = os.environ[_env] == "1"
 
-__all__ = ["app"]
+
+@app.task(name="bench.noop")
+def noop(value: Any) -> Any:
+    """No model, no validation: what Celery + Redis cost per task on this machine."""
+    return value
+
+
+__all__ = ["app", "noop"]

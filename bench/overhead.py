@@ -94,14 +94,13 @@ def measure(ctx: Ctx, manifest: Path, families: list[str], threads: int) -> dict
 
 ABLATION: dict[str, tuple[dict[str, str], list[str]]] = {
     "product config": ({}, []),
-    "no task_track_started": ({"BENCH_TRACK_STARTED": "0"}, []),
-    "no task events": ({"BENCH_TASK_EVENTS": "0"}, []),
+    "+ task events (Flower watching)": ({"BENCH_TASK_EVENTS": "1"}, []),
+    "+ result_extended": ({"BENCH_RESULT_EXTENDED": "1"}, []),
+    "- task_track_started": ({"BENCH_TRACK_STARTED": "0"}, []),
     "--loglevel WARNING": ({}, ["--loglevel", "WARNING"]),
-    "all three off + result_extended off": (
-        {"BENCH_TRACK_STARTED": "0", "BENCH_TASK_EVENTS": "0", "BENCH_RESULT_EXTENDED": "0"},
-        ["--loglevel", "WARNING"],
-    ),
+    "solo pool (no parent/child hop)": ({}, ["--pool", "solo"]),
 }
+FLOOR = "bench.noop on the product config (Celery + Redis floor)"
 
 
 def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
@@ -116,25 +115,28 @@ def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
         )
         worker.args[worker.args.index("workers.app")] = "bench.exp_app"
         if args:
-            at = worker.args.index("--loglevel")
+            at = worker.args.index(args[0])
             worker.args[at : at + 2] = args
         workers[name] = worker
-    out: dict[str, Any] = {name: [] for name in workers}
+    out: dict[str, Any] = {name: [] for name in [*workers, FLOOR]}
     started: list[Any] = []
     try:
         for worker in workers.values():
             started.append(worker.start())
         for worker in workers.values():
-            worker.wait_ready(1, timeout=240)
+            worker.wait_ready(1, timeout=240)  # solo and -c 1 prefork: one serving process each
         clients = {name: Client(w) for name, w in workers.items()}
         try:
             for client in clients.values():
                 client.sequential("sentiment.analyze", corpus, 5)
+            base = clients["product config"]
+            base.sequential("bench.noop", corpus, 5)
             for _ in range(ctx.n(10, 2)):
                 for name, client in clients.items():
                     out[name] += ctx.measure(
                         partial(client.sequential, "sentiment.analyze", corpus, 20)
                     )
+                out[FLOOR] += ctx.measure(partial(base.sequential, "bench.noop", corpus, 20))
         finally:
             for client in clients.values():
                 client.close()
@@ -162,9 +164,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         raw["ablation"] = ablation(ctx, threads)
         base = med(raw["ablation"]["product config"])
         for name, ms in raw["ablation"].items():
-            summary[f"ablation, tiny-bert sentiment p50 ms: {name}"] = (
-                f"{med(ms):.2f} ({med(ms) - base:+.2f})"
-            )
+            what = name if name == FLOOR else f"tiny-bert sentiment, {name}"
+            summary[f"ablation p50 ms: {what}"] = f"{med(ms):.2f} ({med(ms) - base:+.2f})"
     for model, fams in raw.items():
         if model == "ablation":
             continue

@@ -256,8 +256,22 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
             threads,
         )
     log.info("%s", summary_table(registry.snapshot()))
+    warm_result_backend()
     start_heartbeat(settings, registry)
     return registry
+
+
+def warm_result_backend() -> None:
+    """Open this process's result-backend connection now, so that the first task after READY
+    does not pay for the connection (TCP, handshake) when it stores its result."""
+    from celery import current_app
+
+    try:
+        client = getattr(current_app.backend, "client", None)
+        if client is not None:
+            client.ping()
+    except Exception as exc:  # Redis down: the first result write retries (and logs) anyway
+        log.warning("result backend not reachable yet: %s", redact(str(exc)))
 
 
 def log_reload(result: dict[str, Any]) -> None:

@@ -78,7 +78,12 @@ class TransformersSentiment(Model):
         self._lock = threading.Lock()
 
     def warmup(self) -> None:
-        self.classify(["warm up the model"])
+        # A few sequence lengths and one mixed batch: the first real request of any length then
+        # finds its kernels (and the batch path) already run once in this process.
+        texts = ["warm up", "warm up the model " * 6, "warm up the model with a long text " * 16]
+        for text in texts:
+            self.classify([text])
+        self.classify(texts)
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text, in order."""

