@@ -63,7 +63,9 @@ def test_pool_processes_killed_mid_task_lose_nothing_and_reload(
     copy-on-write and warms them. child: every replacement loads the real models itself, which
     takes longer than Celery's default 4 s start timeout on this machine."""
     worker = start_worker(
-        concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST), "PRELOAD_MODE": preload}
+        concurrency=2,
+        # STARTED records name the pool process running each task: the test kills those
+        env={"MODEL_MANIFEST": str(MANIFEST), "PRELOAD_MODE": preload, "TRACK_STARTED": "1"},
     )
     initial = {s["pid"] for s in worker.wait_ready(2, timeout=180)}
     app = client_app(redis_url, worker.queue)

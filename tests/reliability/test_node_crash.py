@@ -60,6 +60,7 @@ def node_env(manifest: Path) -> dict[str, str]:
         # test is about: one thread per process here (the bug is in docs/reliability.md).
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
+        "TRACK_STARTED": "1",  # STARTED records show which tasks a node holds when it dies
     }
 
 

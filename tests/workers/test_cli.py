@@ -66,12 +66,17 @@ def test_per_task_bookkeeping_follows_the_settings() -> None:
         )
         return list(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    assert conf(TASK_EVENTS="", RESULT_EXTENDED="", TRACK_STARTED="") == [False, False, False, True]
-    assert conf(TASK_EVENTS="true", RESULT_EXTENDED="1", TRACK_STARTED="0") == [
-        True,
-        True,
-        True,
+    assert conf(TASK_EVENTS="", RESULT_EXTENDED="", TRACK_STARTED="") == [
         False,
+        False,
+        False,
+        False,
+    ]
+    assert conf(TASK_EVENTS="true", RESULT_EXTENDED="1", TRACK_STARTED="1") == [
+        True,
+        True,
+        True,
+        True,
     ]
     assert "-E" in worker_command(2, "prefork", "INFO", "n@h", events=True)
     assert "-E" not in worker_command(2, "prefork", "INFO", "n@h")
