@@ -81,6 +81,18 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     for p in mem["processes"][:2]
                 }
                 raw["workers"][f"{mode}_c{n}"] = mem
+    if not ctx.quick:
+        # one Celery process serving the same models (solo pool): the product's own
+        # one-process figure, Celery's consumer included, beside the plain-process baseline
+        worker = ctx.worker(concurrency=1, pool="solo", env={"MODEL_MANIFEST": str(manifest)})
+        with ctx.running(worker, ready_timeout=300):
+            time.sleep(1.0)
+            counts = touch_worker(worker, 1)
+            time.sleep(0.5)
+            mem = tree_memory(worker.pid)
+            mem["sentiment_calls_per_process"] = counts
+            mem["at_ready"] = {"total_pss_mib": None}
+            raw["workers"]["solo_c1"] = mem
     baseline()
     base_pss = med([b["total_pss_mib"] for b in raw["baseline"]])
     base_unique = med([b["unique_resident_mib"] or 0 for b in raw["baseline"]]) or None
@@ -112,17 +124,25 @@ def run(ctx: Ctx) -> dict[str, Any]:
         summary[f"{key}: total PSS MiB (x baseline); distinct resident x"] = (
             f"{mem['total_pss_mib']:.0f} ({ratio:.2f}x); " + (f"{uratio:.2f}x" if uratio else "-")
         )
-        summary[f"{key}: total PSS MiB at READY, before any request"] = mem["at_ready"][
-            "total_pss_mib"
-        ]
+        if mem["at_ready"]["total_pss_mib"] is not None:
+            summary[f"{key}: total PSS MiB at READY, before any request"] = mem["at_ready"][
+                "total_pss_mib"
+            ]
         summary[f"{key}: private MiB main / per child"] = (
             f"{main['private_mib']:.0f} / " + ", ".join(f"{c['private_mib']:.0f}" for c in children)
         )
+    if "solo_c1" in table:
+        solo = table["solo_c1"]["total_pss_mib"]
+        for n in (2, 4):
+            if f"parent_c{n}" in table:
+                summary[f"parent_c{n} / one Celery process (solo pool) serving the same models"] = (
+                    rnd(table[f"parent_c{n}"]["total_pss_mib"] / solo)
+                )
     for n, limit in ((2, 1.2), (4, 1.4)):
         if f"parent_c{n}" in table:
             targets.append(
                 target(
-                    f"total PSS, {n} pool processes, copy-on-write / one process",
+                    f"total PSS, {n} pool processes, copy-on-write / one plain process",
                     table[f"parent_c{n}"]["pss_ratio"],
                     limit,
                 )
