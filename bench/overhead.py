@@ -96,7 +96,7 @@ ABLATION: dict[str, tuple[dict[str, str], list[str]]] = {
     "product config": ({}, []),
     "+ task events (Flower watching)": ({"BENCH_TASK_EVENTS": "1"}, []),
     "+ result_extended": ({"BENCH_RESULT_EXTENDED": "1"}, []),
-    "- task_track_started": ({"BENCH_TRACK_STARTED": "0"}, []),
+    "+ task_track_started": ({"BENCH_TRACK_STARTED": "1"}, []),
     "--loglevel WARNING": ({}, ["--loglevel", "WARNING"]),
     "solo pool (no parent/child hop)": ({}, ["--pool", "solo"]),
 }
