@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-shot GPU benchmark on the device machine (one GPU; python3 = Python 3.12 with torch,
 # transformers, tokenizers...; no celery/redis/pydantic; no network). Needs the carried paths
-# .whl (the missing packages' wheels) and bench/.cache/minilm-gpu-src (MiniLM config + tokenizer).
+# .whl (the missing packages' wheels) and bench/.cache/minilm-gpu-src (MiniLM config + tokenizer),
+# both made here by bench/gpu_prepare.sh. Extra arguments go to bench.gpu (e.g. --only PARTS).
 # Run from the repository root:   bash bench/gpu_run.sh      Results: $OUT/gpu.json, gpu.log,
 # gpu-logs.tar.gz (worker, in-process and driver logs).
 set -eo pipefail
