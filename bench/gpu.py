@@ -1430,6 +1430,12 @@ def shutil_rmtree(path: Path) -> None:
 
 
 # ---- the table -----------------------------------------------------------------------------------
+def numbered(part: dict[str, Any], prefix: str) -> list[str]:
+    """The keys ``PREFIX<n>`` of a part's results, by ``n`` (``inflight_64``, ``drivers_4``...)."""
+    keys = [k for k in part if k.startswith(prefix)]
+    return sorted(keys, key=lambda k: int(k[len(prefix) :]))
+
+
 def table(results: dict[str, Any]) -> list[str]:
     parts = results.get("parts", {})
     meta = results.get("meta", {})
@@ -1521,7 +1527,7 @@ def table(results: dict[str, Any]) -> list[str]:
     tp = parts.get("threads_pool", {})
     if tp.get("lone_request"):
         rows.append(("threads pool: lone request p50 ms", f(tp["lone_request"]["p50_ms"])))
-    for key in sorted((k for k in tp if k.startswith("inflight_")), key=lambda k: int(k[9:])):
+    for key in numbered(tp, "inflight_"):
         runs = tp[key]["runs"]
         mb = [r["mean_micro_batch"] for r in runs if r.get("mean_micro_batch")]
         rows.append(
@@ -1535,7 +1541,7 @@ def table(results: dict[str, Any]) -> list[str]:
         rows.append(("threads pool", f"ERROR {tp['error']}"[:120]))
     raw256 = g(raw, "batch_256", "best_texts_per_s")
     if raw256:
-        for key in sorted((k for k in tp if k.startswith("inflight_")), key=lambda k: int(k[9:])):
+        for key in numbered(tp, "inflight_"):
             rows.append(
                 (
                     f"threads pool {key.replace('_', ' ')} / raw batch 256",
@@ -1549,7 +1555,7 @@ def table(results: dict[str, Any]) -> list[str]:
                 ("analyze_batch 256 (prefork -c1) / raw batch 256", f"{best / raw256:.2f}x")
             )
     ce = parts.get("client_ceiling", {})
-    for key in sorted((k for k in ce if k.startswith("drivers_")), key=lambda k: int(k[8:])):
+    for key in numbered(ce, "drivers_"):
         rows.append(
             (
                 f"ceiling: bench.noop tasks/s, {key.replace('_', ' ')}",
@@ -1559,7 +1565,7 @@ def table(results: dict[str, Any]) -> list[str]:
     if ce.get("error"):
         rows.append(("ceiling", f"ERROR {ce['error']}"[:120]))
     x4 = parts.get("threads_pool_x4", {})
-    for key in sorted((k for k in x4 if k.startswith("inflight_")), key=lambda k: int(k[9:])):
+    for key in numbered(x4, "inflight_"):
         rows.append(
             (
                 f"4 threads-pool workers {key.replace('_', ' ')}: texts/s, p50 ms",
