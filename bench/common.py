@@ -429,9 +429,10 @@ class Helper:
             )
         return dict(json.loads(line))
 
-    def latency(self, family: str, inputs: list[Any], n: int) -> list[float]:
-        """Per-call ms of ``n`` in-process calls of ``family`` on ``inputs`` (cycled)."""
-        return list(self.cmd(cmd="latency", family=family, inputs=inputs, n=n)["ms"])
+    def latency(self, family: str, inputs: list[Any], n: int, gap: float = 0.0) -> list[float]:
+        """Per-call ms of ``n`` in-process calls of ``family`` on ``inputs`` (cycled), each
+        after ``gap`` seconds idle."""
+        return list(self.cmd(cmd="latency", family=family, inputs=inputs, n=n, gap=gap)["ms"])
 
     def cmd(self, **cmd: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None

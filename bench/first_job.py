@@ -4,6 +4,7 @@ READY, vs that family's warm p50; eager loading (the real manifest) vs lazy (sam
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -13,6 +14,8 @@ from bench.report import target
 
 FAMILIES = ["sentiment", "prophet", "arima", "predict", "clustering"]
 WARM_N = {"sentiment": 30, "clustering": 30, "predict": 12, "arima": 12, "prophet": 8}
+IDLE_FAMILIES = ["sentiment", "clustering"]
+IDLE_GAP_S = 0.5
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
@@ -20,7 +23,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     manifests = {"eager": REAL_MANIFEST, "lazy": bench_manifest("lazy", lazy=True)}
     modes = ["eager", "lazy"] if not ctx.quick else ["eager"]
     jobs = family_jobs()
-    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    raw: dict[str, Any] = {m: [] for m in modes}
     for rep in range(reps):
         order = FAMILIES[rep:] + FAMILIES[:rep]
         for mode in modes:
@@ -86,6 +89,23 @@ def run(ctx: Ctx) -> dict[str, Any]:
         summary["eager: the process's very first task / its family's warm p50 (median)"] = rnd(
             med(process_first)
         )
+    if not ctx.quick:
+        # The model itself, in one process with the worker child's torch threads: a call after
+        # an idle pause (as the first task after READY comes) vs back to back (as the warm p50).
+        threads = max(1, len(os.sched_getaffinity(0)))
+        raw["in_process_idle"] = {}
+        with ctx.helper(REAL_MANIFEST, threads=threads) as helper:
+            for family in IDLE_FAMILIES:
+                job = jobs[family][1][0]
+                helper.latency(family, [job], 5)
+                after_idle = ctx.measure(partial(helper.latency, family, [job], 8, IDLE_GAP_S))
+                back_to_back = ctx.measure(partial(helper.latency, family, [job], 30))
+                raw["in_process_idle"][family] = {"idle": after_idle, "b2b": back_to_back}
+                idle_ms, b2b_ms = med(after_idle), med(back_to_back)
+                summary[
+                    f"in-process {family} ({threads} torch threads): after {IDLE_GAP_S} s idle / "
+                    "back to back, p50 ms"
+                ] = f"{idle_ms:.2f} / {b2b_ms:.2f} = {idle_ms / b2b_ms:.2f}x"
     if "lazy" in modes:
         for family in FAMILIES:
             saved = table[f"lazy/{family}"]["first_ms"] - table[f"eager/{family}"]["first_ms"]

@@ -67,10 +67,14 @@ class Server:
             return fit_arima(series["y"], horizon, tuple(order), ds=series.get("ds"))
         raise ValueError(family)
 
-    def latency(self, family: str, inputs: list[Any], n: int) -> list[float]:
+    def latency(self, family: str, inputs: list[Any], n: int, gap: float = 0.0) -> list[float]:
+        """Per-call ms; ``gap``: seconds idle before each call (the model's own cost of a call
+        after a pause, e.g. torch's OpenMP threads gone to sleep)."""
         out = []
         for i in range(n):
             job = inputs[i % len(inputs)]
+            if gap:
+                time.sleep(gap)
             t0 = time.perf_counter()
             self.call(family, job)
             out.append((time.perf_counter() - t0) * 1000)
@@ -125,7 +129,8 @@ class Server:
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         kind = cmd["cmd"]
         if kind == "latency":
-            return {"ms": self.latency(cmd["family"], cmd["inputs"], int(cmd["n"]))}
+            gap = float(cmd.get("gap", 0.0))
+            return {"ms": self.latency(cmd["family"], cmd["inputs"], int(cmd["n"]), gap)}
         if kind == "raw_throughput":
             return {
                 "rates": self.raw_throughput(cmd["texts"], int(cmd["batch"]), int(cmd["rounds"]))

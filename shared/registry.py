@@ -15,9 +15,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
@@ -170,6 +171,7 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
         self._listeners: list[Callable[[ModelMetadata], None]] = []
+        self._uncounted = 0  # > 0 while a rehearsal runs (see uncounted)
 
     # ---- registration and loading ----------------------------------------------------------
     def add_listener(self, callback: Callable[[ModelMetadata], None]) -> None:
@@ -463,8 +465,19 @@ class ModelRegistry:
                 raise
             return self.get(fallback), True
 
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Calls made meanwhile (a rehearsal before READY) are not counted as served."""
+        self._uncounted += 1
+        try:
+            yield
+        finally:
+            self._uncounted -= 1
+
     def observe(self, name: str, seconds: float, ok: bool) -> None:
         """Record one served call of ``name`` (serving counters and Prometheus metrics)."""
+        if self._uncounted:
+            return
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:

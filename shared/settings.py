@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     preimport: bool = Field(
         True, description="Import the ML libraries in the parent before fork (children inherit)."
     )
+    rehearse_tasks: bool = Field(
+        True,
+        description="Before READY, each serving process runs its cheap model tasks twice on "
+        "canned inputs through Celery's tracer (not stored, not counted), so that its first real "
+        "task is as fast as later ones.",
+    )
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="How often each process republishes its registry snapshot."
     )

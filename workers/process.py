@@ -37,6 +37,7 @@ from shared.settings import Settings
 from shared.state import proc_key, publish_snapshot
 from shared.urls import redact, redis_client
 from workers.logs import configure_logging, log_model_event, summary_table
+from workers.rehearsal import rehearse
 
 log = logging.getLogger("modelworkers.worker")
 
@@ -257,6 +258,8 @@ def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegist
         )
     log.info("%s", summary_table(registry.snapshot()))
     warm_result_backend()
+    if settings.rehearse_tasks:
+        rehearse(registry)
     start_heartbeat(settings, registry)
     return registry
 
