@@ -332,6 +332,8 @@ class Heartbeat(threading.Thread):
         while not self.stopping.is_set():
             try:
                 self.converge()
+                if self.stopping.is_set():
+                    break  # shutting down: stop() deletes the key, never publish it again
                 publish_snapshot(
                     self.client,
                     self.settings.key_prefix,
@@ -348,9 +350,14 @@ class Heartbeat(threading.Thread):
             self.wake.wait(self.settings.heartbeat_seconds)
             self.wake.clear()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop beating and remove this process's key. A beat in progress is waited for
+        (bounded): a process that shuts down right after it started (memory recycling: one task)
+        would otherwise see its first beat publish the key again after the delete."""
         self.stopping.set()
         self.wake.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
         try:
             key = proc_key(self.settings.key_prefix, self.registry.snapshot()["host"], os.getpid())
             self.client.delete(key)
