@@ -31,10 +31,10 @@ from shared.families.arima_forecaster import ArimaForecaster
 from shared.families.prophet_forecaster import ProphetForecaster
 from shared.families.sklearn_pipeline import SklearnPipeline
 from shared.registry import ModelRegistry, ModelState
+from tasks.sentiment import MODEL as SENTIMENT_MODEL  # the model the sentiment tasks serve
 
 log = logging.getLogger("modelworkers.worker")
 
-SENTIMENT_MODEL = "sentiment"  # the model the sentiment tasks serve (tasks.sentiment.MODEL)
 ROUNDS = 2  # the first run pays the one-time costs; the second runs on what the first built
 Job = tuple[str, tuple[Any, ...], dict[str, Any]]
 
