@@ -4,11 +4,10 @@ READY, vs that family's warm p50; eager loading (the real manifest) vs lazy (sam
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any
 
-from bench.common import Client, Ctx, med, rnd
+from bench.common import CORES, Client, Ctx, med, rnd
 from bench.data import REAL_MANIFEST, bench_manifest, family_jobs
 from bench.report import target
 
@@ -92,7 +91,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     if not ctx.quick:
         # The model itself, in one process with the worker child's torch threads: a call after
         # an idle pause (as the first task after READY comes) vs back to back (as the warm p50).
-        threads = max(1, len(os.sched_getaffinity(0)))
+        threads = CORES  # what a -c 1 worker's child gets (Settings.resolved_torch_threads)
         raw["in_process_idle"] = {}
         with ctx.helper(REAL_MANIFEST, threads=threads) as helper:
             for family in IDLE_FAMILIES:
