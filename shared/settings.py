@@ -123,6 +123,15 @@ class Settings(BaseSettings):
         description="torch threads per serving process; 0 = max(1, cores // serving processes) "
         "(prefork: the concurrency; threads and solo pools: 1 process).",
     )
+    torch_small_forward_mflop: float = Field(
+        30.0,
+        ge=0,
+        description="CPU only: a transformers forward pass under this many MFLOP (about 2 x "
+        "padded tokens x the model's non-embedding weights; one short text on the small "
+        "default model is ~17) runs on one torch thread even when the process has more: waking "
+        "the other threads costs more than they save (5-15 ms after a pause). 0: always every "
+        "thread.",
+    )
     load_timeout_seconds: float = Field(
         60.0,
         gt=0,

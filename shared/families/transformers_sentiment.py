@@ -33,7 +33,8 @@ class TransformersSentiment(Model):
     Equivalent to ``transformers.pipeline("text-classification")`` (softmax over the logits,
     top label), without the pipeline's per-call overhead. On a GPU a batch runs as one padded
     forward pass; on a CPU as length-sorted forward passes with little padding (``pad_ratio``
-    manifest option, else BATCH_PAD_RATIO).
+    manifest option, else BATCH_PAD_RATIO). On a CPU a small forward pass (under
+    ``small_forward_mflop``, else TORCH_SMALL_FORWARD_MFLOP) runs on one torch thread.
     """
 
     _model: Any = None
@@ -68,6 +69,18 @@ class TransformersSentiment(Model):
         if ratio is None:  # GPUs want one large batch; CPUs waste compute on padding
             ratio = get_settings().batch_pad_ratio if self.device == "cpu" else 0.0
         self.pad_ratio = float(ratio)
+        small = self.spec.options.get("small_forward_mflop")
+        if small is None:
+            small = get_settings().torch_small_forward_mflop if self.device == "cpu" else 0.0
+        self.small_forward_mflop = float(small)
+        # ~2 FLOPs per weight per token; the embedding tables are looked up, not multiplied
+        embedding = sum(
+            p.numel()
+            for m in model.modules()
+            if isinstance(m, torch.nn.Embedding)
+            for p in m.parameters(recurse=False)
+        )
+        self.flop_per_token = 2 * (sum(p.numel() for p in model.parameters()) - embedding)
         id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
         generic = _GENERIC.get(len(id2label), {})
         self.labels = [
@@ -78,11 +91,15 @@ class TransformersSentiment(Model):
         self._lock = threading.Lock()
 
     def warmup(self) -> None:
-        # One text, then a batch of two lengths (the padded/grouped batch path). Short on
-        # purpose: the activation buffers of a warm-up stay resident in every pool process.
+        # One text, then a batch of two lengths (the padded/grouped batch path), then one pass
+        # on every torch thread (a small pass runs on one). Short on purpose: the activation
+        # buffers of a warm-up stay resident in every pool process.
         texts = ["warm up", "warm up the model with a short sentence"]
         self.classify(texts[:1])
         self.classify(texts)
+        with self._lock, self._torch.inference_mode():
+            enc = self._tokenizer(texts, padding=True, return_tensors="pt")
+            self._forward(enc, small_ok=False)
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text, in order."""
@@ -122,11 +139,31 @@ class TransformersSentiment(Model):
             batch[key] = self._torch.tensor(padded, dtype=self._torch.long)
         return batch
 
-    def _forward(self, enc: Any) -> list[tuple[str, float]]:
+    def forward_threads(self, tokens: int) -> int:
+        """torch threads for a forward pass over ``tokens`` (padded) tokens: one when the pass is
+        under ``small_forward_mflop`` (CPU): waking the others costs more than they save,
+        5-15 ms after a pause (docs/architecture.md); else the process's setting."""
+        threads = int(self._torch.get_num_threads())
+        if threads > 1 and tokens * self.flop_per_token < self.small_forward_mflop * 1e6:
+            return 1
+        return threads
+
+    def _forward(self, enc: Any, *, small_ok: bool = True) -> list[tuple[str, float]]:
         torch = self._torch
         if self.device != "cpu":
             enc = {k: v.to(self.device) for k, v in enc.items()}
-        logits = self._model(**enc).logits.float()
+            logits = self._model(**enc).logits.float()
+        else:
+            threads = torch.get_num_threads()
+            wanted = self.forward_threads(enc["input_ids"].numel()) if small_ok else threads
+            if wanted == threads:
+                logits = self._model(**enc).logits.float()
+            else:
+                torch.set_num_threads(wanted)
+                try:
+                    logits = self._model(**enc).logits.float()
+                finally:
+                    torch.set_num_threads(threads)
         probs = torch.softmax(logits, dim=-1)
         scores, idx = probs.max(dim=-1)
         pairs = zip(idx.tolist(), scores.tolist(), strict=True)
@@ -147,4 +184,5 @@ class TransformersSentiment(Model):
             "parameters": params,
             "max_length": self.max_length,
             "pad_ratio": self.pad_ratio,
+            "small_forward_mflop": self.small_forward_mflop,
         }

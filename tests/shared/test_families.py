@@ -34,6 +34,46 @@ def test_transformers_family_equals_the_transformers_pipeline(specs: dict[str, M
     model.unload()
 
 
+def test_small_forward_passes_run_on_one_torch_thread(specs: dict[str, ModelSpec]) -> None:
+    """TORCH_SMALL_FORWARD_MFLOP: a one-text pass runs on one torch thread, a large batch on all
+    of the process's threads; the process's count is back afterwards, also when the pass fails;
+    0 turns it off."""
+    import torch
+
+    model = loaded(specs["sentiment"])
+    seen: list[int] = []
+    hook = model._model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert model.small_forward_mflop > 0 and model.flop_per_token > 0  # CPU default
+        one = model.classify(["a joyous, beautiful film"])
+        big_batch = ["a long review of a film that goes on and on " * 4] * 16
+        model.classify(big_batch)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        assert model.forward_threads(10) == 1
+        assert model.forward_threads(10_000) == 2
+
+        def fail(*_: object) -> None:
+            raise RuntimeError("boom")
+
+        failing = model._model.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            model.classify(["ok"])
+        failing.remove()
+        assert torch.get_num_threads() == 2
+
+        seen.clear()
+        model.small_forward_mflop = 0.0
+        two = model.classify(["a joyous, beautiful film"])
+        assert seen == [2]
+        assert two[0][0] == one[0][0] and two[0][1] == pytest.approx(one[0][1], abs=1e-5)
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+        model.unload()
+
+
 def test_length_sorted_forward_passes_answer_like_one_padded_batch(
     specs: dict[str, ModelSpec],
 ) -> None:
