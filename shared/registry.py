@@ -395,15 +395,29 @@ class ModelRegistry:
             entry.load_lock = threading.Lock()
             entry.abandoned = False
 
-    def warm_all(self) -> None:
-        """Run each READY model's warm-up (after fork, when the parent loaded without compute)."""
+    def warm_all(self, *, before_fork: bool = False) -> list[str]:
+        """Run each READY model's warm-up; returns the names warmed.
+
+        ``before_fork`` (the copy-on-write parent): only the models whose family's warm-up is
+        fork-safe (``Model.warm_before_fork``); what they build is then shared. Without it (a
+        pool process after fork): every model not already warmed before the fork.
+        """
         with self._lock:
             models = [e.model for e in self._entries.values() if e.model is not None]
+        warmed = []
         for model in models:
+            if before_fork and not model.warm_before_fork:
+                continue
+            if not before_fork and model.warmed_before_fork:
+                continue
             try:
                 model.warmup()
             except Exception:
                 log.exception("warm-up of %s failed", model.name)
+                continue
+            model.warmed_before_fork = before_fork
+            warmed.append(model.name)
+        return warmed
 
     def unload_all(self) -> None:
         """Unload every model (process shutdown)."""

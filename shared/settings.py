@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     preimport: bool = Field(
         True, description="Import the ML libraries in the parent before fork (children inherit)."
     )
+    warm_before_fork: bool = Field(
+        True,
+        description="PRELOAD_MODE=parent: the models whose warm-up is fork-safe (prophet, arima, "
+        "textblob: no torch, no OpenMP) warm up in the parent before fork, so that what they "
+        "build lazily is shared by the pool processes instead of built in each.",
+    )
     rehearse_tasks: bool = Field(
         True,
         description="Before READY, each serving process runs its cheap model tasks twice on "

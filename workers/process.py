@@ -205,11 +205,19 @@ def load_in_parent(settings: Settings) -> None:
     registry.load_all(specs)
     fall_back_to_active(registry, manifest, specs)
     metrics.mark_process_dead(os.getpid())  # the children report these models, not the parent
+    t0 = time.perf_counter()
+    warmed = registry.warm_all(before_fork=True) if settings.warm_before_fork else []
     gc.collect()
     gc.freeze()  # keep object headers of the shared models from being copied on refcount writes
     log.info(
         "models loaded in the parent (copy-on-write mode)\n%s", summary_table(registry.snapshot())
     )
+    if warmed:
+        log.info(
+            "warmed before fork, shared by every pool process: %s (%.2f s)",
+            ", ".join(warmed),
+            time.perf_counter() - t0,
+        )
 
 
 def start_serving(settings: Settings, *, inherited: bool = False) -> ModelRegistry:

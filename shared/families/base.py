@@ -16,10 +16,15 @@ class Model:
     """
 
     family: ClassVar[str] = ""
+    #: The warm-up may run in the copy-on-write parent, before fork: no torch compute and no
+    #: OpenMP thread pool (neither survives fork). What it builds lazily (Stan's model, caches,
+    #: lexicons) is then built once and shared by every pool process instead of once in each.
+    warm_before_fork: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, *, device: str = "cpu") -> None:
         self.spec = spec
         self.device = device
+        self.warmed_before_fork = False  # set by ModelRegistry.warm_all(before_fork=True)
 
     @property
     def name(self) -> str:

@@ -36,6 +36,7 @@ class ProphetForecaster(Model):
 
     _model: Any = None
     family = "prophet"
+    warm_before_fork = True  # numpy / pandas / statsmodels / Stan (a subprocess)
 
     @classmethod
     def preimport(cls) -> None:

@@ -21,6 +21,7 @@ class TextBlobSentiment(Model):
 
     _analyzer: Any = None
     family = "textblob"
+    warm_before_fork = True  # pure Python
 
     @classmethod
     def preimport(cls) -> None:

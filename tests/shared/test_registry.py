@@ -220,3 +220,26 @@ def test_serving_counters_track_calls_failures_and_latency(tmp_path: Path) -> No
     assert snap["calls"] == 4 and snap["failures"] == 1
     assert snap["latency_mean_ms"] == pytest.approx(4.0)
     assert snap["latency_p95_ms"] == pytest.approx(10.0)
+
+
+def test_warm_all_before_fork_warms_only_fork_safe_models_once(tmp_path: Path) -> None:
+    """The copy-on-write parent warms the families whose warm-up is fork-safe (textblob, not
+    scikit-learn, whose OpenMP pool would not survive fork); the pool process then warms the
+    rest, and not those again."""
+    specs = kmeans_specs(tmp_path)
+    registry = ModelRegistry(warmup=False)
+    registry.load_all([specs["seg@1"], specs["tb@1.0.0"]])
+    calls: list[str] = []
+    for name in ("seg", "tb"):
+        model = registry.get(name)
+        real = model.warmup
+
+        def record(real=real, name=name) -> None:  # type: ignore[no-untyped-def]
+            calls.append(name)
+            real()
+
+        model.warmup = record  # type: ignore[method-assign]
+    assert registry.get("tb").warm_before_fork and not registry.get("seg").warm_before_fork
+    assert registry.warm_all(before_fork=True) == ["tb"] and calls == ["tb"]
+    assert registry.get("tb").warmed_before_fork
+    assert registry.warm_all() == ["seg"] and calls == ["tb", "seg"]

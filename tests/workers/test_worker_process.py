@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,6 +200,23 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
         want = pipe(text)[0]
         assert got["label"] == want["label"].lower()
         assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    # the fork-safe families warmed up once, in the parent (WARM_BEFORE_FORK), and the children
+    # answer with them: a Stan fit, a Prophet and an ARIMA forecast, TextBlob as a fallback
+    found = re.search(r"warmed before fork, shared by every pool process: (.+) \(", worker.log())
+    assert found, "no 'warmed before fork' line in the worker log"
+    warmed = set(found.group(1).split(", "))
+    assert {"co2_prophet", "sunspots_arima", "textblob"} == warmed  # not sentiment, not sklearn
+    for model in ("co2_prophet", "sunspots_arima"):
+        got = client.send_task("forecast.predict", args=[model, 3]).get(timeout=30)
+        assert len(got["yhat"]) == 3 and got["yhat_lower"][0] <= got["yhat"][0]
+    fit = client.send_task(
+        "forecast.prophet",
+        args=[
+            {"ds": [f"2024-01-{d:02d}" for d in range(1, 22)], "y": [d % 7 for d in range(21)]},
+            2,
+        ],
+    ).get(timeout=60)
+    assert len(fit["yhat"]) == 2
     close_app(client)
 
 
