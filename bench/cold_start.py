@@ -170,7 +170,12 @@ def run(ctx: Ctx) -> dict[str, Any]:
     if first_c1 is not None:
         summary["worker -c 1 first answer / bare"] = rnd(first_c1 / bare)
     targets = [
-        target("(c) imports in parent, weights in child / (a) sequential child", ratio_ca, 0.5),
+        target(
+            "(c) imports in parent, weights in child / (a) sequential child",
+            ratio_ca,
+            0.5,
+            detail=f"floor {bare / ready['a_child_sequential']:.2f}x",
+        ),
         target("worker launch -> first answer / bare process (-c 2)", first_c2 / bare, 1.2),
     ]
     if first_c1 is not None:

@@ -63,6 +63,7 @@ def print_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"{(section + ': ' + t['name'])[:62]:<62} {value:>12} {t['target']:>10}  "
                 f"{'met' if t['met'] else 'NOT MET'}"
+                + (f" ({t['detail']})" if t.get("detail") else "")
             )
     text = "\n".join(lines)
     print(text)
