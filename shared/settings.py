@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         description="CPU only: a transformers forward pass under this many MFLOP (about 2 x "
         "padded tokens x the model's non-embedding weights; one short text on the small "
         "default model is ~17) runs on one torch thread even when the process has more: waking "
-        "the other threads costs more than they save (5-15 ms after a pause). 0: always every "
+        "the other threads costs more than they save (8-16 ms after a pause here). 0: always every "
         "thread.",
     )
     load_timeout_seconds: float = Field(

@@ -34,7 +34,7 @@ class ArimaForecaster(Model):
 
     _results: Any = None
     family = "arima"
-    warm_before_fork = True  # numpy / pandas / statsmodels / Stan (a subprocess)
+    warm_before_fork = True  # numpy / pandas / statsmodels
 
     @classmethod
     def preimport(cls) -> None:

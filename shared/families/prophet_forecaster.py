@@ -36,7 +36,7 @@ class ProphetForecaster(Model):
 
     _model: Any = None
     family = "prophet"
-    warm_before_fork = True  # numpy / pandas / statsmodels / Stan (a subprocess)
+    warm_before_fork = True  # numpy / pandas; Stan fits in a subprocess
 
     @classmethod
     def preimport(cls) -> None:

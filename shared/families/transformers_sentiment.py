@@ -142,7 +142,7 @@ class TransformersSentiment(Model):
     def forward_threads(self, tokens: int) -> int:
         """torch threads for a forward pass over ``tokens`` (padded) tokens: one when the pass is
         under ``small_forward_mflop`` (CPU): waking the others costs more than they save,
-        5-15 ms after a pause (docs/architecture.md); else the process's setting."""
+        8-16 ms after a pause here (docs/architecture.md); else the process's setting."""
         threads = int(self._torch.get_num_threads())
         if threads > 1 and tokens * self.flop_per_token < self.small_forward_mflop * 1e6:
             return 1
