@@ -202,17 +202,19 @@ def run(ctx: Ctx) -> dict[str, Any]:
             if family == "sentiment":
                 # the floor: the model's own p50 plus a no-model task's round trip (same run)
                 floor = (ip50 + noop) / ip50
+                ratio_floor = ms_floor = ""
                 if noop == noop:  # measured (not in --quick)
                     table[label]["floor_ratio"] = rnd(floor)
                     summary[f"{label}: floor, (in-process + bench.noop p50) / in-process"] = (
                         f"{floor:.2f}x (+{noop:.2f} ms)"
                     )
+                    ratio_floor, ms_floor = f"floor {floor:.2f}x", f"floor +{noop:.2f} ms"
                 targets.append(
                     target(
                         f"sentiment.analyze p50 / in-process p50 ({model})",
                         paired,
                         1.2,
-                        detail=f"floor {floor:.2f}x" if noop == noop else "",
+                        detail=ratio_floor,
                     )
                 )
                 if model.startswith("tiny-bert"):
@@ -222,7 +224,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                             c50 - ip50,
                             3.0,
                             unit="ms",
-                            detail=f"floor +{noop:.2f} ms" if noop == noop else "",
+                            detail=ms_floor,
                         )
                     )
     return {

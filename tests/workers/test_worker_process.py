@@ -201,7 +201,7 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
         assert got["label"] == want["label"].lower()
         assert got["score"] == pytest.approx(want["score"], abs=1e-5)
     # the fork-safe families warmed up once, in the parent (WARM_BEFORE_FORK), and the children
-    # answer with them: a Stan fit, a Prophet and an ARIMA forecast, TextBlob as a fallback
+    # answer with them: a Prophet and an ARIMA forecast, and a Stan fit
     found = re.search(r"warmed before fork, shared by every pool process: (.+) \(", worker.log())
     assert found, "no 'warmed before fork' line in the worker log"
     warmed = set(found.group(1).split(", "))
