@@ -1,11 +1,13 @@
 """Micro-batching: many concurrent single-item requests, one forward pass.
 
-Greedy, after the adaptive batchers of model servers: one thread takes the first waiting
+Greedy, after the adaptive batchers of model servers: a lane (a thread) takes the first waiting
 request, then every request that queued up meanwhile (up to ``max_size``), and runs them as one
 batch. A lone request is never held back. Once batches of more than one show up (load), the
-thread also waits up to ``window`` seconds to fill the next batch. Useful where several tasks
-run at once inside one process (the threads pool); a prefork child runs one task at a time and
-calls the model directly.
+lane also waits up to ``window`` seconds to fill the next batch. With several ``lanes``, one
+batch runs while the next fills and then runs beside it (data parallel inside one process: on a
+CPU, two lanes of one torch thread each beat one batch on two threads, docs/architecture.md).
+Useful where several tasks run at once inside one process (the threads pool); a prefork child
+runs one task at a time and calls the model directly.
 """
 
 from __future__ import annotations
@@ -31,23 +33,56 @@ class MicroBatcher(Generic[In, Out]):
         max_size: int = 32,
         window: float = 0.002,
         name: str = "micro-batcher",
+        lanes: int = 1,
+        lane_init: Callable[[], None] | None = None,
     ) -> None:
-        self.fn, self.max_size, self.window = fn, max_size, window
+        """``lane_init()`` runs first in each lane's thread (e.g. to set its torch threads)."""
+        if lanes < 1:
+            raise ValueError("lanes must be at least 1")
+        self.fn, self.max_size, self.window, self.lanes = fn, max_size, window, lanes
+        self._lane_init = lane_init
         self._queue: queue.Queue[tuple[In, Future[Out]]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._count = threading.Lock()  # lanes update the counters
         self.batches = 0
         self.items = 0
         self.largest = 0
+        self.busy_seconds = 0.0  # time spent in ``fn``: its share of wall time is the load
         self._busy = False  # last batch had company: worth waiting a little for the next
+        self._threads = [
+            threading.Thread(
+                target=self._run, name=f"{name}-{i}" if lanes > 1 else name, daemon=True
+            )
+            for i in range(lanes)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def stats(self) -> dict[str, int]:
-        return {"batches": self.batches, "items": self.items, "largest": self.largest}
+    def stats(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "largest": self.largest,
+            "busy_seconds": round(self.busy_seconds, 3),
+            "lanes": self.lanes,
+        }
 
     def submit(self, item: In, timeout: float | None = None) -> Out:
         future: Future[Out] = Future()
         self._queue.put((item, future))
         return future.result(timeout=timeout)
+
+    def submit_many(self, items: list[In], timeout: float | None = None) -> list[Out]:
+        """Answers for ``items``, in order; they may run in several batches and lanes."""
+        futures: list[Future[Out]] = []
+        for item in items:
+            future: Future[Out] = Future()
+            self._queue.put((item, future))
+            futures.append(future)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [
+            f.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            for f in futures
+        ]
 
     def _collect(self) -> list[tuple[In, Future[Out]]]:
         batch = [self._queue.get()]
@@ -65,18 +100,24 @@ class MicroBatcher(Generic[In, Out]):
         return batch
 
     def _run(self) -> None:
+        if self._lane_init is not None:
+            self._lane_init()
         while True:
             batch = self._collect()
             self._busy = len(batch) > 1
-            self.batches += 1
-            self.items += len(batch)
-            self.largest = max(self.largest, len(batch))
+            t0 = time.perf_counter()
             try:
                 outputs = self.fn([item for item, _ in batch])
             except BaseException as exc:  # every waiter gets the error, the thread lives on
                 for _, future in batch:
                     future.set_exception(exc)
                 continue
+            finally:
+                with self._count:
+                    self.batches += 1
+                    self.items += len(batch)
+                    self.largest = max(self.largest, len(batch))
+                    self.busy_seconds += time.perf_counter() - t0
             for (_, future), output in zip(batch, outputs, strict=True):
                 future.set_result(output)
 

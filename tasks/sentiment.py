@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from typing import Any
 
@@ -14,6 +16,7 @@ from shared.settings import get_settings
 from tasks.base import ModelTask, limits, served
 
 MODEL = "sentiment"
+log = logging.getLogger(__name__)
 
 
 def classify(registry: ModelRegistry, texts: list[str]) -> list[dict[str, Any]]:
@@ -37,27 +40,66 @@ _batcher: MicroBatcher[str, dict[str, Any]] | None = None
 _batcher_lock = threading.Lock()
 
 
+def lane_plan(registry: ModelRegistry) -> tuple[int, int]:
+    """(lanes, torch threads per lane) of this process's micro-batcher: BATCH_LANES, or on a
+    CPU two lanes that split the process's torch threads; one lane on CUDA."""
+    settings = get_settings()
+    threads = settings.resolved_torch_threads(1)  # the threads pool: one serving process
+    lanes = settings.batch_lanes
+    if not lanes:
+        try:
+            device = str(getattr(registry.get_with_fallback(MODEL)[0], "device", "cpu"))
+        except Exception:  # not loaded (yet): plan for the CPU
+            device = "cpu"
+        lanes = 1 if device.startswith("cuda") or threads < 2 else 2
+    return lanes, max(1, threads // lanes)
+
+
 def batcher(registry: ModelRegistry) -> MicroBatcher[str, dict[str, Any]]:
-    """This process's micro-batcher for sentiment.analyze (created on first use, after fork)."""
+    """This process's micro-batcher for sentiment (created on first use, after fork)."""
     global _batcher
     with _batcher_lock:
         if _batcher is None:
             settings = get_settings()
+            lanes, per_lane = lane_plan(registry)
+
+            def lane_init() -> None:
+                # OpenMP thread counts are per calling thread: each lane runs its forward
+                # passes on its share of the cores. One thread per lane also served a lone
+                # request faster here than handing it every thread (bench/throughput.py).
+                if lanes > 1 and "torch" in sys.modules:
+                    sys.modules["torch"].set_num_threads(per_lane)
+
             _batcher = MicroBatcher(
                 lambda texts: classify(registry, texts),
                 max_size=settings.batch_max_size,
                 window=settings.batch_window_ms / 1000,
                 name="sentiment-batcher",
+                lanes=lanes,
+                lane_init=lane_init,
             )
             registry.extra_stats["sentiment_batching"] = _batcher.stats
+            log.info(
+                "sentiment micro-batcher: %d lane(s) x %d torch thread(s), up to %d texts per "
+                "batch, window %.1f ms",
+                lanes,
+                per_lane,
+                settings.batch_max_size,
+                settings.batch_window_ms,
+            )
         return _batcher
+
+
+def in_pool_thread() -> bool:
+    """True in a threads-pool task (concurrent requests share this process)."""
+    return threading.current_thread() is not threading.main_thread()
 
 
 @shared_task(name="sentiment.analyze", base=ModelTask, bind=True)
 def analyze(self: ModelTask, text: Any) -> dict[str, Any]:
     """Sentiment of one text: {"label", "score", "model", "version", "fallback"}."""
     text = schemas.sentiment_text(text, limits())
-    if threading.current_thread() is threading.main_thread():
+    if not in_pool_thread():
         # prefork child / solo: one task at a time in this process, nothing to batch with
         return classify(self.registry, [text])[0]
     # threads pool: concurrent requests in this process share forward passes
@@ -66,5 +108,9 @@ def analyze(self: ModelTask, text: Any) -> dict[str, Any]:
 
 @shared_task(name="sentiment.analyze_batch", base=ModelTask, bind=True)
 def analyze_batch(self: ModelTask, texts: Any) -> list[dict[str, Any]]:
-    """Sentiment of each text, same order, one forward pass for the whole list."""
-    return classify(self.registry, schemas.sentiment_texts(texts, limits()))
+    """Sentiment of each text, same order: one batch (prefork, solo), or through the
+    micro-batcher's lanes beside the single texts (threads pool)."""
+    texts = schemas.sentiment_texts(texts, limits())
+    if not in_pool_thread():
+        return classify(self.registry, texts)
+    return batcher(self.registry).submit_many(texts)

@@ -87,7 +87,8 @@ class TransformersSentiment(Model):
             _ALIASES.get(v.lower(), generic.get(v.lower(), v.lower()))
             for _, v in sorted(id2label.items())
         ]
-        # Tokenizers (Rust) are not safe to call from several threads at once (threads pool).
+        # Tokenizers (Rust) are not safe to call from several threads at once (threads pool);
+        # the model is (inference only), so the lock covers tokenizing, not forward passes.
         self._lock = threading.Lock()
 
     def warmup(self) -> None:
@@ -97,15 +98,17 @@ class TransformersSentiment(Model):
         texts = ["warm up", "warm up the model with a short sentence"]
         self.classify(texts[:1])
         self.classify(texts)
-        with self._lock, self._torch.inference_mode():
+        with self._lock:
             enc = self._tokenizer(texts, padding=True, return_tensors="pt")
+        with self._torch.inference_mode():
             self._forward(enc, small_ok=False)
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text, in order."""
         torch = self._torch
-        with self._lock, torch.inference_mode():
-            if len(texts) == 1 or self.pad_ratio <= 0:
+        one_pass = len(texts) == 1 or self.pad_ratio <= 0
+        with self._lock:  # the tokenizer only: forward passes may run side by side (lanes)
+            if one_pass:
                 enc = self._tokenizer(
                     texts,
                     padding=True,
@@ -113,8 +116,11 @@ class TransformersSentiment(Model):
                     max_length=self.max_length,
                     return_tensors="pt",
                 )
+            else:
+                enc = self._tokenizer(texts, truncation=True, max_length=self.max_length)
+        with torch.inference_mode():
+            if one_pass:
                 return self._forward(enc)
-            enc = self._tokenizer(texts, truncation=True, max_length=self.max_length)
             groups = pad_groups([len(ids) for ids in enc["input_ids"]], self.pad_ratio)
             out: list[tuple[str, float]] = [("", 0.0)] * len(texts)
             for group in groups:

@@ -54,6 +54,50 @@ def test_an_error_reaches_every_request_of_the_batch_and_the_batcher_survives() 
     assert batcher.submit("good", timeout=10) == "good"
 
 
+def test_lanes_run_batches_side_by_side_each_after_its_own_init() -> None:
+    """Two lanes: a batch waits (bounded) for a second batch to run at the same time, which
+    only a second lane can start; each lane's thread ran ``lane_init`` before its batches."""
+    inited: set[int] = set()
+    ran_in: set[int] = set()
+    together = threading.Barrier(2, timeout=10)
+
+    def both_at_once(items: list[int]) -> list[int]:
+        assert threading.get_ident() in inited  # init came first, in this very thread
+        ran_in.add(threading.get_ident())
+        together.wait()  # BrokenBarrierError after 10 s if the batches ran one after the other
+        return [i + 1 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        both_at_once, lanes=2, lane_init=lambda: inited.add(threading.get_ident())
+    )
+    results: dict[int, int] = {}
+    first = threading.Thread(target=lambda: results.update({1: batcher.submit(1, timeout=20)}))
+    first.start()
+    wait = time.monotonic() + 10
+    while together.n_waiting < 1 and time.monotonic() < wait:  # the first batch is running
+        time.sleep(0.005)
+    results[2] = batcher.submit(2, timeout=20)
+    first.join(timeout=20)
+    assert results == {1: 2, 2: 3}
+    assert len(ran_in) == 2 and ran_in <= inited and len(inited) == 2
+    assert batcher.stats()["lanes"] == 2 and batcher.batches == 2
+
+
+def test_submit_many_answers_in_order_across_batches_and_lanes() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        lambda xs: [x * x for x in xs], max_size=4, lanes=2
+    )
+    items = list(range(37))
+    assert batcher.submit_many(items, timeout=20) == [i * i for i in items]
+    assert batcher.items == 37 and batcher.batches >= 10  # at most 4 per batch
+    assert batcher.submit_many([], timeout=1) == []
+
+
+def test_lanes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="lanes"):
+        MicroBatcher(lambda xs: xs, lanes=0)
+
+
 @pytest.mark.parametrize("ratio", [1.0, 1.25, 2.0])
 def test_pad_groups_cover_every_item_once_and_keep_padding_within_the_ratio(ratio: float) -> None:
     lengths = [12, 3, 40, 7, 7, 128, 9, 33, 3, 15, 64, 5, 21, 8, 8, 8]

@@ -134,3 +134,48 @@ def test_forecasters_continue_their_series(specs: dict[str, ModelSpec], name: st
         for lo, y, hi in zip(out["yhat_lower"], out["yhat"], out["yhat_upper"], strict=True)
     )
     assert model.forecast(4) == out  # deterministic: same call, same answer
+
+
+def test_forward_passes_run_side_by_side_in_threads_each_on_its_own_torch_threads(
+    specs: dict[str, ModelSpec],
+) -> None:
+    """The threads pool's lanes: classify from two threads at once answers as one at a time
+    does, and torch threads set in one thread (a lane's) leave the others' count alone (OpenMP
+    keeps it per calling thread, which the lanes rely on)."""
+    import os
+    import threading
+
+    import torch
+
+    model = loaded(specs["sentiment"])
+    texts = [f"{w} film, {'great' if i % 2 else 'awful'} acting" for i, w in enumerate("abcdefgh")]
+    alone = model.classify(texts)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got: dict[int, list[tuple[str, float]]] = {}
+        lane_threads: dict[int, int] = {}
+        start = threading.Barrier(2, timeout=10)
+
+        def lane(i: int) -> None:
+            torch.set_num_threads(1)
+            lane_threads[i] = torch.get_num_threads()
+            start.wait()
+            for _ in range(5):
+                got[i] = model.classify(texts)
+
+        threads = [threading.Thread(target=lane, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert lane_threads == {0: 1, 1: 1}
+        for answers in got.values():
+            assert [label for label, _ in answers] == [label for label, _ in alone]
+            for (_, score), (_, want) in zip(answers, alone, strict=True):
+                assert score == pytest.approx(want, abs=1e-5)
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert torch.get_num_threads() == 2  # this thread's count did not follow the lanes
+    finally:
+        torch.set_num_threads(before)
+        model.unload()
