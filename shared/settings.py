@@ -181,9 +181,10 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Threads pool only: micro-batches that run at the same time, each on the "
-        "process's torch threads / lanes (sentiment.analyze and analyze_batch both go through "
-        "them). 0 = auto: 2 on a CPU with 2 or more torch threads (two one-thread lanes gave "
-        "1.2-1.3x the texts/s of one two-thread batch here), 1 on CUDA (one large batch).",
+        "process's torch threads / lanes (sentiment.analyze goes through them; analyze_batch "
+        "too when there is more than one). 0 = auto: 2 on a CPU with 2 or more torch threads "
+        "(two one-thread lanes gave 1.2-1.3x the texts/s of one two-thread batch here), 1 on "
+        "CUDA (one large batch).",
     )
     batch_pad_ratio: float = Field(
         1.25,

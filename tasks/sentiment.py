@@ -108,9 +108,11 @@ def analyze(self: ModelTask, text: Any) -> dict[str, Any]:
 
 @shared_task(name="sentiment.analyze_batch", base=ModelTask, bind=True)
 def analyze_batch(self: ModelTask, texts: Any) -> list[dict[str, Any]]:
-    """Sentiment of each text, same order: one batch (prefork, solo), or through the
-    micro-batcher's lanes beside the single texts (threads pool)."""
+    """Sentiment of each text, same order: one batch, or in the threads pool with more than one
+    lane (CPU), through the micro-batcher's lanes beside the single texts."""
     texts = schemas.sentiment_texts(texts, limits())
-    if not in_pool_thread():
-        return classify(self.registry, texts)
-    return batcher(self.registry).submit_many(texts)
+    if in_pool_thread():
+        lanes = batcher(self.registry)
+        if lanes.lanes > 1:  # on the lanes' torch threads, not on top of them
+            return lanes.submit_many(texts)
+    return classify(self.registry, texts)  # one forward pass on a GPU, however many texts
