@@ -67,9 +67,7 @@ class MicroBatcher(Generic[In, Out]):
         }
 
     def submit(self, item: In, timeout: float | None = None) -> Out:
-        future: Future[Out] = Future()
-        self._queue.put((item, future))
-        return future.result(timeout=timeout)
+        return self.submit_many([item], timeout)[0]
 
     def submit_many(self, items: list[In], timeout: float | None = None) -> list[Out]:
         """Answers for ``items``, in order; they may run in several batches and lanes."""

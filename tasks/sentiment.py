@@ -66,7 +66,7 @@ def batcher(registry: ModelRegistry) -> MicroBatcher[str, dict[str, Any]]:
             def lane_init() -> None:
                 # OpenMP thread counts are per calling thread: each lane runs its forward
                 # passes on its share of the cores. One thread per lane also served a lone
-                # request faster here than handing it every thread (bench/throughput.py).
+                # request faster here than handing it every thread (docs/architecture.md).
                 if lanes > 1 and "torch" in sys.modules:
                     sys.modules["torch"].set_num_threads(per_lane)
 
@@ -112,7 +112,7 @@ def analyze_batch(self: ModelTask, texts: Any) -> list[dict[str, Any]]:
     lane (CPU), through the micro-batcher's lanes beside the single texts."""
     texts = schemas.sentiment_texts(texts, limits())
     if in_pool_thread():
-        lanes = batcher(self.registry)
-        if lanes.lanes > 1:  # on the lanes' torch threads, not on top of them
-            return lanes.submit_many(texts)
+        shared = batcher(self.registry)
+        if shared.lanes > 1:  # on the lanes' torch threads, not on top of them
+            return shared.submit_many(texts)
     return classify(self.registry, texts)  # one forward pass on a GPU, however many texts
