@@ -67,6 +67,9 @@ worker_max_memory_per_child = _s.worker_max_memory_per_child_kb
 # kills replacement children in a loop (see docs/architecture.md).
 worker_proc_alive_timeout = _s.proc_alive_timeout_seconds
 worker_redirect_stdouts = False
+# Every task message is checked (shape, size, depth) before Celery dispatches it, and a message
+# that fails while being dispatched ends that one task instead of the node (workers/intake.py).
+worker_consumer = "workers.intake:GuardedConsumer"
 worker_cancel_long_running_tasks_on_connection_loss = False
 
 if broker_url.startswith("rediss://"):

@@ -9,7 +9,11 @@
     ├── ManifestError        a manifest entry is malformed (names the entry)
     ├── ArtifactError        an artifact is missing, truncated or fails its sha256
     ├── LoadTimeout          a model load ran past its per-model timeout
-    └── ReloadRefused        a reload request was refused (unknown model/version, busy)
+    ├── ReloadRefused        a reload request was refused (unknown model/version, busy)
+    ├── InvalidMessage       a queued message was refused before any task ran (shape, size)
+    ├── PoisonTask           a task's deliveries killed its pool process too many times
+    └── InferenceError       a model raised (or broke its contract) while predicting
+        └── InferenceTimeout a prediction ran past the model's inference time limit
 
 Errors travel through Celery's JSON result backend as ``exc_type`` + ``exc_message``. Each error
 keeps a single, human-readable message as its only positional argument so that a client in any
@@ -87,3 +91,47 @@ class LoadTimeout(ModelWorkersError):
 
 class ReloadRefused(ModelWorkersError):
     """A reload request was refused before anything was loaded."""
+
+
+class InvalidMessage(ModelWorkersError):
+    """The worker refused a queued message before any task code ran: its body, headers or
+    envelope broke a limit (nesting depth, size, argument count) or Celery's message format.
+    The task is not retried: the same message would be refused again."""
+
+
+class PoisonTask(ModelWorkersError):
+    """A task whose deliveries killed the pool process running it too many times."""
+
+    def __init__(self, task: str, task_id: str | None = None, deliveries: int | None = None):
+        if task_id is None or deliveries is None:  # rebuilt from a serialized message
+            super().__init__(task)
+            return
+        super().__init__(
+            f"task {task}[{task_id}] killed its pool process on {deliveries} deliveries; "
+            "it is not delivered again (POISON_LOST_DELIVERIES)"
+        )
+
+
+class InferenceError(ModelWorkersError):
+    """A model failed while predicting (and no fallback could answer). Names the model."""
+
+    def __init__(self, model: str, version: str | None = None, problem: str | None = None):
+        if problem is None:  # rebuilt from a serialized message
+            super().__init__(model)
+            self.model = model
+            return
+        at = f"@{version}" if version else ""
+        super().__init__(f"model {model!r}{at} failed: {problem}")
+        self.model = model
+
+
+class InferenceTimeout(InferenceError):
+    """A prediction ran past the model's inference time limit."""
+
+    def __init__(self, model: str, version: str | None = None, seconds: float | None = None):
+        if seconds is None:
+            super().__init__(model)
+            return
+        super().__init__(
+            model, version, f"no answer within its inference time limit of {seconds:g} s"
+        )

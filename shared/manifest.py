@@ -25,13 +25,12 @@ import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import ArtifactError, ManifestError
 
-Family = Literal["transformers", "textblob", "sklearn", "prophet", "arima"]
 ARTIFACT_SUFFIXES = (".joblib", ".pkl", ".pickle", ".json", ".safetensors", ".bin")
 
 
@@ -41,7 +40,9 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    family: Family
+    family: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # "package.module:Class": a Model subclass that serves this entry instead of the family's
+    implementation: str = Field("", pattern=r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*)?$")
     path: str = ""
     version: str = Field("1.0.0", pattern=r"^[A-Za-z0-9_.+-]{1,32}$")
     sha256: str = ""
@@ -52,6 +53,17 @@ class ModelSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     # Filled in by load_manifest: absolute artifact path; hub ids / overrides leave it as given.
     location: str = ""
+
+    @model_validator(mode="after")
+    def _known_family(self) -> ModelSpec:
+        from shared.families import FAMILIES
+
+        if not self.implementation and self.family not in FAMILIES:
+            raise ValueError(
+                f"family {self.family!r} is not one of {', '.join(sorted(FAMILIES))}; "
+                "name a class with implementation = 'package.module:Class'"
+            )
+        return self
 
     @field_validator("path")
     @classmethod
@@ -194,7 +206,7 @@ def load_manifest(
             manifest.problems[label] = f"duplicate entry for version {spec.version}"
             continue
         seen.add((spec.name, spec.version))
-        if spec.family != "textblob" and not spec.path:
+        if spec.family != "textblob" and not spec.implementation and not spec.path:
             manifest.problems[label] = "path: required for family " + spec.family
             continue
         location = str((base / spec.path).resolve()) if spec.path else ""

@@ -1,89 +1,164 @@
 """Prometheus metrics per model and process, safe under prefork (prometheus-client multiprocess).
 
-Enabled when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module is first imported (the worker
-sets it in its main process before the pool forks, when METRICS_PORT is set). Every pool process
-writes its own files there; the worker's main process serves them all on METRICS_PORT.
-Without it every function here is a no-op.
+Nothing is created at import. A worker's main process calls :func:`enable` when it starts (with
+METRICS_PORT set), before its pool forks: every process then writes its own files into one
+directory, the pool processes inherit the metric objects, and the main process serves them all on
+METRICS_PORT (:func:`serve`). Until ``enable`` runs, every ``record_*`` here is a no-op, so a web
+app or a notebook that uses the registry pays nothing.
 
     modelworkers_model_load_seconds{model,version}           gauge, per live process
     modelworkers_model_ready{model,version,status}           gauge 1/0, per live process
     modelworkers_inference_total{model,version}              counter
     modelworkers_inference_failures_total{model,version}     counter
     modelworkers_inference_seconds{model,version}            histogram
+    modelworkers_inference_errors_total{model,version,kind}  counter (error, timeout, bad_batch)
+    modelworkers_fallback_answers_total{model,fallback}      counter
+    modelworkers_messages_refused_total{reason}              counter (worker main process)
+    modelworkers_poison_tasks_total{task}                    counter (worker main process)
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-ENABLED = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-if ENABLED:
-    from prometheus_client import Counter, Gauge, Histogram, values
 
-    # prometheus_client picks its value class when first imported; under `celery worker` that
-    # happens before PROMETHEUS_MULTIPROC_DIR is set (Flower's CLI plugin imports it), so pick
-    # again now that the directory is known.
+class Metrics:
+    """The metric objects of this process (and of the pool processes forked from it)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.load_seconds = Gauge(
+            "modelworkers_model_load_seconds",
+            "Seconds the last load took",
+            ["model", "version"],
+            multiprocess_mode="liveall",
+        )
+        self.model_state = Gauge(
+            "modelworkers_model_ready",
+            "1 for the model's current status",
+            ["model", "version", "status"],
+            multiprocess_mode="liveall",
+        )
+        self.calls = Counter("modelworkers_inference", "Inference calls", ["model", "version"])
+        self.failures = Counter(
+            "modelworkers_inference_failures", "Failed inference calls", ["model", "version"]
+        )
+        self.latency = Histogram(
+            "modelworkers_inference_seconds",
+            "Inference latency",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.inference_errors = Counter(
+            "modelworkers_inference_errors",
+            "Inference calls that raised, timed out or broke the batch contract",
+            ["model", "version", "kind"],
+        )
+        self.fallbacks = Counter(
+            "modelworkers_fallback_answers",
+            "Answers given by a model's fallback because the model could not",
+            ["model", "fallback"],
+        )
+        self.refused = Counter(
+            "modelworkers_messages_refused",
+            "Task messages refused before any task code ran",
+            ["reason"],
+        )
+        self.poison = Counter(
+            "modelworkers_poison_tasks",
+            "Tasks failed as PoisonTask after killing their pool process too often",
+            ["task"],
+        )
+        self.versions: dict[str, str] = {}
+
+
+_metrics: Metrics | None = None
+
+
+def enable(directory: Path) -> Path:
+    """Turn metrics on in this process and the processes it forks, files in ``directory``.
+
+    Files of an earlier run are removed (prometheus-client's multiprocess mode keeps one file per
+    pid: old counters would add up). Call once, in a worker's main process, before it forks.
+    """
+    global _metrics
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    from prometheus_client import values
+
+    # prometheus-client decides between its single- and multi-process value class when it is
+    # first imported. Under `celery worker` that is before this directory is known (Celery's CLI
+    # imports Flower's command, which imports prometheus-client): decide again now.
     values.ValueClass = values.get_value_class()
-
-    LOAD_SECONDS = Gauge(
-        "modelworkers_model_load_seconds",
-        "Seconds the last load took",
-        ["model", "version"],
-        multiprocess_mode="liveall",
-    )
-    MODEL_STATE = Gauge(
-        "modelworkers_model_ready",
-        "1 for the model's current status",
-        ["model", "version", "status"],
-        multiprocess_mode="liveall",
-    )
-    CALLS = Counter("modelworkers_inference", "Inference calls", ["model", "version"])
-    FAILURES = Counter(
-        "modelworkers_inference_failures", "Failed inference calls", ["model", "version"]
-    )
-    LATENCY = Histogram(
-        "modelworkers_inference_seconds",
-        "Inference latency",
-        ["model", "version"],
-        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-    )
+    if _metrics is None:
+        _metrics = Metrics()
+    return directory
 
 
-_versions: dict[str, str] = {}
+def enabled() -> bool:
+    return _metrics is not None
 
 
 def record_state(meta: Any) -> None:
     """Registry listener: status and load time of a model in this process."""
-    if not ENABLED:
+    m = _metrics
+    if m is None:
         return
-    previous = _versions.get(meta.name)
+    previous = m.versions.get(meta.name)
     if previous is not None and previous != meta.version:
         for status in STATES:  # the replaced version no longer serves here
-            MODEL_STATE.labels(meta.name, previous, status).set(0)
-        LOAD_SECONDS.labels(meta.name, previous).set(0)
-    _versions[meta.name] = meta.version
+            m.model_state.labels(meta.name, previous, status).set(0)
+        m.load_seconds.labels(meta.name, previous).set(0)
+    m.versions[meta.name] = meta.version
     for status in STATES:
-        MODEL_STATE.labels(meta.name, meta.version, status).set(
+        m.model_state.labels(meta.name, meta.version, status).set(
             1 if str(meta.status) == status else 0
         )
     if meta.load_seconds is not None:
-        LOAD_SECONDS.labels(meta.name, meta.version).set(meta.load_seconds)
+        m.load_seconds.labels(meta.name, meta.version).set(meta.load_seconds)
 
 
 def record_call(model: str, version: str, seconds: float, ok: bool) -> None:
-    if not ENABLED:
+    """Registry call observer: one served call."""
+    m = _metrics
+    if m is None:
         return
-    CALLS.labels(model, version).inc()
-    LATENCY.labels(model, version).observe(seconds)
+    m.calls.labels(model, version).inc()
+    m.latency.labels(model, version).observe(seconds)
     if not ok:
-        FAILURES.labels(model, version).inc()
+        m.failures.labels(model, version).inc()
+
+
+def record_inference_error(model: str, version: str, kind: str) -> None:
+    if _metrics is not None:
+        _metrics.inference_errors.labels(model, version, kind).inc()
+
+
+def record_fallback(model: str, fallback: str) -> None:
+    if _metrics is not None:
+        _metrics.fallbacks.labels(model, fallback).inc()
+
+
+def record_refused(reason: str) -> None:
+    if _metrics is not None:
+        _metrics.refused.labels(reason).inc()
+
+
+def record_poison(task: str) -> None:
+    if _metrics is not None:
+        _metrics.poison.labels(task).inc()
 
 
 def mark_process_dead(pid: int) -> None:
-    if ENABLED:
+    if _metrics is not None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)

@@ -156,8 +156,10 @@ class ModelRegistry:
         loader_threads: int = 4,
         warmup: bool = True,
         start_deadline: float | None = None,
+        inference_timeout: float = 30.0,
     ) -> None:
         self.device = device
+        self.inference_timeout = inference_timeout
         self.load_timeout = load_timeout
         self.loader_threads = loader_threads
         self.warmup = warmup
@@ -266,8 +268,8 @@ class ModelRegistry:
                     )
 
     def _build(self, spec: ModelSpec) -> tuple[Model, float, float]:
-        cls = family_class(spec.family)
-        model = cls(spec, device=self.device if spec.family == "transformers" else "cpu")
+        cls = family_class(spec.family, spec.implementation)
+        model = cls(spec, device=self.device if cls.uses_device else "cpu")
         rss0, t0 = _rss_bytes(), time.perf_counter()
         model.load()
         if self.warmup:
@@ -468,6 +470,24 @@ class ModelRegistry:
                 pass  # recorded; fall through to the not-ready error
         meta = entry.meta
         raise ModelNotReady(name, str(meta.status), meta.error)
+
+    def inference_limit(self, name: str) -> float:
+        """Seconds a prediction of ``name`` may take: its ``inference_timeout_s`` option, else
+        the registry's default (INFERENCE_TIMEOUT_SECONDS)."""
+        with self._lock:
+            entry = self._entries.get(name)
+        option = entry.spec.options.get("inference_timeout_s") if entry is not None else None
+        return float(option) if option else self.inference_timeout
+
+    def ready_fallback(self, name: str) -> Model | None:
+        """The declared fallback of ``name`` if it can answer now, else None."""
+        fallback = self._entry(name).spec.fallback
+        if not fallback:
+            return None
+        try:
+            return self.get(fallback)
+        except (ModelNotFound, ModelNotReady):
+            return None
 
     def get_with_fallback(self, name: str) -> tuple[Model, bool]:
         """``(model, used_fallback)``: the model, else its declared fallback, else raise."""

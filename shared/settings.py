@@ -204,6 +204,36 @@ class Settings(BaseSettings):
     max_rows: int = Field(10_000, ge=1, description="Most rows in one clustering task.")
     max_clusters: int = Field(100, ge=2, description="Largest n_clusters for clustering.fit.")
 
+    # --- messages and misbehaving tasks ---------------------------------------------------
+    max_message_bytes: int = Field(
+        16 * 2**20,
+        ge=1024,
+        description="Largest task message body accepted (bytes); a larger one is refused as "
+        "InvalidMessage before it is decoded.",
+    )
+    max_message_depth: int = Field(
+        32,
+        ge=4,
+        le=200,
+        description="Deepest nesting of lists and objects in a task message (body, headers, "
+        "properties); a deeper one is refused before anything recursive touches it.",
+    )
+    max_message_args: int = Field(
+        32, ge=1, description="Most positional (and, separately, keyword) arguments per task."
+    )
+    poison_lost_deliveries: int = Field(
+        3,
+        ge=1,
+        description="A task whose deliveries killed the pool process running it this many times "
+        "fails as PoisonTask and is not delivered again (the count is kept in Redis).",
+    )
+    inference_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Per-model inference time limit (the model file's `inference_timeout_s` "
+        "option overrides it): a prediction past it fails as InferenceTimeout.",
+    )
+
     # --- Flower / metrics -----------------------------------------------------------------
     flower_port: int = Field(5555, description="Flower's HTTP port.")
     flower_basic_auth: SecretStr | None = Field(

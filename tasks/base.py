@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,13 +11,24 @@ from typing import Any, TypeVar
 
 from celery import Task
 
-from shared.errors import InvalidInput, ModelNotFound, ModelNotReady, ModelWorkersError
+from shared import metrics
+from shared.deadline import time_limit
+from shared.errors import (
+    InferenceError,
+    InferenceTimeout,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ModelWorkersError,
+)
 from shared.families import Model
 from shared.registry import ModelRegistry, get_registry
 from shared.schemas import Limits
 from shared.settings import get_settings
 
 M = TypeVar("M", bound=Model)
+T = TypeVar("T")
+log = logging.getLogger("modelworkers.tasks")
 
 
 @lru_cache(maxsize=1)
@@ -30,7 +42,7 @@ class ModelTask(Task):
     abstract = True
     # Client errors, not worker faults: Celery logs them in one line, and the result carries
     # exc_type + a message naming the field / model.
-    throws = (ModelWorkersError, InvalidInput, ModelNotFound, ModelNotReady)
+    throws = (ModelWorkersError, InvalidInput, ModelNotFound, ModelNotReady, InferenceError)
     acks_late = True
     reject_on_worker_lost = True
 
@@ -51,12 +63,19 @@ def served(registry: ModelRegistry, name: str) -> Iterator[None]:
         registry.observe(name, time.perf_counter() - t0, ok)
 
 
-def model_of(registry: ModelRegistry, name: str, cls: type[M], field: str, what: str) -> M:
-    """``registry.get(name)`` checked to be a ``cls``; else InvalidInput naming ``field``."""
-    model = registry.get(name)
+def model_of(
+    registry: ModelRegistry,
+    name: str,
+    cls: type[M] | tuple[type[Model], ...],
+    field: str,
+    what: str,
+) -> M:
+    """The model ``name`` (or its fallback) checked to be a ``cls``; else InvalidInput naming
+    ``field``."""
+    model = registry.get_with_fallback(name)[0]
     if not isinstance(model, cls):
         raise InvalidInput(field, f"model {name!r} is a {model.family} model, not {what}")
-    return model
+    return model  # type: ignore[return-value]
 
 
 def call(fn: Callable[..., Any], *args: Any, field: str, **kwargs: Any) -> Any:
@@ -65,3 +84,63 @@ def call(fn: Callable[..., Any], *args: Any, field: str, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (ValueError, OverflowError, FloatingPointError) as exc:
         raise InvalidInput(field, f"rejected by the model: {exc}") from None
+
+
+def _run_model(
+    registry: ModelRegistry, model: Model, call: Callable[[Model], T], count: int | None
+) -> T:
+    """``call(model)``: counted, within the model's inference time limit, and (``count``) checked
+    to return one result per input."""
+    limit = registry.inference_limit(model.name)
+    with (
+        served(registry, model.name),
+        time_limit(limit, lambda: InferenceTimeout(model.name, model.version, limit)),
+    ):
+        out = call(model)
+        if count is not None and (not isinstance(out, list) or len(out) != count):
+            got = len(out) if isinstance(out, list) else type(out).__name__
+            raise InferenceError(
+                model.name, model.version, f"returned {got} results for {count} inputs"
+            )
+    return out
+
+
+def infer(
+    registry: ModelRegistry,
+    name: str,
+    call: Callable[[Model], T],
+    *,
+    count: int | None = None,
+) -> tuple[T, Model, bool]:
+    """``(call(model), model, used_fallback)`` for the model ``name``.
+
+    The model answers if it can; when it is not ready, or raises, times out or returns the
+    wrong number of results, its declared fallback answers instead (counted in
+    ``modelworkers_fallback_answers_total``). Without a ready fallback the error names the model
+    (InferenceError / InferenceTimeout). InvalidInput is the caller's fault and never falls back.
+    """
+    model, used_fallback = registry.get_with_fallback(name)
+    try:
+        return _run_model(registry, model, call, count), model, used_fallback
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        kind = (
+            "timeout"
+            if isinstance(exc, InferenceTimeout)
+            else "bad_batch"
+            if isinstance(exc, InferenceError)
+            else "error"
+        )
+        metrics.record_inference_error(model.name, model.version, kind)
+        error = (
+            exc
+            if isinstance(exc, InferenceError)
+            else InferenceError(model.name, model.version, f"{type(exc).__name__}: {exc}")
+        )
+        fallback = None if used_fallback else registry.ready_fallback(name)
+        if fallback is None:
+            raise error from None
+        log.warning("%s; its fallback %s answers", error, fallback.name)
+        metrics.record_fallback(name, fallback.name)
+        return _run_model(registry, fallback, call, count), fallback, True

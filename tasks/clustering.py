@@ -9,7 +9,7 @@ from celery import shared_task
 from shared import schemas
 from shared.errors import InvalidInput
 from shared.families.sklearn_pipeline import SklearnPipeline, fit_kmeans
-from tasks.base import ModelTask, call, limits, model_of, served
+from tasks.base import ModelTask, call, infer, limits, model_of
 
 
 @shared_task(name="clustering.assign", base=ModelTask, bind=True)
@@ -26,9 +26,13 @@ def assign(self: ModelTask, rows: Any, model: Any = "customer_segments") -> dict
             f"has {width} values but model {args.model!r} expects "
             f"{pipeline.n_features} features{names}",
         )
-    with served(registry, args.model):
-        labels = pipeline.predict(args.rows)
-    return {"labels": labels, "model": args.model, "version": pipeline.version}
+    labels, model, _ = infer(
+        registry,
+        args.model,
+        lambda m: m.predict(args.rows),  # type: ignore[attr-defined]
+        count=len(args.rows),
+    )
+    return {"labels": labels, "model": model.name, "version": model.version}
 
 
 @shared_task(name="clustering.fit", base=ModelTask, bind=True)

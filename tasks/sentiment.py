@@ -11,9 +11,10 @@ from celery import shared_task
 
 from shared import schemas
 from shared.batching import MicroBatcher
+from shared.errors import InferenceTimeout
 from shared.registry import ModelRegistry
 from shared.settings import get_settings
-from tasks.base import ModelTask, limits, served
+from tasks.base import ModelTask, infer, limits
 
 MODEL = "sentiment"
 log = logging.getLogger(__name__)
@@ -21,9 +22,12 @@ log = logging.getLogger(__name__)
 
 def classify(registry: ModelRegistry, texts: list[str]) -> list[dict[str, Any]]:
     """Label ``texts`` in one forward pass with the sentiment model (or its fallback)."""
-    model, fallback = registry.get_with_fallback(MODEL)
-    with served(registry, model.name):
-        pairs = model.classify(texts)  # type: ignore[attr-defined]
+    pairs, model, fallback = infer(
+        registry,
+        MODEL,
+        lambda m: m.classify(texts),  # type: ignore[attr-defined]
+        count=len(texts),
+    )
     return [
         {
             "label": label,
@@ -70,6 +74,7 @@ def batcher(registry: ModelRegistry) -> MicroBatcher[str, dict[str, Any]]:
                 if lanes > 1 and "torch" in sys.modules:
                     sys.modules["torch"].set_num_threads(per_lane)
 
+            limit = registry.inference_limit(MODEL)
             _batcher = MicroBatcher(
                 lambda texts: classify(registry, texts),
                 max_size=settings.batch_max_size,
@@ -77,6 +82,8 @@ def batcher(registry: ModelRegistry) -> MicroBatcher[str, dict[str, Any]]:
                 name="sentiment-batcher",
                 lanes=lanes,
                 lane_init=lane_init,
+                stuck_after=limit,
+                on_timeout=lambda: InferenceTimeout(MODEL, None, limit),
             )
             registry.extra_stats["sentiment_batching"] = _batcher.stats
             log.info(
@@ -88,6 +95,12 @@ def batcher(registry: ModelRegistry) -> MicroBatcher[str, dict[str, Any]]:
                 settings.batch_window_ms,
             )
         return _batcher
+
+
+def waiting_limit(registry: ModelRegistry) -> float:
+    """How long a request waits for the micro-batcher: its turn plus the inference time limit
+    (a lane stuck in native code past its limit is replaced; the waiters stop waiting here)."""
+    return 2 * registry.inference_limit(MODEL) + 1.0
 
 
 def in_pool_thread() -> bool:
@@ -103,7 +116,7 @@ def analyze(self: ModelTask, text: Any) -> dict[str, Any]:
         # prefork child / solo: one task at a time in this process, nothing to batch with
         return classify(self.registry, [text])[0]
     # threads pool: concurrent requests in this process share forward passes
-    return batcher(self.registry).submit(text)
+    return batcher(self.registry).submit(text, timeout=waiting_limit(self.registry))
 
 
 @shared_task(name="sentiment.analyze_batch", base=ModelTask, bind=True)
@@ -114,5 +127,5 @@ def analyze_batch(self: ModelTask, texts: Any) -> list[dict[str, Any]]:
     if in_pool_thread():
         shared = batcher(self.registry)
         if shared.lanes > 1:  # on the lanes' torch threads, not on top of them
-            return shared.submit_many(texts)
+            return shared.submit_many(texts, timeout=waiting_limit(self.registry))
     return classify(self.registry, texts)  # one forward pass on a GPU, however many texts

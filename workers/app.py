@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 from celery import Celery
 
-from shared.settings import get_settings
+from workers.intake import register_transport
 
-
-def _prepare_metrics_dir() -> None:
-    """Multi-process metrics need their directory set before prometheus_client is imported.
-    It is emptied by the worker's main process at start (workers.signals), not here: any
-    process that imports the app (CLI, Flower) would otherwise wipe a live worker's files."""
-    settings = get_settings()
-    if not settings.metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return
-    folder = settings.prometheus_multiproc_dir or (
-        Path(tempfile.gettempdir()) / f"modelworkers-metrics-{os.getpid()}"
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
-
-
-_prepare_metrics_dir()
+# Redis envelopes are decoded under a guard in every process that uses this app (workers.intake).
+register_transport()
 
 app = Celery(
     "modelworkers",

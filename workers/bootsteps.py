@@ -52,8 +52,8 @@ class RegistryStats(bootsteps.StartStopStep):
         if port and self.server is None:
             from shared import metrics
 
-            if not metrics.ENABLED:
-                log.warning("METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: no metrics")
+            if not metrics.enabled():
+                log.warning("METRICS_PORT is set but metrics were not enabled at start")
                 return
             self.server = metrics.serve(port)
             log.info("Prometheus metrics of every pool process on :%d/metrics", port)

@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from shared import metrics
@@ -52,15 +54,16 @@ _fell_back: set[tuple[str, str]] = set()
 _loaded_in_pid: int | None = None
 
 
-def reset_metrics_dir() -> None:
-    """Empty the multi-process metrics folder at worker start: a previous run's counters would
-    otherwise add up (prometheus-client's multiprocess mode keeps one file per pid)."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder or not os.path.isdir(folder):
+def enable_metrics(settings: Settings) -> None:
+    """METRICS_PORT set: metrics on, in a directory this node's processes share (the setting,
+    an inherited PROMETHEUS_MULTIPROC_DIR, or a new one under the temp directory)."""
+    if not settings.metrics_port:
         return
-    for name in os.listdir(folder):
-        if name.endswith(".db"):
-            os.unlink(os.path.join(folder, name))
+    folder = settings.prometheus_multiproc_dir or Path(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        or Path(tempfile.gettempdir()) / f"modelworkers-metrics-{os.getpid()}"
+    )
+    metrics.enable(folder)
 
 
 def read_manifest(settings: Settings) -> Manifest:
@@ -82,11 +85,11 @@ def current_manifest(settings: Settings) -> Manifest:
 def preimport(manifest: Manifest) -> float:
     """Import every family's libraries (no compute); returns seconds spent."""
     t0 = time.perf_counter()
-    for family in sorted({s.family for s in manifest.specs}):
+    for family, implementation in sorted({(s.family, s.implementation) for s in manifest.specs}):
         try:
-            family_class(family).preimport()
-        except ImportError as exc:  # the family's load will fail with the same reason, per model
-            log.warning("family %s cannot be imported: %s", family, exc)
+            family_class(family, implementation).preimport()
+        except Exception as exc:  # the family's load fails with the same reason, per model
+            log.warning("family %s cannot be imported: %s", implementation or family, exc)
     return time.perf_counter() - t0
 
 
@@ -161,6 +164,7 @@ def new_registry(settings: Settings, *, device: str, warmup: bool) -> ModelRegis
         start_deadline=max(1.0, settings.proc_alive_timeout_seconds - 10),
         loader_threads=settings.loader_threads,
         warmup=warmup,
+        inference_timeout=settings.inference_timeout_seconds,
     )
     registry.add_listener(log_model_event)
     registry.node = NODE_NAME

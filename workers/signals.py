@@ -42,7 +42,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     _pool_kind = pool_kind(sender)
     concurrency = int(getattr(sender, "concurrency", 0) or settings.worker_concurrency)
     process.SERVING_PROCESSES = concurrency if _pool_kind == "prefork" else 1
-    process.reset_metrics_dir()
+    process.enable_metrics(settings)
     manifest = process.read_manifest(settings)
     if settings.preimport:
         seconds = process.preimport(manifest)

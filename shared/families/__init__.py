@@ -19,10 +19,16 @@ FAMILIES: dict[str, str] = {
 }
 
 
-def family_class(family: str) -> type[Model]:
-    """The Model subclass that serves ``family``."""
-    module_name, _, attr = FAMILIES[family].partition(":")
-    cls: type[Model] = getattr(import_module(module_name), attr)
+def family_class(family: str, implementation: str = "") -> type[Model]:
+    """The Model subclass that serves ``family`` (or the ``implementation`` class named
+    ``package.module:Class``). Raises ImportError / TypeError when it cannot be used."""
+    target = implementation or FAMILIES[family]
+    module_name, _, attr = target.partition(":")
+    cls = getattr(import_module(module_name), attr, None)
+    if cls is None:
+        raise ImportError(f"{module_name} has no attribute {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Model)):
+        raise TypeError(f"{target} is not a subclass of shared.families.Model")
     return cls
 
 

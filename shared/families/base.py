@@ -20,6 +20,8 @@ class Model:
     #: OpenMP thread pool (neither survives fork). What it builds lazily (Stan's model, caches,
     #: lexicons) is then built once and shared by every pool process instead of once in each.
     warm_before_fork: ClassVar[bool] = False
+    #: Runs on the registry's device (MODEL_DEVICE: cpu, cuda, auto); others always on the CPU.
+    uses_device: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, *, device: str = "cpu") -> None:
         self.spec = spec

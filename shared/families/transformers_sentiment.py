@@ -40,6 +40,7 @@ class TransformersSentiment(Model):
     _model: Any = None
     _tokenizer: Any = None
     family = "transformers"
+    uses_device = True
 
     @classmethod
     def preimport(cls) -> None:

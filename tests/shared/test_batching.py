@@ -116,3 +116,60 @@ def test_pad_groups_without_a_ratio_keep_one_batch_in_order() -> None:
     assert pad_groups([5], 1.25) == [[0]]
     assert pad_groups([], 1.25) == [[]]
     assert pad_groups([4, 4, 4, 4], 1.0) == [[0, 1, 2, 3]]  # equal lengths: no split
+
+
+def test_a_batch_answered_with_the_wrong_count_fails_at_once_and_the_lane_serves_on() -> None:
+    from shared.batching import BatchError
+
+    def miscount(items: list[str]) -> list[str]:
+        return [*items, "extra"] if "bad" in items else list(items)
+
+    batcher: MicroBatcher[str, str] = MicroBatcher(miscount, window=0.0)
+    t0 = time.perf_counter()
+    with pytest.raises(BatchError, match="returned 2 results for 1 inputs"):
+        batcher.submit("bad", timeout=5)
+    assert time.perf_counter() - t0 < 1.0
+    assert batcher.submit("good", timeout=5) == "good"
+    assert batcher.stats()["failed_batches"] == 1
+
+
+def test_a_batch_function_that_raises_fails_its_batch_and_the_lane_serves_on() -> None:
+    def explode(items: list[int]) -> list[int]:
+        if 0 in items:
+            raise ZeroDivisionError("division by zero")
+        return [10 // i for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(explode, window=0.0)
+    with pytest.raises(ZeroDivisionError):
+        batcher.submit(0, timeout=5)
+    assert batcher.submit(5, timeout=5) == 2
+
+
+def test_a_lane_stuck_past_its_limit_is_replaced_and_waiters_stop_waiting() -> None:
+    release = threading.Event()
+
+    def maybe_stuck(items: list[str]) -> list[str]:
+        if "stuck" in items:
+            release.wait(30)  # native code that does not return
+        return list(items)
+
+    batcher: MicroBatcher[str, str] = MicroBatcher(
+        maybe_stuck, window=0.0, stuck_after=0.2, on_timeout=lambda: TimeoutError("too slow")
+    )
+    with pytest.raises(TimeoutError, match="too slow"):
+        batcher.submit("stuck", timeout=0.5)
+    assert batcher.stats()["replaced_lanes"] == 1
+    assert batcher.submit("next", timeout=5) == "next"  # served by the new lane
+    release.set()
+    batcher.close()
+
+
+def test_close_stops_the_lanes_and_refuses_new_requests() -> None:
+    from shared.batching import BatcherClosed
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda xs: xs, lanes=2, window=0.0)
+    assert batcher.submit(1, timeout=5) == 1
+    batcher.close()
+    assert not any(t.is_alive() for t in batcher._lanes)
+    with pytest.raises(BatcherClosed):
+        batcher.submit(2, timeout=5)

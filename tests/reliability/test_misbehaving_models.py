@@ -1,0 +1,168 @@
+"""Models that misbehave while serving: raise, break the batch contract, hang.
+
+The families are in tests/support/families.py and are loaded by configuration (the manifest's
+``implementation``), through the production registry, tasks and micro-batcher. Each misbehaves
+only on texts with its trigger word, so the same worker then shows that it serves on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from celery import Celery
+
+from tests.fixtures import write_manifest
+from tests.harness import WorkerProcess, close_app, wait_for
+from tests.workers.test_flower_metrics import metric
+from workers.embedded import free_port
+
+pytestmark = pytest.mark.integration
+Start = Callable[..., WorkerProcess]
+FAMILIES = "tests.support.families"
+
+
+def sentiment_manifest(folder: Path, cls: str, *, fallback: bool, **options: Any) -> Path:
+    entries: list[dict[str, Any]] = [
+        {
+            "name": "sentiment",
+            "family": "test",
+            "implementation": f"{FAMILIES}:{cls}",
+            "required": False,
+            "fallback": "textblob" if fallback else "",
+            **({"options": options} if options else {}),
+        }
+    ]
+    if fallback:
+        entries.append({"name": "textblob", "family": "textblob", "required": False})
+    return write_manifest(folder, entries)
+
+
+def outcome(app: Celery, task: str, arg: Any, timeout: float = 30) -> tuple[str, Any, float]:
+    """(state, result or error text, seconds from sending to the stored result)."""
+    t0 = time.monotonic()
+    result = app.send_task(task, args=[arg])
+    result.get(timeout=timeout, propagate=False)
+    value = result.result
+    if result.state == "FAILURE":
+        value = f"{type(value).__name__}: {value}"
+    return result.state, value, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_model_that_raises_is_answered_by_its_fallback_and_counted(
+    start_worker: Start, tmp_path: Path, pool: str
+) -> None:
+    port = free_port()
+    worker = start_worker(
+        pool=pool,
+        concurrency=2 if pool == "prefork" else 8,
+        env={
+            "MODEL_MANIFEST": str(sentiment_manifest(tmp_path, "RaisingClassifier", fallback=True)),
+            "METRICS_PORT": str(port),
+        },
+    )
+    worker.wait_ready(2 if pool == "prefork" else 1)
+    app = worker.app()
+    try:
+        state, answer, _ = outcome(app, "sentiment.analyze", "boom, said the model")
+        assert state == "SUCCESS", answer
+        assert answer["fallback"] is True and answer["model"] == "textblob"
+        state, answer, _ = outcome(app, "sentiment.analyze", "a good day")
+        assert state == "SUCCESS" and answer["fallback"] is False
+        assert answer["model"] == "sentiment" and answer["label"] == "positive"
+        state, answers, _ = outcome(app, "sentiment.analyze_batch", ["good", "boom"])
+        assert state == "SUCCESS" and [a["fallback"] for a in answers] == [True, True]
+    finally:
+        close_app(app)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert metric(text, "modelworkers_fallback_answers_total", model="sentiment") == 2
+    errors = metric(text, "modelworkers_inference_errors_total", model="sentiment", kind="error")
+    assert errors == 2
+    assert metric(text, "modelworkers_inference_failures_total", model="sentiment") == 2
+
+
+def test_a_model_that_raises_without_a_fallback_fails_with_an_error_naming_it(
+    start_worker: Start, tmp_path: Path
+) -> None:
+    manifest = sentiment_manifest(tmp_path, "RaisingClassifier", fallback=False)
+    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(manifest)})
+    worker.wait_ready(1)
+    app = worker.app()
+    try:
+        state, error, _ = outcome(app, "sentiment.analyze", "boom")
+        assert state == "FAILURE"
+        assert error == (
+            "InferenceError: model 'sentiment'@1.0.0 failed: "
+            "RuntimeError: the model's library failed on this batch"
+        )
+        assert outcome(app, "sentiment.analyze", "good")[0] == "SUCCESS"
+    finally:
+        close_app(app)
+
+
+def test_a_batch_with_the_wrong_count_fails_at_once_and_the_next_batch_succeeds(
+    start_worker: Start, tmp_path: Path
+) -> None:
+    """Threads pool: concurrent texts share micro-batches. A batch answered with one result too
+    many fails its requests within a second; the lanes live on and serve the next batch."""
+    manifest = sentiment_manifest(tmp_path, "MiscountingClassifier", fallback=False)
+    worker = start_worker(pool="threads", concurrency=16, env={"MODEL_MANIFEST": str(manifest)})
+    worker.wait_ready(1)
+    app = worker.app()
+    try:
+        t0 = time.monotonic()
+        bad = [app.send_task("sentiment.analyze", args=[f"miscount {i}"]) for i in range(8)]
+        for result in bad:
+            result.get(timeout=10, propagate=False)
+        assert time.monotonic() - t0 < 1.0
+        errors = {f"{type(r.result).__name__}: {r.result}" for r in bad}
+        assert all(r.state == "FAILURE" for r in bad)
+        assert all(
+            e.startswith("InferenceError: model 'sentiment'@1.0.0 failed: returned ")
+            for e in errors
+        ), errors
+        good = [app.send_task("sentiment.analyze", args=[f"good {i}"]) for i in range(8)]
+        assert [r.get(timeout=10)["label"] for r in good] == ["positive"] * 8
+        state, answers, _ = outcome(app, "sentiment.analyze_batch", ["good", "fine"])
+        assert state == "SUCCESS" and len(answers) == 2
+    finally:
+        close_app(app)
+    snapshot = wait_for(
+        lambda: [s for s in worker.snapshots() if "sentiment_batching" in s["stats"]],
+        10,
+        "the batcher's figures in the snapshot",
+    )[0]
+    stats = snapshot["stats"]["sentiment_batching"]
+    assert stats["failed_batches"] >= 1 and stats["replaced_lanes"] == 0
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_hung_inference_fails_at_its_time_limit_and_the_next_request_is_served(
+    start_worker: Start, tmp_path: Path, pool: str
+) -> None:
+    manifest = sentiment_manifest(
+        tmp_path, "HangingClassifier", fallback=False, inference_timeout_s=1.0
+    )
+    worker = start_worker(
+        pool=pool, concurrency=2 if pool != "solo" else 1, env={"MODEL_MANIFEST": str(manifest)}
+    )
+    worker.wait_ready(2 if pool == "prefork" else 1)
+    app = worker.app()
+    try:
+        state, error, seconds = outcome(app, "sentiment.analyze", "hang on")
+        assert state == "FAILURE"
+        assert error == (
+            "InferenceTimeout: model 'sentiment'@1.0.0 failed: "
+            "no answer within its inference time limit of 1 s"
+        )
+        assert 1.0 <= seconds < 3.0
+        state, answer, _ = outcome(app, "sentiment.analyze", "good")
+        assert state == "SUCCESS" and answer["label"] == "positive"
+    finally:
+        close_app(app)
+    assert worker.alive()
