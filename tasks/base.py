@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -46,9 +47,46 @@ class ModelTask(Task):
     acks_late = True
     reject_on_worker_lost = True
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        check_arguments(self, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
     @property
     def registry(self) -> ModelRegistry:
         return get_registry()
+
+
+@lru_cache(maxsize=256)
+def _parameters(task: Task) -> tuple[list[str], dict[str, bool]]:
+    """(positional names, name -> required) of a task's ``run`` (cached per task)."""
+    params = inspect.signature(task.run).parameters.values()
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    required = {p.name: p.default is inspect.Parameter.empty for p in params}
+    return positional, required
+
+
+def check_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The arguments fit the task's signature; else InvalidInput naming the argument (a client
+    that sends the wrong number of arguments gets the same kind of error as a bad value)."""
+    positional, required = _parameters(task)
+    takes = ", ".join(positional)
+    if len(args) > len(positional):
+        raise InvalidInput(
+            "arguments", f"{task.name} takes {len(positional)} ({takes}), got {len(args)}"
+        )
+    given = set(positional[: len(args)])
+    for key in kwargs:
+        if key not in required:
+            raise InvalidInput(str(key)[:64], f"unexpected argument ({task.name} takes {takes})")
+        if key in given:
+            raise InvalidInput(key, "given both by position and by name")
+    for name, needed in required.items():
+        if needed and name not in given and name not in kwargs:
+            raise InvalidInput(name, "is required")
 
 
 @contextmanager

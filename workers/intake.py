@@ -162,7 +162,11 @@ def check_envelope(payload: Any, limits: MessageLimits) -> None:
         raise Refused("compressed", "compressed message bodies are not accepted")
     body = payload.get("body") or ""
     if len(body) > limits.max_bytes * 4 // 3 + 4:  # base64 of the largest accepted body
-        raise Refused("too_large", f"a body of {len(body):,} characters is over MAX_MESSAGE_BYTES")
+        raise Refused(
+            "too_large",
+            f"a body of about {len(body) * 3 // 4:,} bytes is more than the limit of "
+            f"{limits.max_bytes:,} (MAX_MESSAGE_BYTES)",
+        )
     _check_meta("the envelope's headers", headers, limits)
     _check_meta("the envelope's properties", props, limits)
 
