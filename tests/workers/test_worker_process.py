@@ -166,15 +166,13 @@ def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProces
     client = serving_worker.app()
     client.conf.accept_content = ["json", "pickle"]
     result = client.send_task("clustering.fit", args=[[[0.0], [1.0]], 2], serializer="pickle")
-    wait_for(
-        lambda: (
-            "untrusted content" in serving_worker.log()
-            or "Refusing to deserialize" in serving_worker.log()
-        ),
-        20,
-        "the refusal in the log",
-    )
-    assert result.state == "PENDING"  # never executed
+    result.get(timeout=20, propagate=False)
+    assert result.state == "FAILURE"
+    assert type(result.result).__name__ == "InvalidMessage"
+    assert "content type 'application/x-python-serialize' is not accepted" in str(result.result)
+    log = serving_worker.log()
+    assert f"refused clustering.fit[{result.id}] by the consumer" in log
+    assert f"clustering.fit[{result.id}] received" not in log  # never handed to a pool process
     close_app(client)
 
 
