@@ -18,10 +18,28 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a serving process batches concurrent requests (the BATCH_* settings)."""
+
+    max_size: int = 32
+    window: float = 0.002  # seconds a busy lane waits to fill its next batch
+    lanes: int = 0  # batches that run side by side; 0: decided by ``plan``
+    threads: int = 1  # the process's torch threads, shared out among the lanes
+
+    def plan(self, device: str) -> tuple[int, int]:
+        """(lanes, torch threads per lane): ``lanes``, or on a CPU with two or more threads two
+        lanes that split them (two one-thread lanes outran one two-thread batch on a CPU,
+        docs/architecture.md), one lane on CUDA (one large batch)."""
+        lanes = self.lanes or (1 if device.startswith("cuda") or self.threads < 2 else 2)
+        return lanes, max(1, self.threads // lanes)
 
 
 class BatchError(RuntimeError):

@@ -34,10 +34,6 @@ class ModelWorkersError(Exception):
     def __str__(self) -> str:
         return self.message
 
-    def to_dict(self) -> dict[str, str]:
-        """JSON-safe form: ``{"type": ..., "message": ...}``."""
-        return {"type": type(self).__name__, "message": self.message}
-
 
 class ModelNotFound(ModelWorkersError):
     """No model of this name is listed in the manifest or held by the registry."""

@@ -76,18 +76,6 @@ class ModelSpec(BaseModel):
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
-    def public(self) -> dict[str, Any]:
-        """What may be shown to operators (no absolute paths)."""
-        return {
-            "name": self.name,
-            "family": self.family,
-            "version": self.version,
-            "path": self.path,
-            "required": self.required,
-            "lazy": self.lazy,
-            "fallback": self.fallback or None,
-        }
-
 
 @dataclass
 class Manifest:

@@ -3,34 +3,42 @@
 Rules (after Triton and MLServer): a model is registered LOADING before it loads and ends READY
 or FAILED(reason). A reload loads the new version beside the old one and swaps atomically; a
 failed reload keeps the old version serving and records the error. Lookups raise ModelNotFound or
-ModelNotReady naming the model and its state. This module does not import Celery.
+ModelNotReady naming the model and its state.
+
+The registry is given its configuration (device, thread budget, time limits, option defaults,
+micro-batching policy) and its observers (listeners for state changes, e.g. logs and metrics;
+call observers for served calls) by whoever builds it; it reads no global settings and does not
+import Celery.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from shared import metrics
-from shared.errors import LoadTimeout, ModelNotFound, ModelNotReady
-from shared.families import Model, family_class
+from shared.batching import BatchPolicy, MicroBatcher
+from shared.errors import InferenceTimeout, LoadTimeout, ModelNotFound, ModelNotReady
+from shared.families import Model, ModelContext, family_class
 from shared.manifest import ModelSpec
+from shared.records import ModelStatus, ProcessSnapshot, ReloadResult
 
 log = logging.getLogger("modelworkers.registry")
-T = TypeVar("T")
 LATENCY_WINDOW = 1024
+
+Listener = Callable[["ModelMetadata"], None]
+CallObserver = Callable[[str, str, float, bool], None]  # model, version, seconds, ok
 
 
 class ModelState(StrEnum):
@@ -51,7 +59,7 @@ def _rss_bytes() -> int:
 
 @dataclass
 class ModelMetadata:
-    """What the registry knows about one model in this process."""
+    """What the registry knows about one model in this process (mutable, behind its lock)."""
 
     name: str
     family: str
@@ -79,58 +87,29 @@ class ModelMetadata:
         self._latencies.append(seconds)
         self._latency_total += seconds
 
-    def to_dict(self) -> dict[str, Any]:
+    def status_record(self) -> ModelStatus:
         lat = sorted(self._latencies)
         p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] * 1000 if lat else None
-        return {
-            "name": self.name,
-            "family": self.family,
-            "version": self.version,
-            "status": str(self.status),
-            "required": self.required,
-            "lazy": self.lazy,
-            "fallback": self.fallback,
-            "loaded_at": self.loaded_at,
-            "load_seconds": self.load_seconds,
-            "error": self.error,
-            "reload_error": self.reload_error,
-            "device": self.device,
-            "memory_delta_mb": self.memory_delta_mb,
-            "calls": self.calls,
-            "failures": self.failures,
-            "latency_mean_ms": (self._latency_total / self.calls * 1000) if self.calls else None,
-            "latency_p95_ms": p95,
-            "details": self.details,
-        }
-
-
-class LazyModelLoader(Generic[T]):
-    """Calls ``factory`` once, on first ``get()``; concurrent first callers wait for that one load.
-
-    A failed load is not cached: the next ``get()`` tries again (the registry does not call it
-    again for a FAILED model; see ModelRegistry.get).
-    """
-
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
-        self._lock = threading.Lock()
-        self._value: T | None = None
-        self._loaded = False
-        self.loads = 0
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def get(self) -> T:
-        if self._loaded:  # fast path, no lock once loaded
-            return self._value  # type: ignore[return-value]
-        with self._lock:
-            if not self._loaded:
-                self.loads += 1
-                self._value = self._factory()
-                self._loaded = True
-        return self._value
+        return ModelStatus(
+            name=self.name,
+            family=self.family,
+            version=self.version,
+            status=str(self.status),
+            required=self.required,
+            lazy=self.lazy,
+            fallback=self.fallback,
+            loaded_at=self.loaded_at,
+            load_seconds=self.load_seconds,
+            error=self.error,
+            reload_error=self.reload_error,
+            device=self.device,
+            memory_delta_mb=self.memory_delta_mb,
+            calls=self.calls,
+            failures=self.failures,
+            latency_mean_ms=(self._latency_total / self.calls * 1000) if self.calls else None,
+            latency_p95_ms=p95,
+            details=dict(self.details),
+        )
 
 
 @dataclass
@@ -138,7 +117,6 @@ class _Entry:
     spec: ModelSpec
     meta: ModelMetadata
     model: Model | None = None
-    lazy: LazyModelLoader[Model] | None = None
     load_lock: threading.Lock = field(default_factory=threading.Lock)
     started: float | None = None  # monotonic start of the current load
     abandoned: bool = False  # its load timed out; the loader thread may still be stuck
@@ -152,36 +130,51 @@ class ModelRegistry:
         self,
         *,
         device: str = "cpu",
+        threads: int = 1,
         load_timeout: float = 60.0,
         loader_threads: int = 4,
         warmup: bool = True,
         start_deadline: float | None = None,
         inference_timeout: float = 30.0,
+        option_defaults: Mapping[str, Any] | None = None,
+        batching: BatchPolicy | None = None,
+        node: str = "",
+        listeners: Sequence[Listener] = (),
+        call_observers: Sequence[CallObserver] = (),
+        unlisted: Sequence[str] = (),
+        manifest_problems: Mapping[str, str] | None = None,
     ) -> None:
+        """``device``: where models that run on a device go (MODEL_DEVICE); ``threads``: the
+        process's torch/BLAS thread budget; ``option_defaults``: deployment defaults for model
+        options a model file does not set; ``batching``: micro-batching for concurrent requests
+        in this process (None: none, as in a prefork pool process)."""
         self.device = device
-        self.inference_timeout = inference_timeout
+        self.threads = threads
         self.load_timeout = load_timeout
         self.loader_threads = loader_threads
         self.warmup = warmup
         self.start_deadline = start_deadline
-        self.node = ""  # the Celery node name, set by the worker
-        # Extra per-process figures for the snapshot (e.g. micro-batching), name -> callable.
-        self.extra_stats: dict[str, Callable[[], dict[str, Any]]] = {}
-        self.unlisted: list[str] = []
-        self.manifest_problems: dict[str, str] = {}
+        self.inference_timeout = inference_timeout
+        self.option_defaults = dict(option_defaults or {})
+        self.batching = batching
+        self.node = node
+        self.unlisted = list(unlisted)
+        self.manifest_problems = dict(manifest_problems or {})
         self.started_at = time.time()
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
-        self._listeners: list[Callable[[ModelMetadata], None]] = []
+        self._listeners: list[Listener] = list(listeners)
+        self._call_observers: list[CallObserver] = list(call_observers)
+        self._batchers: dict[str, MicroBatcher[Any, Any]] = {}
         self._uncounted = 0  # > 0 while a rehearsal runs (see uncounted)
 
     # ---- registration and loading ----------------------------------------------------------
-    def add_listener(self, callback: Callable[[ModelMetadata], None]) -> None:
+    def add_listener(self, callback: Listener) -> None:
         """Call ``callback(meta)`` after every load, failure, reload and unload (e.g. logs)."""
         self._listeners.append(callback)
 
     def _notify(self, meta: ModelMetadata) -> None:
-        for callback in (metrics.record_state, *self._listeners):
+        for callback in self._listeners:
             try:
                 callback(meta)
             except Exception:  # a listener must never break loading
@@ -200,10 +193,7 @@ class ModelRegistry:
                 lazy=spec.lazy,
                 fallback=spec.fallback or None,
             )
-            entry = _Entry(spec=spec, meta=meta)
-            if spec.lazy:
-                entry.lazy = LazyModelLoader(functools.partial(self._load_entry, entry))
-            self._entries[spec.name] = entry
+            self._entries[spec.name] = _Entry(spec=spec, meta=meta)
             return meta
 
     def load_all(self, specs: Iterable[ModelSpec]) -> dict[str, ModelMetadata]:
@@ -267,9 +257,17 @@ class ModelRegistry:
                         ),
                     )
 
+    def context_for(self, cls: type[Model]) -> ModelContext:
+        """What a model of class ``cls`` is given: its device, the thread budget, defaults."""
+        return ModelContext(
+            device=self.device if cls.uses_device else "cpu",
+            threads=self.threads,
+            defaults=self.option_defaults,
+        )
+
     def _build(self, spec: ModelSpec) -> tuple[Model, float, float]:
         cls = family_class(spec.family, spec.implementation)
-        model = cls(spec, device=self.device if cls.uses_device else "cpu")
+        model = cls(spec, self.context_for(cls))
         rss0, t0 = _rss_bytes(), time.perf_counter()
         model.load()
         if self.warmup:
@@ -280,6 +278,8 @@ class ModelRegistry:
     def _load_entry(self, entry: _Entry) -> Model:
         meta = entry.meta
         with entry.load_lock:
+            if entry.model is not None:  # a concurrent first caller of a lazy model loaded it
+                return entry.model
             with self._lock:
                 meta.status, meta.error = ModelState.LOADING, None
                 entry.started = time.monotonic()
@@ -312,12 +312,11 @@ class ModelRegistry:
             entry.model = None
         self._notify(entry.meta)
 
-    def reload(self, spec: ModelSpec) -> dict[str, Any]:
+    def reload(self, spec: ModelSpec) -> ReloadResult:
         """Load ``spec`` beside the serving version, swap atomically, free the old one.
 
         On failure the old version keeps serving and the error is returned (and recorded as
-        ``reload_error``). Returns ``{"model", "old_version", "new_version", "ok", "seconds",
-        "error"}``.
+        ``reload_error``).
         """
         with self._lock:
             entry = self._entries.get(spec.name)
@@ -325,14 +324,7 @@ class ModelRegistry:
             self.register(spec)
             entry = self._entries[spec.name]
         old_version = entry.meta.version if entry.model is not None else None
-        outcome: dict[str, Any] = {
-            "model": spec.name,
-            "old_version": old_version,
-            "new_version": spec.version,
-            "ok": False,
-            "seconds": None,
-            "error": None,
-        }
+        outcome = ReloadResult(model=spec.name, old_version=old_version, new_version=spec.version)
         # One load or reload of a model at a time, never interleaved; a load that hangs must not
         # make the reload (and whoever waits on it) hang too. A load abandoned after its timeout
         # still holds its lock in a stuck thread: give the entry a fresh one (the stuck load's
@@ -342,12 +334,12 @@ class ModelRegistry:
             if entry.abandoned:
                 entry.load_lock, entry.abandoned = threading.Lock(), False
         if not entry.load_lock.acquire(timeout=self.load_timeout):
-            outcome["error"] = (
+            outcome.error = (
                 f"ReloadRefused: another load of {spec.name!r} is still running "
                 f"after {self.load_timeout:g} s"
             )
             with self._lock:
-                entry.meta.reload_error = outcome["error"]
+                entry.meta.reload_error = outcome.error
             self._notify(entry.meta)
             return outcome
         try:
@@ -367,12 +359,12 @@ class ModelRegistry:
                     entry.meta.reload_error = error
                     if entry.model is None:  # nothing to keep serving
                         entry.meta.status, entry.meta.error = ModelState.FAILED, error
-                outcome["error"] = error
+                outcome.error = error
                 self._notify(entry.meta)
                 return outcome
             with self._lock:
                 old = entry.model
-                entry.spec, entry.model, entry.lazy = spec, model, None
+                entry.spec, entry.model = spec, model
                 meta = entry.meta
                 meta.version, meta.family, meta.status = spec.version, spec.family, ModelState.READY
                 meta.fallback = spec.fallback or None
@@ -384,15 +376,16 @@ class ModelRegistry:
             # the last such task returns.
             del old
             self._notify(meta)
-            outcome.update(ok=True, seconds=round(seconds, 4))
+            outcome.ok, outcome.seconds = True, round(seconds, 4)
             return outcome
         finally:
             entry.load_lock.release()
 
     def after_fork(self) -> None:
         """In a forked child: fresh locks (a parent thread may have held one at fork time, and
-        it would never be released in the child)."""
+        it would never be released in the child), and no batchers (their threads stayed behind)."""
         self._lock = threading.RLock()
+        self._batchers = {}
         for entry in self._entries.values():
             entry.load_lock = threading.Lock()
             entry.abandoned = False
@@ -421,10 +414,13 @@ class ModelRegistry:
             warmed.append(model.name)
         return warmed
 
-    def unload_all(self) -> None:
-        """Unload every model (process shutdown)."""
+    def close(self) -> None:
+        """Process shutdown: stop the micro-batchers, unload every model."""
         with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
             entries = list(self._entries.values())
+        for batcher in batchers:
+            batcher.close()
         for entry in entries:
             model, entry.model = entry.model, None
             if model is not None:
@@ -463,9 +459,9 @@ class ModelRegistry:
         model = entry.model
         if model is not None:
             return model
-        if entry.lazy is not None and entry.meta.status is not ModelState.FAILED:
+        if entry.spec.lazy and entry.meta.status is not ModelState.FAILED:
             try:
-                return entry.lazy.get()
+                return self._load_entry(entry)
             except Exception:
                 pass  # recorded; fall through to the not-ready error
         meta = entry.meta
@@ -499,6 +495,51 @@ class ModelRegistry:
                 raise
             return self.get(fallback), True
 
+    # ---- micro-batching --------------------------------------------------------------------
+    def batcher(self, name: str, fn: Callable[[list[Any]], list[Any]]) -> MicroBatcher[Any, Any]:
+        """This process's micro-batcher for model ``name`` (created on first use, with ``fn`` as
+        its batch function). Needs a ``batching`` policy (the threads pool)."""
+        with self._lock:
+            found = self._batchers.get(name)
+            if found is not None:
+                return found
+            policy = self.batching or BatchPolicy(threads=self.threads)
+            try:
+                device = self.get_with_fallback(name)[0].device
+            except Exception:  # not loaded (yet): plan for the CPU
+                device = "cpu"
+            lanes, per_lane = policy.plan(device)
+            limit = self.inference_limit(name)
+
+            def lane_init() -> None:
+                # OpenMP thread counts are per calling thread: each lane runs its forward
+                # passes on its share of the process's threads.
+                if lanes > 1 and "torch" in sys.modules:
+                    sys.modules["torch"].set_num_threads(per_lane)
+
+            batcher: MicroBatcher[Any, Any] = MicroBatcher(
+                fn,
+                max_size=policy.max_size,
+                window=policy.window,
+                name=f"{name}-batcher",
+                lanes=lanes,
+                lane_init=lane_init,
+                stuck_after=limit,
+                on_timeout=lambda: InferenceTimeout(name, None, limit),
+            )
+            self._batchers[name] = batcher
+        log.info(
+            "%s micro-batcher: %d lane(s) x %d torch thread(s), up to %d items per batch, "
+            "window %.1f ms",
+            name,
+            lanes,
+            per_lane,
+            policy.max_size,
+            policy.window * 1000,
+        )
+        return batcher
+
+    # ---- counting --------------------------------------------------------------------------
     @contextmanager
     def uncounted(self) -> Iterator[None]:
         """Calls made meanwhile (a rehearsal before READY) are not counted as served."""
@@ -509,7 +550,7 @@ class ModelRegistry:
             self._uncounted -= 1
 
     def observe(self, name: str, seconds: float, ok: bool) -> None:
-        """Record one served call of ``name`` (serving counters and Prometheus metrics)."""
+        """Record one served call of ``name`` (serving counters and the call observers)."""
         if self._uncounted:
             return
         with self._lock:
@@ -518,7 +559,8 @@ class ModelRegistry:
                 return
             entry.meta.observe(seconds, ok)
             version = entry.meta.version
-        metrics.record_call(name, version, seconds, ok)
+        for observer in self._call_observers:
+            observer(name, version, seconds, ok)
 
     # ---- health ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:
@@ -542,40 +584,25 @@ class ModelRegistry:
                 reasons.append(f"{name} is {meta.status}{why}")
         return not reasons, reasons
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-safe state of this process: models, readiness, host, pid."""
+    def snapshot(self) -> ProcessSnapshot:
+        """The state of this process: models, readiness, host, pid, micro-batching figures."""
         ready, reasons = self.readiness()
         with self._lock:
-            models = {name: e.meta.to_dict() for name, e in sorted(self._entries.items())}
+            models = {name: e.meta.status_record() for name, e in sorted(self._entries.items())}
+            batchers = dict(self._batchers)
         host = socket.gethostname()
-        return {
-            "node": self.node or host,
-            "host": host,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "ready": ready,
-            "not_ready_reasons": reasons,
-            "models": models,
-            "unlisted_artifacts": list(self.unlisted),
-            "manifest_problems": dict(self.manifest_problems),
-            "stats": {name: fn() for name, fn in self.extra_stats.items()},
-        }
-
-
-class ModelLoader:
-    """Convenient typed access to a registry's models by name (what tasks use)."""
-
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
-
-    def get(self, name: str) -> Model:
-        return self.registry.get(name)
-
-    def with_fallback(self, name: str) -> tuple[Model, bool]:
-        return self.registry.get_with_fallback(name)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.registry.names()
+        return ProcessSnapshot(
+            node=self.node or host,
+            host=host,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            ready=ready,
+            not_ready_reasons=reasons,
+            models=models,
+            unlisted_artifacts=list(self.unlisted),
+            manifest_problems=dict(self.manifest_problems),
+            stats={f"{name}_batching": b.stats() for name, b in batchers.items()},
+        )
 
 
 _registry: ModelRegistry | None = None

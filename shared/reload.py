@@ -4,11 +4,12 @@ Celery's remote-control commands run in each worker's main process, which holds 
 a ``Broadcast`` queue reaches only one pool process per node. So a reload travels on a Redis
 pub/sub channel that every serving process listens to, and each process answers on a list::
 
-    PREFIX:control          pub/sub channel; message {"id", "action": "reload", "models",
-                            "version", "nodes", "sent_at"}  (models null = all; nodes null = all)
-    PREFIX:reload:ID        list of replies, one per process: {"node", "host", "pid", "ok",
-                            "results": [{"model", "old_version", "new_version", "ok",
-                            "seconds", "error"}]}; expires after an hour
+    PREFIX:control          pub/sub channel; message: a ReloadRequest {"id", "action":
+                            "reload", "models", "version", "nodes", "sent_at",
+                            "previous_desired"} (models null = all; nodes null = all)
+    PREFIX:reload:ID        list of replies, one per process: a ProcessReply {"node", "host",
+                            "pid", "ok", "results": [ReloadResult {"model", "old_version",
+                            "new_version", "ok", "seconds", "error"}]}; expires after an hour
     PREFIX:desired          hash model -> version: what every process should serve. Processes
                             that start later (replacement children, new nodes) load it, and a
                             process that missed a message catches up on its next heartbeat.
@@ -23,7 +24,6 @@ command and a web app can all send reloads.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -31,8 +31,16 @@ from typing import Any
 
 from shared.errors import ModelNotFound, ReloadRefused
 from shared.manifest import Manifest
+from shared.records import (
+    MissingReply,
+    ProcessReply,
+    ReloadOutcome,
+    ReloadRequest,
+    ReloadResult,
+    SentReload,
+)
 from shared.registry import ModelRegistry, ModelState
-from shared.state import fleet_summary, read_snapshots
+from shared.state import read_snapshots
 
 REPLY_TTL = 3600
 
@@ -59,6 +67,15 @@ def read_desired(client: Any, prefix: str, node: str | None) -> dict[str, str]:
     return merged
 
 
+def new_request(
+    models: list[str] | None, version: str | None, nodes: list[str] | None
+) -> ReloadRequest:
+    """A reload request with a fresh id, stamped now."""
+    return ReloadRequest(
+        id=uuid.uuid4().hex, models=models, version=version, nodes=nodes, sent_at=time.time()
+    )
+
+
 def validate_request(
     manifest: Manifest, models: list[str] | None, version: str | None
 ) -> list[str]:
@@ -80,28 +97,15 @@ def validate_request(
 
 
 def handle_request(
-    registry: ModelRegistry, read_manifest: Callable[[], Manifest], request: dict[str, Any]
-) -> list[dict[str, Any]]:
+    registry: ModelRegistry, read_manifest: Callable[[], Manifest], request: ReloadRequest
+) -> list[ReloadResult]:
     """Run one reload request in this process: re-read the manifest, reload each model."""
     manifest = read_manifest()
-    results = []
     try:
-        names = validate_request(manifest, request.get("models"), request.get("version"))
+        names = validate_request(manifest, request.models, request.version)
     except ReloadRefused as exc:
-        return [
-            {
-                "model": None,
-                "ok": False,
-                "error": f"ReloadRefused: {exc}",
-                "old_version": None,
-                "new_version": None,
-                "seconds": None,
-            }
-        ]
-    for name in names:
-        spec = manifest.get(name, request.get("version"))
-        results.append(registry.reload(spec))
-    return results
+        return [ReloadResult(model=None, error=f"ReloadRefused: {exc}")]
+    return [registry.reload(manifest.get(name, request.version)) for name in names]
 
 
 def converge(
@@ -109,7 +113,7 @@ def converge(
     read_manifest: Callable[[], Manifest],
     desired: dict[str, str],
     attempted: set[tuple[str, str]],
-) -> list[dict[str, Any]]:
+) -> list[ReloadResult]:
     """Reload any model whose serving version differs from the fleet's desired one (each
     (name, version) tried once per process, so a broken version is not retried forever)."""
     todo = []
@@ -128,16 +132,7 @@ def converge(
         try:
             results.append(registry.reload(manifest.get(name, version)))
         except ModelNotFound as exc:
-            results.append(
-                {
-                    "model": name,
-                    "ok": False,
-                    "error": str(exc),
-                    "old_version": None,
-                    "new_version": version,
-                    "seconds": None,
-                }
-            )
+            results.append(ReloadResult(model=name, new_version=version, error=str(exc)))
     return results
 
 
@@ -150,7 +145,7 @@ def send_reload(
     version: str | None = None,
     nodes: list[str] | None = None,
     set_desired: bool = True,
-) -> dict[str, Any]:
+) -> SentReload:
     """Validate and publish a reload; returns the request with the processes expected to answer.
 
     ``set_desired`` records the target versions (fleet-wide, or per destination node) so that
@@ -160,17 +155,9 @@ def send_reload(
     """
     names = validate_request(manifest, models, version)
     live = read_snapshots(client, prefix)
-    expected = [(s.get("node"), s["pid"]) for s in live if not nodes or s.get("node") in nodes]
-    request: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "action": "reload",
-        "models": names,
-        "version": version,
-        "nodes": nodes,
-        "sent_at": time.time(),
-    }
-    # (hash key, model, version to put back or None to remove): exactly what was there before
-    previous: list[tuple[str, str, str | None]] = []
+    expected = [(s.node, s.pid) for s in live if not nodes or s.node in nodes]
+    request = new_request(names, version, nodes)
+    previous = request.previous_desired  # (hash key, model, the version it held or None)
 
     def remember_and_set(key: str, name: str, value: str | None) -> None:
         old = client.hget(key, name)
@@ -193,85 +180,70 @@ def send_reload(
                 remember_and_set(desired_key(prefix), name, target)
     # The processes restore the previous desired versions themselves if their reload fails, so a
     # failed reload sent without waiting (or as a Celery broadcast) is not left pinned.
-    request["previous_desired"] = previous
-    receivers = client.publish(channel(prefix), json.dumps(request))
-    return {**request, "expected": expected, "receivers": receivers}
+    receivers = client.publish(channel(prefix), request.model_dump_json())
+    return SentReload(**request.model_dump(), expected=expected, receivers=receivers)
 
 
 def collect_replies(
     client: Any,
     prefix: str,
-    request: dict[str, Any],
+    request: SentReload,
     *,
     timeout: float,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> ReloadOutcome:
     """Wait (bounded) for a reply from every expected process; report who did not answer."""
-    key = reply_key(prefix, request["id"])
-    expected = {(node, pid) for node, pid in request["expected"]}
+    key = reply_key(prefix, request.id)
+    expected = set(request.expected)
     deadline = time.monotonic() + timeout
-    replies: list[dict[str, Any]] = []
+    replies: list[ProcessReply] = []
     while True:
-        raw = client.lrange(key, 0, -1)
-        replies = [json.loads(r) for r in raw]
-        got = {(r.get("node"), r["pid"]) for r in replies}
+        replies = [ProcessReply.model_validate_json(r) for r in client.lrange(key, 0, -1)]
+        got = {(r.node, r.pid) for r in replies}
         if progress:
             progress(len(got & expected), len(expected))
         if expected <= got or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
-    missing = sorted(expected - {(r.get("node"), r["pid"]) for r in replies}, key=str)
-    ok = bool(replies) and not missing and all(r["ok"] for r in replies)
-    rolled_back: list[dict[str, Any]] = []
+    missing = sorted(expected - {(r.node, r.pid) for r in replies}, key=str)
+    ok = bool(replies) and not missing and all(r.ok for r in replies)
+    rolled_back: list[ReloadRequest] = []
     if not ok:
         # Not every process took the new version: later processes must not load it, and the
         # processes that did switch go back, so that the fleet serves one version.
         restore_desired(client, request)
         rolled_back = roll_back(client, prefix, replies)
-    return {
-        "id": request["id"],
-        "ok": ok,
-        "rolled_back": rolled_back,
-        "replies": replies,
-        "missing": [
-            {"node": n, "pid": p, "error": f"no answer within {timeout:g} s"} for n, p in missing
+    return ReloadOutcome(
+        id=request.id,
+        ok=ok,
+        rolled_back=rolled_back,
+        replies=replies,
+        missing=[
+            MissingReply(node=n, pid=p, error=f"no answer within {timeout:g} s") for n, p in missing
         ],
-    }
+    )
 
 
-def roll_back(client: Any, prefix: str, replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def roll_back(client: Any, prefix: str, replies: list[ProcessReply]) -> list[ReloadRequest]:
     """Send the processes' nodes that switched a model back to the version they had before
     (a reload is all or nothing); returns the rollback requests sent (not waited for)."""
     back: dict[tuple[str, str], set[str]] = {}
     for reply in replies:
-        for result in reply["results"]:
-            if result.get("ok") and result.get("old_version") and result["model"]:
-                key = (result["model"], result["old_version"])
-                back.setdefault(key, set()).add(reply["node"])
+        for result in reply.results:
+            if result.ok and result.old_version and result.model:
+                back.setdefault((result.model, result.old_version), set()).add(reply.node)
     sent = []
     for (name, version), nodes in sorted(back.items()):
-        request = {
-            "id": uuid.uuid4().hex,
-            "action": "reload",
-            "models": [name],
-            "version": version,
-            "nodes": sorted(nodes),
-            "sent_at": time.time(),
-            "previous_desired": [],
-        }
-        client.publish(channel(prefix), json.dumps(request))
+        request = new_request([name], version, sorted(nodes))
+        client.publish(channel(prefix), request.model_dump_json())
         sent.append(request)
     return sent
 
 
-def restore_desired(client: Any, request: dict[str, Any]) -> None:
+def restore_desired(client: Any, request: ReloadRequest) -> None:
     """Put back exactly the desired versions (or their absence) that a failed reload replaced."""
-    for key, name, old in request.get("previous_desired") or []:
+    for key, name, old in request.previous_desired:
         if old is None:
             client.hdel(key, name)
         else:
             client.hset(key, name, old)
-
-
-def fleet_ready(client: Any, prefix: str, min_processes: int = 1) -> dict[str, Any]:
-    return fleet_summary(read_snapshots(client, prefix), min_processes=min_processes)

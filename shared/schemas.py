@@ -19,15 +19,16 @@ from shared.errors import InvalidInput
 
 @dataclass(frozen=True)
 class Limits:
-    """Input size limits (from Settings; defaults documented in docs/tasks.md)."""
+    """Input size limits: the MAX_* / MIN_* settings of the same names (their defaults and
+    meaning are in shared/settings.py and docs/tasks.md)."""
 
-    max_text_chars: int = 10_000
-    max_batch_texts: int = 256
-    min_series_points: int = 10
-    max_series_points: int = 100_000
-    max_horizon: int = 1_000
-    max_rows: int = 10_000
-    max_clusters: int = 100
+    max_text_chars: int
+    max_batch_texts: int
+    min_series_points: int
+    max_series_points: int
+    max_horizon: int
+    max_rows: int
+    max_clusters: int
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:

@@ -14,8 +14,8 @@ from tasks.base import ModelTask
 
 @shared_task(name="control.publish_state", base=ModelTask, bind=True)
 def publish_state(self: ModelTask) -> dict[str, Any]:
-    """Publish this process's registry and health to Redis and return them."""
+    """Publish this process's registry and health to Redis and return them (as JSON)."""
     settings = get_settings()
     snap = self.registry.snapshot()
     publish_snapshot(redis_client(settings), settings.key_prefix, snap, settings.state_ttl_seconds)
-    return snap
+    return snap.model_dump(mode="json")

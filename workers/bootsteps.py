@@ -15,25 +15,24 @@ log = logging.getLogger("modelworkers.worker")
 
 
 def node_registry(node: str) -> dict[str, Any]:
-    """This node's pool processes and their models, compact, from the registry in Redis."""
+    """This node's pool processes and their models, compact, from the registry in Redis (the
+    JSON that Celery's ``stats`` reply carries)."""
     settings = get_settings()
     snaps = [
-        s
-        for s in read_snapshots(redis_client(settings), settings.key_prefix)
-        if s.get("node") == node
+        s for s in read_snapshots(redis_client(settings), settings.key_prefix) if s.node == node
     ]
     summary = fleet_summary(snaps)
     models = {}
-    for name, agg in summary["models"].items():
-        versions = ", ".join(f"{v} x{n}" for v, n in sorted(agg["versions"].items()))
-        models[name] = f"READY in {agg['ready_in']}/{len(snaps)} ({versions})" + (
-            f", FAILED in {agg['failed_in']}" if agg["failed_in"] else ""
+    for name, agg in summary.models.items():
+        versions = ", ".join(f"{v} x{n}" for v, n in sorted(agg.versions.items()))
+        models[name] = f"READY in {agg.ready_in}/{len(snaps)} ({versions})" + (
+            f", FAILED in {agg.failed_in}" if agg.failed_in else ""
         )
     return {
-        "ready": summary["ready"],
+        "ready": summary.ready,
         "processes": len(snaps),
         "models": models,
-        "not_ready": summary["not_ready"],
+        "not_ready": [p.model_dump(mode="json") for p in summary.not_ready],
     }
 
 

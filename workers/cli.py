@@ -20,37 +20,52 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from shared.settings import get_settings
+from shared.records import ProcessSnapshot
+from shared.settings import Settings, get_settings
 from shared.state import fleet_summary, read_snapshots
 from shared.urls import redact, redis_client, redis_connection_url
 from workers.embedded import EmbeddedRedis
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-err = Console(stderr=True)
+console = Console()  # tables and progress; JSON is printed plain (print_json), never through Rich
+
+
+def say(message: str) -> None:
+    """A line for the operator on stderr, printed verbatim (no markup, no wrapping)."""
+    typer.echo(message, err=True)
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout as is: a pipe into a JSON parser reads exactly this."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of the processes a command starts: this one's, plus the settings this
+    command decided (an embedded Redis's URL, the demo's prefix and queue)."""
+    env = dict(os.environ)
+    if settings.redis_url:
+        env["REDIS_URL"] = settings.redis_url
+    env["KEY_PREFIX"] = settings.key_prefix
+    env["TASK_QUEUE"] = settings.task_queue
+    return env
 
 
 # ---- starting and stopping what we run ------------------------------------------------------
 @contextmanager
-def redis_for_run() -> Iterator[str]:
-    """REDIS_URL when set; else an embedded Redis for as long as the command runs."""
-    settings = get_settings()
+def redis_for_run(settings: Settings) -> Iterator[Settings]:
+    """``settings`` when REDIS_URL is set; else a copy pointing at an embedded Redis that runs
+    for as long as the command does."""
     if settings.redis_url:
-        yield settings.redis_url
+        yield settings
         return
     with EmbeddedRedis() as server:
-        err.print(
-            f"[dim]REDIS_URL is not set: started an embedded Redis at {server.url} "
-            f"(pid {server.proc.pid if server.proc else '?'})[/]"
-        )
-        os.environ["REDIS_URL"] = server.url
-        get_settings.cache_clear()
-        try:
-            yield server.url
-        finally:
-            os.environ.pop("REDIS_URL", None)
-            get_settings.cache_clear()
+        pid = server.proc.pid if server.proc else "?"
+        say(f"REDIS_URL is not set: started an embedded Redis at {server.url} (pid {pid})")
+        yield settings.model_copy(update={"redis_url": server.url})
 
 
 def worker_command(
@@ -93,7 +108,7 @@ def stop_process(proc: subprocess.Popen[Any], name: str, timeout: float = 20.0) 
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        err.print(f"[yellow]{name} (pid {proc.pid}) did not stop in {timeout:g} s: killing it[/]")
+        say(f"{name} (pid {proc.pid}) did not stop in {timeout:g} s: killing it")
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
@@ -120,24 +135,28 @@ def flower_command(port: int, basic_auth: str) -> list[str]:
 
 
 def wait_ready(
-    processes: int, timeout: float, *, watch: subprocess.Popen[Any] | None = None
-) -> dict[str, Any]:
+    settings: Settings,
+    processes: int,
+    timeout: float,
+    *,
+    watch: subprocess.Popen[Any] | None = None,
+) -> None:
     """Poll the registry in Redis until ``processes`` pool processes report ready."""
-    settings = get_settings()
     client = redis_client(settings)
     deadline = time.monotonic() + timeout
-    summary: dict[str, Any] = {}
+    not_ready: list[Any] = []
     with console.status("waiting for every pool process to load its models...") as status:
         while time.monotonic() < deadline:
             if watch is not None and watch.poll() is not None:
                 raise RuntimeError(f"the worker exited with code {watch.returncode}")
             with suppress(Exception):
                 summary = fleet_summary(read_snapshots(client, settings.key_prefix))
-                status.update(f"{summary['ready_processes']}/{processes} pool processes ready")
-                if summary["ready_processes"] >= processes:
-                    return summary
+                not_ready = [p.model_dump() for p in summary.not_ready]
+                status.update(f"{summary.ready_processes}/{processes} pool processes ready")
+                if summary.ready_processes >= processes:
+                    return
             time.sleep(0.2)
-    raise TimeoutError(f"pool processes not ready after {timeout:g} s: {summary.get('not_ready')}")
+    raise TimeoutError(f"pool processes not ready after {timeout:g} s: {not_ready}")
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -150,13 +169,14 @@ def up(
     node: str = typer.Option("modelworkers@%h", "--node", "-n", help="Celery node name."),
 ) -> None:
     """Start Redis (embedded unless REDIS_URL is set) and a worker, in the foreground."""
-    settings = get_settings()
-    concurrency = concurrency or settings.worker_concurrency
-    pool = pool or settings.worker_pool
-    with redis_for_run() as url:
-        console.print(f"broker and registry: {redact(url)}")
+    concurrency = concurrency or get_settings().worker_concurrency
+    pool = pool or get_settings().worker_pool
+    with redis_for_run(get_settings()) as settings:
+        console.print(f"broker and registry: {redact(redis_connection_url(settings))}")
+        env = child_env(settings)
         procs: list[tuple[str, subprocess.Popen[Any]]] = []
-        worker = spawn(worker_command(concurrency, pool, loglevel, node, events=flower))
+        command = worker_command(concurrency, pool, loglevel, node, settings.task_queue, flower)
+        worker = spawn(command, env=env)
         procs.append(("worker", worker))
         if flower:
             auth = (
@@ -164,7 +184,7 @@ def up(
                 if settings.flower_basic_auth
                 else f"admin:{secrets.token_urlsafe(12)}"
             )
-            procs.append(("flower", spawn(flower_command(settings.flower_port, auth))))
+            procs.append(("flower", spawn(flower_command(settings.flower_port, auth), env=env)))
             user = auth.split(":", 1)[0]
             console.print(
                 f"Flower: http://127.0.0.1:{settings.flower_port} (user {user!r}; "
@@ -189,7 +209,7 @@ def up(
             while not stopping:
                 for name, proc in procs:
                     if proc.poll() is not None:
-                        err.print(f"[red]{name} exited with code {proc.returncode}[/]")
+                        say(f"{name} exited with code {proc.returncode}")
                         stopping, code = True, proc.returncode or 1
                 time.sleep(0.2)
         finally:
@@ -260,26 +280,27 @@ def demo(
     # The demo's own registry prefix and queue: in a shared Redis it never touches (or serves)
     # a live fleet's keys and tasks.
     demo_id = f"modelworkers-demo-{secrets.token_hex(3)}"
-    os.environ["KEY_PREFIX"] = os.environ["TASK_QUEUE"] = demo_id
-    get_settings.cache_clear()
-    with redis_for_run() as url:
+    base = get_settings().model_copy(update={"key_prefix": demo_id, "task_queue": demo_id})
+    with redis_for_run(base) as settings:
         from workers.app import app
 
-        app.conf.broker_url = app.conf.result_backend = redis_connection_url(get_settings())
+        app.conf.broker_url = app.conf.result_backend = redis_connection_url(settings)
         app.conf.task_default_queue = demo_id
-        client = redis_client(get_settings())
-        console.print(f"broker and registry: {redact(url)} (demo queue and prefix {demo_id})")
+        client = redis_client(settings)
+        url = redact(redis_connection_url(settings))
+        console.print(f"broker and registry: {url} (demo queue and prefix {demo_id})")
         log_path = Path(tempfile.gettempdir()) / "modelworkers-demo-worker.log"
         log_file = log_path.open("wb")
         worker = spawn(
-            worker_command(concurrency, "prefork", "INFO", "demo@%h"),
+            worker_command(concurrency, "prefork", "INFO", "demo@%h", demo_id),
+            env=child_env(settings),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
         console.print(f"worker log: {log_path}")
         try:
             t0 = time.perf_counter()
-            wait_ready(concurrency, timeout, watch=worker)
+            wait_ready(settings, concurrency, timeout, watch=worker)
             console.print(
                 f"{concurrency} pool processes READY {time.perf_counter() - t0:.1f} s "
                 "after the worker was launched"
@@ -297,14 +318,14 @@ def demo(
                     app.send_task(name, args=args, kwargs=kwargs).get(timeout=60)
                     warm.append((time.perf_counter() - t) * 1000)
                 table.add_row(
-                    name, _short(result), f"{first_ms:.1f}", f"{statistics.median(warm):.1f}"
+                    name, Text(_short(result)), f"{first_ms:.1f}", f"{statistics.median(warm):.1f}"
                 )
             console.print(table)
             bad = app.send_task("sentiment.analyze", args=[""])
             with suppress(Exception):
                 bad.get(timeout=30, propagate=False)
-            console.print(f"bad input -> {bad.state}: {bad.result!r}")
-            print_status(read_snapshots(client, get_settings().key_prefix))
+            console.print(Text(f"bad input -> {bad.state}: {bad.result!r}"))
+            print_status(counted_snapshots(client, settings, len(demo_jobs())))
         finally:
             stop_process(worker, "worker")
             log_file.close()
@@ -313,56 +334,71 @@ def demo(
             app.close()
 
 
-def print_status(snaps: list[dict[str, Any]]) -> None:
+def counted_snapshots(client: Any, settings: Settings, calls: int) -> list[ProcessSnapshot]:
+    """The snapshots once the processes have published the calls just made (they publish on
+    their heartbeat): read until they count ``calls`` calls, for at most two heartbeats."""
+    deadline = time.monotonic() + 2 * settings.heartbeat_seconds + 1
+    while True:
+        snaps = read_snapshots(client, settings.key_prefix)
+        counted = sum(m.calls for s in snaps for m in s.models.values())
+        if counted >= calls or time.monotonic() > deadline:
+            return snaps
+        time.sleep(0.2)
+
+
+def print_status(snaps: list[ProcessSnapshot]) -> None:
     """One row per (process, model); errors are listed in full under the table."""
     summary = fleet_summary(snaps)
-    state = "READY" if summary["ready"] else "NOT READY"
-    table = Table(title=f"model registry: {summary['processes']} pool processes, {state}")
+    state = "READY" if summary.ready else "NOT READY"
+    table = Table(title=f"model registry: {summary.processes} pool processes, {state}")
     for col in ("node", "pid", "model", "version", "status", "load s", "calls", "p95 ms"):
         table.add_column(col, no_wrap=col in ("model", "node"))
     problems = []
     for snap in snaps:
-        node = snap.get("node", snap["host"])
-        for name, m in snap["models"].items():
-            p95 = m.get("latency_p95_ms")
-            load = m.get("load_seconds")
-            status = m["status"] + ("*" if m.get("reload_error") else "")
+        node = snap.node or snap.host
+        for name, m in snap.models.items():
+            p95, load = m.latency_p95_ms, m.load_seconds
+            status = m.status + ("*" if m.reload_error else "")
             table.add_row(
-                node,
-                str(snap["pid"]),
-                name,
-                m["version"],
+                Text(node),
+                str(snap.pid),
+                Text(name),
+                Text(m.version),
                 status,
                 f"{load:.2f}" if load is not None else "-",
-                str(m["calls"]),
+                str(m.calls),
                 f"{p95:.1f}" if p95 is not None else "-",
             )
-            for kind in ("error", "reload_error"):
-                if m.get(kind):
-                    problems.append(f"{node} pid {snap['pid']} {name} {kind}: {m[kind]}")
+            for kind, text in (("error", m.error), ("reload_error", m.reload_error)):
+                if text:
+                    problems.append(f"{node} pid {snap.pid} {name} {kind}: {text}")
     console.print(table)
     for line in problems:
-        console.print(f"[red]{line}[/]", soft_wrap=True)
-    if any(m.get("reload_error") for s in snaps for m in s["models"].values()):
+        console.print(Text(line, style="red"), soft_wrap=True)
+    if any(m.reload_error for s in snaps for m in s.models.values()):
         console.print("* serving the previous version after a failed reload")
 
 
-def read_fleet() -> list[dict[str, Any]]:
+def read_fleet(settings: Settings) -> list[ProcessSnapshot]:
     """Every live process's snapshot; exit 2 with a clear line when Redis cannot be read."""
-    settings = get_settings()
     try:
         return read_snapshots(redis_client(settings), settings.key_prefix)
     except Exception as exc:
-        err.print(f"cannot read the registry from Redis: {redact(str(exc))}")
+        say(f"cannot read the registry from Redis: {redact(str(exc))}")
         raise typer.Exit(2) from None
 
 
 @cli.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead.")) -> None:
     """Every pool process and its models, from the registry in Redis."""
-    snaps = read_fleet()
+    snaps = read_fleet(get_settings())
     if as_json:
-        console.print_json(json.dumps({"summary": fleet_summary(snaps), "processes": snaps}))
+        print_json(
+            {
+                "summary": fleet_summary(snaps).model_dump(mode="json"),
+                "processes": [s.model_dump(mode="json") for s in snaps],
+            }
+        )
         return
     if not snaps:
         console.print("no live pool processes (none has published within STATE_TTL_SECONDS)")
@@ -375,15 +411,17 @@ def health(
     min_processes: int = typer.Option(1, help="Required models must be READY in this many."),
     node: str = typer.Option(None, help="Only this node's processes (a container check)."),
 ) -> None:
-    """Exit 0 when the fleet is ready, 1 when not, 2 when Redis cannot be read."""
-    snaps = read_fleet()
+    """Exit 0 when the fleet is ready, 1 when not, 2 when Redis cannot be read. Prints one JSON
+    object (plain, whatever the terminal width)."""
+    snaps = read_fleet(get_settings())
     if node:
-        snaps = [s for s in snaps if s.get("node") == node or s.get("host") == node]
+        snaps = [s for s in snaps if node in (s.node, s.host)]
     summary = fleet_summary(snaps, min_processes=min_processes)
-    console.print(
-        json.dumps({k: summary[k] for k in ("ready", "processes", "ready_processes", "not_ready")})
+    sys.stdout.write(
+        summary.model_dump_json(include={"ready", "processes", "ready_processes", "not_ready"})
+        + "\n"
     )
-    raise typer.Exit(0 if summary["ready"] else 1)
+    raise typer.Exit(0 if summary.ready else 1)
 
 
 @cli.command()
@@ -412,48 +450,57 @@ def reload(
             nodes=destination or None,
         )
     except ModelWorkersError as exc:
-        err.print(f"[red]refused: {exc}[/]")
+        say(f"refused: {exc}")
         raise typer.Exit(2) from None
     except Exception as exc:
-        err.print(f"[red]cannot reach Redis: {redact(str(exc))}[/]")
+        say(f"cannot reach Redis: {redact(str(exc))}")
         raise typer.Exit(2) from None
-    expected = len(request["expected"])
+    expected = len(request.expected)
     if not wait:
-        console.print(f"reload {request['id']} sent to {expected} processes")
+        if as_json:
+            print_json(request.model_dump(mode="json"))
+        else:
+            console.print(f"reload {request.id} sent to {expected} processes")
         return
-    with console.status("reloading...") as status:
+    with console.status("reloading...") as progress:
         outcome = collect_replies(
             client,
             settings.key_prefix,
             request,
             timeout=timeout,
-            progress=lambda done, total: status.update(f"{done}/{total} processes reloaded"),
+            progress=lambda done, total: progress.update(f"{done}/{total} processes reloaded"),
         )
     if as_json:
-        console.print_json(json.dumps(outcome))
+        print_json(outcome.model_dump(mode="json"))
     else:
-        table = Table(title=f"reload {request['id'][:8]}: {', '.join(request['models'])}")
+        table = Table(title=f"reload {request.id[:8]}: {', '.join(request.models or [])}")
         for col in ("node", "pid", "model", "old", "new", "seconds", "result"):
             table.add_column(col, overflow="fold")
-        for reply in outcome["replies"]:
-            for r in reply["results"]:
+        for reply in outcome.replies:
+            for r in reply.results:
                 table.add_row(
-                    reply["node"],
-                    str(reply["pid"]),
-                    str(r["model"]),
-                    str(r["old_version"]),
-                    str(r["new_version"]),
-                    f"{r['seconds']:.2f}" if r.get("seconds") else "-",
-                    "ok" if r["ok"] else f"[red]{r['error']}[/]",
+                    Text(reply.node),
+                    str(reply.pid),
+                    Text(str(r.model)),
+                    Text(str(r.old_version)),
+                    Text(str(r.new_version)),
+                    f"{r.seconds:.2f}" if r.seconds else "-",
+                    Text("ok") if r.ok else Text(str(r.error), style="red"),
                 )
-        for miss in outcome["missing"]:
+        for miss in outcome.missing:
             table.add_row(
-                str(miss["node"]), str(miss["pid"]), "-", "-", "-", "-", f"[red]{miss['error']}[/]"
+                Text(str(miss.node)),
+                str(miss.pid),
+                "-",
+                "-",
+                "-",
+                "-",
+                Text(miss.error, style="red"),
             )
         console.print(table)
     if not expected:
-        err.print("[yellow]no live pool process matched: nothing was reloaded[/]")
-    raise typer.Exit(0 if outcome["ok"] else 1)
+        say("no live pool process matched: nothing was reloaded")
+    raise typer.Exit(0 if outcome.ok else 1)
 
 
 def main() -> None:

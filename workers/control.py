@@ -30,7 +30,7 @@ def registry(state: Any) -> dict[str, Any]:
         snaps = read_snapshots(redis_client(settings), settings.key_prefix)
     except Exception as exc:
         return {"error": f"cannot read the registry from Redis: {redact(str(exc))}"}
-    return {"ok": [s for s in snaps if s.get("node") == node]}
+    return {"ok": [s.model_dump(mode="json") for s in snaps if s.node == node]}
 
 
 @control_command(
@@ -60,8 +60,8 @@ def reload_models(
         return {"error": f"reload could not be sent: {redact(str(exc))}"}
     return {
         "ok": {
-            "request_id": request["id"],
-            "models": request["models"],
-            "processes": len(request["expected"]),
+            "request_id": request.id,
+            "models": request.models,
+            "processes": len(request.expected),
         }
     }

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
+from shared.records import ProcessSnapshot
 from shared.registry import ModelMetadata, ModelState
 
 log = logging.getLogger("modelworkers")
@@ -64,17 +64,15 @@ def log_model_event(meta: ModelMetadata) -> None:
         log.info("model %s unloaded [pid %d]", name, pid)
 
 
-def summary_table(snapshot: dict[str, Any]) -> str:
+def summary_table(snapshot: ProcessSnapshot) -> str:
     """The registry as a fixed-width table (the worker logs it once all loads are done)."""
     rows = [("model", "family", "version", "status", "load s", "device", "note")]
-    for name, m in snapshot["models"].items():
-        note = m.get("error") or ("lazy" if m.get("lazy") and m["status"] == "UNLOADED" else "")
-        load = f"{m['load_seconds']:.2f}" if m.get("load_seconds") is not None else "-"
-        rows.append((name, m["family"], m["version"], m["status"], load, m["device"], note[:60]))
+    for name, m in snapshot.models.items():
+        note = m.error or ("lazy" if m.lazy and m.status == "UNLOADED" else "")
+        load = f"{m.load_seconds:.2f}" if m.load_seconds is not None else "-"
+        rows.append((name, m.family, m.version, m.status, load, m.device, note[:60]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    state = (
-        "READY" if snapshot["ready"] else "NOT READY: " + "; ".join(snapshot["not_ready_reasons"])
-    )
+    state = "READY" if snapshot.ready else "NOT READY: " + "; ".join(snapshot.not_ready_reasons)
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join([f"registry of pid {snapshot['pid']}: {state}", *lines])
+    return "\n".join([f"registry of pid {snapshot.pid}: {state}", *lines])

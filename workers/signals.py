@@ -1,4 +1,4 @@
-"""Celery signal handlers. Thin: they call ``workers.process``, which calls the registry."""
+"""Celery signal handlers. Thin: they create and drive this node's ``ServingProcess``."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from celery.signals import (
 )
 
 from shared.settings import get_settings
-from workers import process
+from workers import serving
 from workers.logs import configure_logging, drop_early_handler
+from workers.serving import ServingProcess
 
 log = logging.getLogger("modelworkers.worker")
-_pool_kind = "prefork"
 
 
 def pool_kind(worker: Any) -> str:
-    """prefork / solo / threads / gevent / eventlet, from the worker's pool class."""
+    """prefork / solo / threads (or another pool's name), from the worker's pool class."""
     cls = getattr(worker, "pool_cls", "prefork")
     name = cls if isinstance(cls, str) else f"{cls.__module__}"
-    for kind in ("prefork", "solo", "threads", "thread", "gevent", "eventlet", "processes"):
+    for kind in ("prefork", "solo", "threads", "thread", "processes", "gevent", "eventlet"):
         if kind in name:
             return {"thread": "threads", "processes": "prefork"}.get(kind, kind)
     return "prefork"
@@ -34,26 +34,15 @@ def pool_kind(worker: Any) -> str:
 @worker_init.connect
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Main process, before the pool starts: imports (and parent-mode loads) happen here."""
-    global _pool_kind
     configure_logging(early=True)
     settings = get_settings()
-    settings.ensure_dirs()
-    process.NODE_NAME = getattr(sender, "hostname", "") or ""
-    _pool_kind = pool_kind(sender)
+    pool = pool_kind(sender)
     concurrency = int(getattr(sender, "concurrency", 0) or settings.worker_concurrency)
-    process.SERVING_PROCESSES = concurrency if _pool_kind == "prefork" else 1
-    process.enable_metrics(settings)
-    manifest = process.read_manifest(settings)
-    if settings.preimport:
-        seconds = process.preimport(manifest)
-        log.info(
-            "imported model libraries in %.2f s before starting the %s pool", seconds, _pool_kind
-        )
-    if _pool_kind in ("threads", "gevent", "eventlet"):
-        # These pools never send worker_process_init: this process serves, so it loads now.
-        process.start_serving(settings)
-    elif _pool_kind == "prefork" and process.resolve_preload_mode(settings) == "parent":
-        process.load_in_parent(settings)
+    node = getattr(sender, "hostname", "") or ""
+    process = serving.install(
+        ServingProcess(settings, node=node, pool=pool, concurrency=concurrency)
+    )
+    process.prepare()
 
 
 @after_setup_logger.connect
@@ -65,17 +54,20 @@ def on_after_setup_logger(**_: Any) -> None:
 @worker_process_init.connect
 def on_worker_process_init(**_: Any) -> None:
     """Each prefork child (and the solo pool's main process): load the models, then serve."""
-    settings = get_settings()
-    inherited = _pool_kind == "prefork" and process.resolve_preload_mode(settings) == "parent"
-    process.start_serving(settings, inherited=inherited)
+    process = serving.current()
+    if process is not None:
+        process.start()
 
 
 @worker_process_shutdown.connect
 def on_worker_process_shutdown(**_: Any) -> None:
-    process.stop_serving()
+    process = serving.current()
+    if process is not None:
+        process.stop()
 
 
 @worker_shutdown.connect
 def on_worker_shutdown(**_: Any) -> None:
-    if _pool_kind in ("threads", "gevent", "eventlet", "solo"):
-        process.stop_serving()
+    process = serving.current()
+    if process is not None and process.pool in ("threads", "solo"):
+        process.stop()

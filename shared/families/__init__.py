@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from shared.families.base import Model
+from shared.families.base import Model, ModelContext
 
 FAMILIES: dict[str, str] = {
     "transformers": "shared.families.transformers_sentiment:TransformersSentiment",
@@ -32,4 +32,4 @@ def family_class(family: str, implementation: str = "") -> type[Model]:
     return cls
 
 
-__all__ = ["FAMILIES", "Model", "family_class"]
+__all__ = ["FAMILIES", "Model", "ModelContext", "family_class"]

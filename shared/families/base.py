@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from shared.manifest import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What the registry that loads a model gives it, besides its spec.
+
+    ``device`` is where the model runs: ``cpu``, or for a family with ``uses_device`` the
+    worker's device (``cuda``, ``cuda:1``, or ``auto``, which the family resolves in ``load``).
+    ``threads`` is the serving process's thread budget (torch / BLAS). ``defaults`` are the
+    deployment's defaults for options the model file does not set (``Model.option``).
+    """
+
+    device: str = "cpu"
+    threads: int = 1
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Model:
@@ -20,12 +37,20 @@ class Model:
     #: OpenMP thread pool (neither survives fork). What it builds lazily (Stan's model, caches,
     #: lexicons) is then built once and shared by every pool process instead of once in each.
     warm_before_fork: ClassVar[bool] = False
-    #: Runs on the registry's device (MODEL_DEVICE: cpu, cuda, auto); others always on the CPU.
+    #: Runs on the worker's device (MODEL_DEVICE: cpu, cuda, auto); others always on the CPU.
     uses_device: ClassVar[bool] = False
 
-    def __init__(self, spec: ModelSpec, *, device: str = "cpu") -> None:
+    def __init__(
+        self, spec: ModelSpec, context: ModelContext | None = None, *, device: str | None = None
+    ) -> None:
+        """``device=`` alone is the older way to give the device (kept for a release): it means
+        ``context=ModelContext(device=...)``."""
         self.spec = spec
-        self.device = device
+        if context is None:
+            context = ModelContext(device=device) if device is not None else ModelContext()
+        self.context = context
+
+        self.device = self.context.device
         self.warmed_before_fork = False  # set by ModelRegistry.warm_all(before_fork=True)
 
     @property
@@ -35,6 +60,12 @@ class Model:
     @property
     def version(self) -> str:
         return self.spec.version
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """The model file's option ``key``, else the deployment's default, else ``default``."""
+        if key in self.spec.options:
+            return self.spec.options[key]
+        return self.context.defaults.get(key, default)
 
     @classmethod
     def preimport(cls) -> None:

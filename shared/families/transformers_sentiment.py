@@ -8,7 +8,6 @@ from typing import Any
 from shared.batching import pad_groups
 from shared.families.base import Model
 from shared.manifest import verify_artifact
-from shared.settings import get_settings
 
 # Labels a 2- or 3-class checkpoint may use, mapped onto the contract's labels.
 _GENERIC = {
@@ -32,9 +31,9 @@ class TransformersSentiment(Model):
 
     Equivalent to ``transformers.pipeline("text-classification")`` (softmax over the logits,
     top label), without the pipeline's per-call overhead. On a GPU a batch runs as one padded
-    forward pass; on a CPU as length-sorted forward passes with little padding (``pad_ratio``
-    manifest option, else BATCH_PAD_RATIO). On a CPU a small forward pass (under
-    ``small_forward_mflop``, else TORCH_SMALL_FORWARD_MFLOP) runs on one torch thread.
+    forward pass; on a CPU as length-sorted forward passes with little padding (option
+    ``pad_ratio``). On a CPU a small forward pass (under option ``small_forward_mflop``) runs on
+    one torch thread.
     """
 
     _model: Any = None
@@ -66,14 +65,18 @@ class TransformersSentiment(Model):
         self._model = model
         self._torch = torch
         self.max_length = int(self.spec.options.get("max_length", 128))
-        ratio = self.spec.options.get("pad_ratio")
-        if ratio is None:  # GPUs want one large batch; CPUs waste compute on padding
-            ratio = get_settings().batch_pad_ratio if self.device == "cpu" else 0.0
-        self.pad_ratio = float(ratio)
-        small = self.spec.options.get("small_forward_mflop")
-        if small is None:
-            small = get_settings().torch_small_forward_mflop if self.device == "cpu" else 0.0
-        self.small_forward_mflop = float(small)
+        # GPUs want one large batch; CPUs waste compute on padding and on waking idle threads,
+        # so the deployment's defaults for these (BATCH_PAD_RATIO, TORCH_SMALL_FORWARD_MFLOP)
+        # apply on a CPU only; a model file's own option applies everywhere.
+        cpu = self.device == "cpu"
+        self.pad_ratio = float(
+            self.option("pad_ratio", 1.25) if cpu else self.spec.options.get("pad_ratio", 0.0)
+        )
+        self.small_forward_mflop = float(
+            self.option("small_forward_mflop", 30.0)
+            if cpu
+            else self.spec.options.get("small_forward_mflop", 0.0)
+        )
         # ~2 FLOPs per weight per token; the embedding tables are looked up, not multiplied
         embedding = sum(
             p.numel()
@@ -148,8 +151,8 @@ class TransformersSentiment(Model):
 
     def forward_threads(self, tokens: int) -> int:
         """torch threads for a forward pass over ``tokens`` (padded) tokens: one when the pass is
-        under ``small_forward_mflop`` (CPU): waking the others costs more than they save,
-        8-16 ms after a pause here (docs/architecture.md); else the process's setting."""
+        under ``small_forward_mflop`` (CPU), where waking the other threads costs more than they
+        save (docs/architecture.md); else the process's setting."""
         threads = int(self._torch.get_num_threads())
         if threads > 1 and tokens * self.flop_per_token < self.small_forward_mflop * 1e6:
             return 1

@@ -12,7 +12,7 @@ import pytest
 from shared.errors import ModelNotFound, ModelNotReady
 from shared.families.sklearn_pipeline import SklearnPipeline
 from shared.manifest import ModelSpec, load_manifest
-from shared.registry import LazyModelLoader, ModelRegistry, ModelState
+from shared.registry import ModelRegistry, ModelState
 from tests.fixtures import build_kmeans, write_manifest
 
 
@@ -163,26 +163,25 @@ def test_lazy_models_load_once_even_when_many_threads_ask_at_once(tmp_path: Path
     assert loads.count("LOADING") == 1 and loads.count("READY") == 1
 
 
-def test_lazy_model_loader_runs_its_factory_once_and_retries_after_a_failure() -> None:
-    calls = {"n": 0}
+def test_concurrent_first_requests_load_a_lazy_model_once(tmp_path: Path) -> None:
+    from tests.support.families import CountingModel
 
-    def factory() -> str:
-        calls["n"] += 1
-        time.sleep(0.05)
-        if calls["n"] == 1:
-            raise RuntimeError("first load fails")
-        return "model"
-
-    lazy = LazyModelLoader(factory)
-    with pytest.raises(RuntimeError):
-        lazy.get()
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(lazy.get())) for _ in range(6)]
+    spec = ModelSpec(
+        name="lazy", family="test", implementation="tests.support.families:CountingModel", lazy=True
+    )
+    registry = ModelRegistry()
+    registry.load_all([spec])
+    assert registry.metadata("lazy").status is ModelState.UNLOADED and CountingModel.loads == 0
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(registry.get("lazy"))) for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=10)
-    assert results == ["model"] * 6 and calls["n"] == 2
+    assert len(results) == 6 and len({id(r) for r in results}) == 1
+    assert CountingModel.loads == 1 and registry.metadata("lazy").status is ModelState.READY
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")

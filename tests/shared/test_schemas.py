@@ -8,8 +8,9 @@ import pytest
 
 from shared import schemas
 from shared.errors import InvalidInput
+from shared.settings import Settings
 
-L = schemas.Limits()
+L = schemas.Limits.from_settings(Settings())
 DS = [f"2024-01-{d:02d}" for d in range(1, 21)]
 Y = [float(v) for v in range(20)]
 

@@ -51,3 +51,14 @@ class HangingClassifier(_Classifier):
             while True:
                 time.sleep(0.05)
         return self.answer(texts)
+
+
+class CountingModel(Model):
+    """Counts its loads (class-wide); each load takes a little while."""
+
+    family = "test"
+    loads = 0
+
+    def load(self) -> None:
+        time.sleep(0.05)
+        type(self).loads += 1

@@ -1,0 +1,156 @@
+"""What processes write to Redis and read back, typed: process snapshots, model status, reload
+requests and replies, and the fleet summary built from the snapshots.
+
+Redis holds these as JSON (``model_dump_json`` / ``model_validate_json``), so a web app in any
+language reads the same keys (their shapes are in docs/operations.md). Reading ignores fields it
+does not know, so that processes of two releases can share a fleet during an upgrade.
+
+Every record also answers ``record["field"]`` (and ``record.get("field")``), as the plain dicts
+these functions returned before did; attribute access is the typed way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    """Base of the records: JSON in Redis, unknown fields ignored, dict-style reads allowed."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+# ---- one process -------------------------------------------------------------------------
+class ModelStatus(Record):
+    """One model in one serving process."""
+
+    name: str
+    family: str
+    version: str
+    status: str  # LOADING | READY | FAILED | UNLOADED
+    required: bool = True
+    lazy: bool = False
+    fallback: str | None = None
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+    reload_error: str | None = None
+    device: str = "cpu"
+    memory_delta_mb: float | None = None
+    calls: int = 0
+    failures: int = 0
+    latency_mean_ms: float | None = None
+    latency_p95_ms: float | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProcessSnapshot(Record):
+    """A serving process's registry and health: ``PREFIX:proc:HOST:PID`` in Redis."""
+
+    node: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat: float | None = None  # set when published
+    ready: bool
+    not_ready_reasons: list[str] = Field(default_factory=list)
+    models: dict[str, ModelStatus] = Field(default_factory=dict)
+    unlisted_artifacts: list[str] = Field(default_factory=list)
+    manifest_problems: dict[str, str] = Field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+# ---- the fleet ---------------------------------------------------------------------------
+class ModelSummary(Record):
+    """One model across the processes of a fleet (or a node)."""
+
+    required: bool
+    ready_in: int = 0
+    failed_in: int = 0
+    versions: dict[str, int] = Field(default_factory=dict)  # version -> processes serving it
+
+
+class NotReadyProcess(Record):
+    node: str | None
+    pid: int | None
+    reasons: list[str] = Field(default_factory=list)
+
+
+class FleetSummary(Record):
+    """Is every required model READY in enough processes; who is not ready."""
+
+    ready: bool
+    processes: int
+    ready_processes: int
+    models: dict[str, ModelSummary] = Field(default_factory=dict)
+    not_ready: list[NotReadyProcess] = Field(default_factory=list)
+
+
+# ---- reloads -----------------------------------------------------------------------------
+class ReloadRequest(Record):
+    """A reload published on ``PREFIX:control`` (models None: all; nodes None: every node)."""
+
+    id: str
+    action: str = "reload"
+    models: list[str] | None = None
+    version: str | None = None
+    nodes: list[str] | None = None
+    sent_at: float = 0.0
+    # (hash key, model, version to put back or None to remove): what the desired-version hashes
+    # held before this request, so that a failed reload can restore them exactly
+    previous_desired: list[tuple[str, str, str | None]] = Field(default_factory=list)
+
+
+class SentReload(ReloadRequest):
+    """A published request, with the processes expected to answer it."""
+
+    expected: list[tuple[str | None, int]] = Field(default_factory=list)  # (node, pid)
+    receivers: int = 0  # subscribers that got the message (processes, not nodes)
+
+
+class ReloadResult(Record):
+    """One model's reload in one process."""
+
+    model: str | None
+    old_version: str | None = None
+    new_version: str | None = None
+    ok: bool = False
+    seconds: float | None = None
+    error: str | None = None
+
+
+class ProcessReply(Record):
+    """A process's answer to a reload request: ``PREFIX:reload:ID`` holds one per process."""
+
+    node: str
+    host: str
+    pid: int
+    ok: bool
+    results: list[ReloadResult] = Field(default_factory=list)
+
+
+class MissingReply(Record):
+    node: str | None
+    pid: int
+    error: str
+
+
+class ReloadOutcome(Record):
+    """What ``collect_replies`` saw: every reply, who did not answer, what was rolled back."""
+
+    id: str
+    ok: bool
+    rolled_back: list[ReloadRequest] = Field(default_factory=list)
+    replies: list[ProcessReply] = Field(default_factory=list)
+    missing: list[MissingReply] = Field(default_factory=list)
