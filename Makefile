@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
-.PHONY: install run up test lint bench bench-quick models clean
+.PHONY: install run up test test-unit lint bench bench-quick models clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON)"; exit 1; }
@@ -30,7 +30,11 @@ test: install         ## install, then lint, type-check and run the whole suite
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
+test-unit: install    ## the tests that start no worker process (under a minute)
+	$(BIN)/python -m pytest -m "not integration" -q
+
 lint: install
+
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: install

@@ -55,7 +55,7 @@ task_routes = {
 task_track_started = _s.track_started
 task_time_limit = _s.task_time_limit_seconds
 task_soft_time_limit = max(1, _s.task_time_limit_seconds - 10)
-# Task events cost 1.3-2.4 ms per task (bench/overhead.py); Flower enables them while it watches.
+# Task events cost time on every task (docs/benchmarks.md); Flower enables them while it watches.
 task_send_sent_event = _s.task_events
 worker_send_task_events = _s.task_events
 

@@ -373,7 +373,7 @@ def build_sunspots_arima(out: Path, cache: Path) -> None:
     if not results.mle_retvals.get("converged", False):
         raise RuntimeError(f"sunspots_arima: ARIMA{SUNSPOTS_ORDER} fit did not converge")
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The state-space results hold 9x9 covariances per year: 5.5 MB raw, 0.5 MB compressed.
+    # The state-space results hold a 9x9 covariance per year: compress them.
     # joblib.load decompresses transparently.
     joblib.dump(results, target, compress=3)
 

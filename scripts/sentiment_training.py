@@ -249,7 +249,7 @@ def _tensors(ids: list[list[int]], labels: list[int], chunk: list[int], pad_id: 
 
 
 def _bucketed_batches(ids: list[list[int]], rng: Any) -> list[list[int]]:
-    """Shuffled batches, each of texts of similar length (less padding, about 2x faster).
+    """Shuffled batches, each of texts of similar length (less padding, faster epochs).
 
     Shuffle, sort windows of 50 batches by length, cut into batches, shuffle the batches.
     """

@@ -1,6 +1,8 @@
 """The one settings class. Everything configurable is read here, from the environment and ``.env``.
 
-``celeryconfig.py`` maps these onto Celery's names; no other module reads the environment.
+``celeryconfig.py`` maps these onto Celery's names. No other module reads modelworkers' settings
+from the environment; ``Settings.ensure_dirs`` sets the few variables the ML libraries read
+(``HF_HOME``, ``HF_HUB_OFFLINE``...) before they are imported.
 """
 
 from __future__ import annotations
@@ -133,10 +135,9 @@ class Settings(BaseSettings):
         30.0,
         ge=0,
         description="CPU only: a transformers forward pass under this many MFLOP (about 2 x "
-        "padded tokens x the model's non-embedding weights; one short text on the small "
-        "default model is ~17) runs on one torch thread even when the process has more: waking "
-        "the other threads costs more than they save (8-16 ms after a pause here). 0: always every "
-        "thread.",
+        "padded tokens x the model's non-embedding weights) runs on one torch thread even when "
+        "the process has more: after a pause, waking the other threads costs more than they "
+        "save on a small pass. 0: always every thread.",
     )
     load_timeout_seconds: float = Field(
         60.0,
@@ -154,8 +155,8 @@ class Settings(BaseSettings):
     task_events: bool = Field(
         False,
         description="Send task events (task-received/started/succeeded) from every worker. "
-        "Off: they cost ~1.3 ms per task here; Flower turns them on at run time "
-        "(enable_events) while it watches, and `modelworkers up --flower` passes -E.",
+        "Off: they cost time on every task (docs/benchmarks.md); Flower turns them on at run "
+        "time (enable_events) while it watches, and `modelworkers up --flower` passes -E.",
     )
     track_started: bool = Field(
         False,
@@ -183,8 +184,8 @@ class Settings(BaseSettings):
         description="Threads pool only: micro-batches that run at the same time, each on the "
         "process's torch threads / lanes (sentiment.analyze goes through them; analyze_batch "
         "too when there is more than one). 0 = auto: 2 on a CPU with 2 or more torch threads "
-        "(two one-thread lanes gave 1.2-1.3x the texts/s of one two-thread batch here), 1 on "
-        "CUDA (one large batch).",
+        "(two one-thread lanes outran one two-thread batch, docs/benchmarks.md), 1 on CUDA "
+        "(one large batch).",
     )
     batch_pad_ratio: float = Field(
         1.25,

@@ -56,3 +56,50 @@ def test_compose_file_has_password_redis_worker_replicas_with_health_checks_and_
     assert "--basic-auth" in " ".join(services["flower"]["command"])
     assert services["flower"]["ports"][0].startswith("127.0.0.1:")
     assert (ROOT / services["worker"]["build"] / "Dockerfile").exists()
+
+
+def test_no_module_of_workers_assigns_a_global_of_another_module() -> None:
+    """State of the worker side lives in objects (ServingProcess), not in module globals that
+    other modules write: no ``module.NAME = ...`` on a workers module from outside it."""
+    import ast
+
+    offences = []
+    for path in sorted((ROOT / "workers").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "workers":
+                modules |= {alias.asname or alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                modules |= {
+                    alias.asname or alias.name
+                    for alias in node.names
+                    if alias.name.startswith("workers.")
+                }
+        for node in ast.walk(tree):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and isinstance(target.value, ast.Name)
+                    and target.value.id in modules
+                ):
+                    offences.append(f"{path.name}:{node.lineno} {target.value.id}.{target.attr}")
+    assert not offences, offences
+
+
+def test_pre_commit_config_is_valid_and_runs_the_projects_tools() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "validate-config", ".pre-commit-config.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {hook["id"] for repo in config["repos"] for hook in repo["hooks"]}
+    assert hooks == {"ruff", "ruff-format", "mypy"}

@@ -11,13 +11,12 @@ are not counted as served (``ModelRegistry.uncounted``).
 
 Only models already READY are rehearsed (a lazy model stays unloaded), on the smallest inputs,
 and only the tasks that serve them: the tasks that fit a new model per request (forecast.prophet,
-forecast.arima, clustering.fit) are left out. Rehearsing the two small fits as well added ~3.5 MiB
-of private memory to each pool process of a 4-process copy-on-write worker (875 vs 862 MiB total
-PSS, two runs each) for requests a deployment may never send, and without the fits the rehearsal
-added ~0.6 MiB a process. It runs where the models are served, after fork: rehearsing in the
-copy-on-write parent too left the total PSS of a 2-process worker unchanged (the pages moved,
-they were not saved), and torch must not compute there. A failed rehearsal is logged and never
+forecast.arima, clustering.fit) are left out: rehearsing them cost private memory in every pool
+process for requests a deployment may never send (docs/benchmarks.md). It runs where the models
+are served, after fork: rehearsing in the copy-on-write parent only moved the pages it touched
+(docs/benchmarks.md), and torch must not compute there. A failed rehearsal is logged and never
 keeps a process from serving.
+
 """
 
 from __future__ import annotations

@@ -80,3 +80,34 @@ def test_per_task_bookkeeping_follows_the_settings() -> None:
     ]
     assert "-E" in worker_command(2, "prefork", "INFO", "n@h", events=True)
     assert "-E" not in worker_command(2, "prefork", "INFO", "n@h")
+
+
+def test_health_prints_plain_json_at_any_terminal_width(serving_worker: WorkerProcess) -> None:
+    """Piped into a JSON parser at COLUMNS=12, against a fleet and against an empty Redis."""
+    serving_worker.wait_ready(2)
+    for env, ready in (
+        (serving_worker.env, True),
+        ({**serving_worker.env, "KEY_PREFIX": "none"}, False),
+    ):
+        done = subprocess.run(
+            f"{sys.executable} -m workers.cli health | {sys.executable} -m json.tool",
+            shell=True,
+            cwd=ROOT,
+            env={**env, "COLUMNS": "12"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr  # json.tool's exit status: it parsed
+        assert json.loads(done.stdout)["ready"] is ready
+
+
+def test_json_outputs_are_plain_and_error_texts_are_printed_verbatim(
+    serving_worker: WorkerProcess,
+) -> None:
+    env = {**serving_worker.env, "COLUMNS": "20"}
+    status = cli(env, "status", "--json")
+    assert json.loads(status.stdout)["summary"]["processes"] == 2  # no wrapping, no markup
+    refused = cli(env, "reload", "[bold]nope[red]")
+    assert refused.returncode == 2
+    assert "refused: model '[bold]nope[red]' is not in the manifest" in refused.stderr

@@ -279,3 +279,15 @@ def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
     got = client.send_task("sentiment.analyze", args=["a moving, beautiful film"]).get(timeout=30)
     assert got["fallback"] is False and got["label"] == "positive"
     close_app(client)
+
+
+@pytest.mark.parametrize("target", ["workers", "workers.app"])
+def test_celery_finds_the_app_by_package_or_module(start_worker: Start, target: str) -> None:
+    """``celery -A workers worker`` (Celery's usual form) and ``-A workers.app`` both serve."""
+    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(MANIFEST)})
+    worker.stop()
+    worker.args[worker.args.index("workers.app")] = target
+    worker.start().wait_ready(1, timeout=120)
+    client = worker.app()
+    assert client.send_task("sentiment.analyze", args=["a fine day"]).get(timeout=30)["label"]
+    close_app(client)

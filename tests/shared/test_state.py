@@ -1,0 +1,86 @@
+"""Snapshots in Redis and the fleet summary, against a real Redis (no worker process)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+
+from shared.records import ModelStatus, ProcessSnapshot
+from shared.state import fleet_summary, proc_key, publish_snapshot, read_snapshots
+from tests.harness import wait_for
+
+
+def snap(node: str, pid: int, *, ready: bool = True, **models: str) -> ProcessSnapshot:
+    """A snapshot whose models are ``name="STATUS@version"``; seg is required, others not."""
+    statuses = {}
+    for name, value in models.items():
+        status, _, version = value.partition("@")
+        statuses[name] = ModelStatus(
+            name=name,
+            family="sklearn",
+            version=version or "1",
+            status=status,
+            required=name == "seg",
+        )
+    reasons = [] if ready else ["seg is FAILED: broken"]
+    return ProcessSnapshot(
+        node=node,
+        host="h",
+        pid=pid,
+        started_at=1.0,
+        ready=ready,
+        not_ready_reasons=reasons,
+        models=statuses,
+    )
+
+
+def test_published_snapshots_come_back_typed_sorted_and_expire(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"t-{uuid.uuid4().hex[:6]}"
+    before = time.time()
+    publish_snapshot(client, prefix, snap("b@h", 2, seg="READY"), ttl=60)
+    publish_snapshot(client, prefix, snap("a@h", 9, seg="READY"), ttl=60)
+    key = publish_snapshot(client, prefix, snap("a@h", 3, seg="READY"), ttl=1)
+    assert key == proc_key(prefix, "h", 3) and 0 < client.ttl(key) <= 1
+    client.set(f"{prefix}:proc:h:77", b"{not json")  # written by something else: skipped
+    got = read_snapshots(client, prefix)
+    assert [(s.node, s.pid) for s in got] == [("a@h", 3), ("a@h", 9), ("b@h", 2)]
+    assert all(s.heartbeat is not None and s.heartbeat >= before for s in got)
+    assert got[0].models["seg"].status == "READY"
+    wait_for(lambda: len(read_snapshots(client, prefix)) == 2, 5, "the 1 s snapshot to expire")
+
+
+def test_the_fleet_is_ready_when_every_process_and_required_model_is() -> None:
+    fleet = [snap("a@h", 1, seg="READY@1", opt="FAILED"), snap("b@h", 2, seg="READY@2")]
+    summary = fleet_summary(fleet)
+    assert summary.ready and summary.processes == 2 and summary.ready_processes == 2
+    assert summary.models["seg"].ready_in == 2 and summary.models["seg"].versions == {
+        "1": 1,
+        "2": 1,
+    }
+    assert summary.models["opt"].failed_in == 1 and not summary.models["opt"].required
+    assert not fleet_summary(fleet, min_processes=3).ready
+
+
+def test_a_process_that_is_not_ready_is_named_with_its_reasons() -> None:
+    summary = fleet_summary(
+        [snap("a@h", 1, seg="READY"), snap("b@h", 2, ready=False, seg="FAILED")]
+    )
+    assert not summary.ready and summary.ready_processes == 1
+    assert [(p.node, p.pid, p.reasons) for p in summary.not_ready] == [
+        ("b@h", 2, ["seg is FAILED: broken"])
+    ]
+    assert summary.models["seg"].ready_in == 1 and summary.models["seg"].failed_in == 1
+
+
+def test_no_process_means_not_ready() -> None:
+    summary = fleet_summary([])
+    assert not summary.ready and summary.processes == 0
+
+
+def test_records_still_answer_dict_style_reads() -> None:
+    summary = fleet_summary([snap("a@h", 1, seg="READY")])
+    assert summary["ready"] is True and summary["models"]["seg"]["ready_in"] == 1
+    assert summary.get("nothing", "default") == "default"
