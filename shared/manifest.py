@@ -1,7 +1,11 @@
-"""The model manifest: which models exist, where their artifacts are and how to trust them.
+"""What a worker serves: model specs, artifact checksums, and the earlier single-file format.
 
-Finding models (this module) is separate from loading them (``shared.registry``). The manifest is
-TOML with one ``[[model]]`` table per (name, version)::
+``ModelSpec`` is one (name, version) a worker may load; ``Manifest`` is every spec a deployment
+lists, with the problems found while reading them. They come from the model repository
+(``shared.repository``, one folder per model: the format to use) or from a single
+``models.toml`` of the earlier format, which ``load_manifest`` still reads for this release
+(MODEL_MANIFEST): one ``[[model]]`` table per (name, version)::
+
 
     [[model]]
     name = "customer_segments"      # what tasks ask for
@@ -22,14 +26,17 @@ Artifacts are only ever read from paths the manifest lists, after their sha256 m
 from __future__ import annotations
 
 import hashlib
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import ArtifactError, ManifestError
+
+log = logging.getLogger("modelworkers.manifest")
 
 ARTIFACT_SUFFIXES = (".joblib", ".pkl", ".pickle", ".json", ".safetensors", ".bin")
 
@@ -50,20 +57,10 @@ class ModelSpec(BaseModel):
     lazy: bool = False
     fallback: str = ""
     active: bool | None = None
+    queue: str = ""  # the queue this model's tasks are routed to ("": the default queue)
     options: dict[str, Any] = Field(default_factory=dict)
     # Filled in by load_manifest: absolute artifact path; hub ids / overrides leave it as given.
     location: str = ""
-
-    @model_validator(mode="after")
-    def _known_family(self) -> ModelSpec:
-        from shared.families import FAMILIES
-
-        if not self.implementation and self.family not in FAMILIES:
-            raise ValueError(
-                f"family {self.family!r} is not one of {', '.join(sorted(FAMILIES))}; "
-                "name a class with implementation = 'package.module:Class'"
-            )
-        return self
 
     @field_validator("path")
     @classmethod
@@ -199,6 +196,26 @@ def load_manifest(
             continue
         location = str((base / spec.path).resolve()) if spec.path else ""
         manifest.specs.append(spec.model_copy(update={"location": location}))
+    apply_overrides(manifest, overrides)
+    # Bounded: only the manifest's own folder and the folders that hold listed artifacts, one
+    # level each (a folder that also holds virtual environments must not be walked).
+    listed = {Path(s.location) for s in manifest.specs if s.location}
+    folders = {base.resolve()} | {p.parent for p in listed if p.parent != p}
+    for folder in sorted(folders):
+        if not folder.is_dir() or base.resolve() not in (folder, *folder.parents):
+            continue
+        for candidate in sorted(folder.iterdir()):
+            if candidate.is_file() and candidate.suffix in ARTIFACT_SUFFIXES:
+                resolved = candidate.resolve()
+                if not any(resolved == p or p in resolved.parents for p in listed):
+                    manifest.unlisted.append(candidate.relative_to(base.resolve()).as_posix())
+    return manifest
+
+
+def apply_overrides(manifest: Manifest, overrides: dict[str, str] | None) -> None:
+    """Point a model's active entry at a replacement location (an HF directory or hub id: the
+    SENTIMENT_MODEL setting), marked ``sha256 = ""`` with ``options.trusted_override``; then
+    record every fallback that names no model as a problem."""
     for name, target in (overrides or {}).items():
         for i, spec in enumerate(manifest.specs):
             if spec.name == name and spec in manifest.active():
@@ -211,25 +228,33 @@ def load_manifest(
                         "version": spec.version + "+override",
                     }
                 )
-    known_fallbacks = {s.name for s in manifest.specs}
+    known = {s.name for s in manifest.specs}
     for spec in list(manifest.specs):
-        if spec.fallback and spec.fallback not in known_fallbacks:
+        if spec.fallback and spec.fallback not in known:
             manifest.problems[spec.name] = f"fallback: {spec.fallback!r} is not in the manifest"
-    listed = {Path(s.location) for s in manifest.specs if s.location}
-    for candidate in sorted(base.rglob("*")):
-        if "cache" in candidate.relative_to(base).parts:
-            continue
-        if candidate.is_file() and candidate.suffix in ARTIFACT_SUFFIXES:
-            resolved = candidate.resolve()
-            if not any(resolved == p or p in resolved.parents for p in listed):
-                manifest.unlisted.append(candidate.relative_to(base).as_posix())
-    return manifest
+
+
+_warned: set[str] = set()
 
 
 def manifest_from_settings(settings: Any) -> Manifest:
-    """The manifest as every part of modelworkers reads it: MODEL_MANIFEST, MODEL_VERSION for
-    entries without a version, and the SENTIMENT_MODEL override."""
+    """What this deployment serves, as every part of modelworkers reads it: the model repository
+    (MODEL_REPOSITORY), or a single-file manifest of the earlier format (MODEL_MANIFEST, or a
+    MODEL_REPOSITORY that names a .toml file), with the SENTIMENT_MODEL override."""
+    from shared.repository import load_repository
+
     overrides = {"sentiment": settings.sentiment_model} if settings.sentiment_model else None
-    return load_manifest(
-        settings.model_manifest, overrides=overrides, default_version=settings.model_version
-    )
+    legacy: Path | None = settings.model_manifest
+    if legacy is None and Path(settings.model_repository).suffix == ".toml":
+        legacy = Path(settings.model_repository)
+    if legacy is None:
+        return load_repository(Path(settings.model_repository), overrides=overrides)
+    if str(legacy) not in _warned:
+        _warned.add(str(legacy))
+        log.warning(
+            "%s is a single-file manifest (MODEL_MANIFEST), kept working for this release: "
+            "convert it to a model repository, one folder per model with a model.toml "
+            "(docs/models.md, 'Converting a models.toml')",
+            legacy,
+        )
+    return load_manifest(legacy, overrides=overrides, default_version=settings.model_version)

@@ -108,12 +108,17 @@ class Settings(BaseSettings):
     )
 
     # --- models ---------------------------------------------------------------------------
-    model_manifest: Path = Field(
-        PROJECT_ROOT / "models" / "models.toml"
-        if (PROJECT_ROOT / "models" / "models.toml").exists()
-        else Path("models/models.toml"),
-        description="The model manifest (TOML); default: the project's models/models.toml.",
+    model_repository: Path = Field(
+        PROJECT_ROOT / "models" if (PROJECT_ROOT / "models").is_dir() else Path("models"),
+        description="The model repository: one folder per model, each with a model.toml "
+        "(docs/models.md); default: the project's models/ folder.",
     )
+    model_manifest: Path | None = Field(
+        None,
+        description="Deprecated: a single-file models.toml of the earlier format, read instead "
+        "of MODEL_REPOSITORY (kept for this release; convert it, docs/models.md).",
+    )
+
     model_cache_dir: Path = Field(
         Path("models/cache"),
         description="Hugging Face cache directory (HF_HOME); created on start.",

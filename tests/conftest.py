@@ -12,7 +12,7 @@ import pytest
 from tests.harness import ROOT, WorkerProcess, close_app
 from workers.embedded import EmbeddedRedis
 
-MANIFEST = ROOT / "models" / "models.toml"
+REPOSITORY = ROOT / "models"
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,7 @@ def start_worker(redis_url: str, worker_logs: Path) -> Iterator[Callable[..., Wo
 def serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
     """One prefork worker (concurrency 2) with the project's real models, for contract tests."""
     worker = WorkerProcess(
-        redis_url, concurrency=2, log_dir=worker_logs, env={"MODEL_MANIFEST": str(MANIFEST)}
+        redis_url, concurrency=2, log_dir=worker_logs, env={"MODEL_REPOSITORY": str(REPOSITORY)}
     ).start()
     try:
         worker.wait_ready(2, timeout=120)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import redis
 
-from tests.conftest import MANIFEST
+from tests.conftest import REPOSITORY
 from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import Tally, client_app, queue_drained, wait_final
 from workers.embedded import EmbeddedRedis
@@ -56,7 +56,7 @@ def test_ten_thousand_tasks_at_once_all_complete_in_bounded_memory(
 ) -> None:
     url = private_redis.url
     client = redis.Redis.from_url(url)
-    worker = start_worker(redis_url=url, concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST)})
+    worker = start_worker(redis_url=url, concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY)})
     worker.wait_ready(2, timeout=180)
     sampler = RssSampler(worker.pid)
     baseline = sampler.total()

@@ -22,7 +22,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import MANIFEST
+from tests.conftest import REPOSITORY
 from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import (
     Tally,
@@ -65,7 +65,7 @@ def test_pool_processes_killed_mid_task_lose_nothing_and_reload(
     worker = start_worker(
         concurrency=2,
         # STARTED records name the pool process running each task: the test kills those
-        env={"MODEL_MANIFEST": str(MANIFEST), "PRELOAD_MODE": preload, "TRACK_STARTED": "1"},
+        env={"MODEL_REPOSITORY": str(REPOSITORY), "PRELOAD_MODE": preload, "TRACK_STARTED": "1"},
     )
     initial = {s["pid"] for s in worker.wait_ready(2, timeout=180)}
     app = client_app(redis_url, worker.queue)

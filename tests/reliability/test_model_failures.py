@@ -34,7 +34,8 @@ import redis
 
 from shared.manifest import artifact_sha256, load_manifest
 from shared.reload import collect_replies, send_reload
-from tests.conftest import MANIFEST
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 from tests.fixtures import build_kmeans, write_manifest
 from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import Misbehaviour, Tally, client_app, meta_key, wait_final
@@ -47,7 +48,7 @@ FAST = 5.0  # a task needing a failed model must fail within this many seconds
 
 
 def broken_manifest(folder: Path) -> Path:
-    real = {s.name: s for s in load_manifest(MANIFEST).active()}
+    real = {s.name: s for s in load_repository(REPOSITORY).active()}
     build_kmeans(folder / "seg.joblib")
     (folder / "arima.joblib").symlink_to(real["sunspots_arima"].location)
     (folder / "co2.json").symlink_to(real["co2_prophet"].location)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from shared.manifest import load_manifest
-from tests.conftest import MANIFEST
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 from tests.fixtures import build_kmeans, write_manifest
 from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import (
@@ -38,7 +38,7 @@ UNLOADED = re.compile(r"model seg@[\w.]+ unloaded \[pid (\d+)\]")
 
 
 def recycle_manifest(folder: Path) -> Path:
-    real = load_manifest(MANIFEST).get("sunspots_arima")
+    real = load_repository(REPOSITORY).get("sunspots_arima")
     build_kmeans(folder / "seg.joblib")
     (folder / "arima.joblib").symlink_to(real.location)
     return write_manifest(

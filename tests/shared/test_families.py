@@ -6,13 +6,14 @@ import pytest
 
 from shared.families import family_class
 from shared.families.textblob_sentiment import polarity_to_label
-from shared.manifest import ModelSpec, load_manifest
-from tests.conftest import MANIFEST
+from shared.manifest import ModelSpec
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 
 
 @pytest.fixture(scope="module")
 def specs() -> dict[str, ModelSpec]:
-    return {s.name: s for s in load_manifest(MANIFEST).active()}
+    return {s.name: s for s in load_repository(REPOSITORY).active()}
 
 
 def loaded(spec: ModelSpec):  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import pytest
 
 from shared.errors import ArtifactError, ModelNotFound
 from shared.manifest import artifact_sha256, load_manifest, verify_artifact
+from shared.repository import load_repository
 from tests.fixtures import build_kmeans, write_manifest
 
 
@@ -30,7 +31,7 @@ def test_a_bad_entry_is_reported_by_name_and_the_others_still_load(tmp_path: Pat
     path = write_manifest(
         tmp_path,
         [
-            {"name": "broken", "family": "no-such-family", "path": "x.joblib"},
+            {"name": "broken", "family": "no such family!", "path": "x.joblib"},
             {"name": "escape", "family": "sklearn", "path": "../etc/passwd"},
             {"name": "seg", "family": "sklearn", "path": "seg.joblib"},
         ],
@@ -98,9 +99,9 @@ def test_versions_are_looked_up_by_name_and_unknown_ones_are_refused(tmp_path: P
 
 
 def test_the_projects_manifest_is_valid_and_every_artifact_verifies() -> None:
-    from tests.conftest import MANIFEST
+    from tests.conftest import REPOSITORY
 
-    manifest = load_manifest(MANIFEST)
+    manifest = load_repository(REPOSITORY)
     assert manifest.problems == {} and manifest.unlisted == []
     assert {"sentiment", "textblob", "customer_segments", "co2_prophet", "sunspots_arima"} <= set(
         manifest.names

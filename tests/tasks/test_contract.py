@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from shared.manifest import load_manifest
 from shared.registry import ModelRegistry
-from tests.conftest import MANIFEST
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 from tests.harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def stored_error(result: Any) -> tuple[str, str]:
 def local() -> ModelRegistry:
     """The same models, loaded in this test process by the production code."""
     registry = ModelRegistry()
-    registry.load_all(load_manifest(MANIFEST).active())
+    registry.load_all(load_repository(REPOSITORY).active())
     return registry
 
 
@@ -64,7 +64,7 @@ def close(a: list[float], b: list[float], tol: float = 1e-6) -> bool:
 def test_sentiment_analyze_matches_the_pipeline_in_process(client: Any) -> None:
     from transformers import pipeline
 
-    spec = load_manifest(MANIFEST).get("sentiment")
+    spec = load_repository(REPOSITORY).get("sentiment")
     pipe = pipeline("text-classification", model=spec.location, tokenizer=spec.location)
     for text in ("An absolute delight, I loved it.", "Dreadful, boring and far too long."):
         got = run(client, "sentiment.analyze", text)

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MANIFEST
+from tests.conftest import REPOSITORY
 from tests.harness import ROOT, WorkerProcess, close_app, wait_for
 from workers.cli import flower_command
 from workers.embedded import free_port
@@ -31,7 +31,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 def test_metrics_endpoint_exposes_per_model_counters_that_rise(start_worker: Start) -> None:
     port = free_port()
     worker = start_worker(
-        concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST), "METRICS_PORT": str(port)}
+        concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY), "METRICS_PORT": str(port)}
     )
     worker.wait_ready(2)
     url = f"http://127.0.0.1:{port}/metrics"

@@ -12,7 +12,8 @@ import pytest
 
 from shared.manifest import load_manifest
 from shared.registry import ModelRegistry, ModelState, get_registry, set_registry
-from tests.conftest import MANIFEST
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 from tests.fixtures import build_kmeans, write_manifest
 from tests.harness import WorkerProcess, close_app
 
@@ -61,7 +62,7 @@ def test_jobs_cover_ready_models_only_and_lazy_ones_stay_unloaded(registry: Mode
 def test_the_sentiment_model_gets_both_sentiment_tasks(tmp_path: Path) -> None:
     from workers.rehearsal import rehearsal_jobs
 
-    spec = load_manifest(MANIFEST).get("sentiment")
+    spec = load_repository(REPOSITORY).get("sentiment")
     (tmp_path / "sentiment").symlink_to(Path(spec.location), target_is_directory=True)
     manifest = load_manifest(
         write_manifest(
@@ -110,7 +111,7 @@ def test_a_failing_rehearsal_is_logged_not_raised(
 def test_every_pool_process_rehearses_before_ready_and_stores_nothing(
     start_worker: Start, tmp_path: Path
 ) -> None:
-    real = load_manifest(MANIFEST)
+    real = load_repository(REPOSITORY)
     build_kmeans(tmp_path / "seg.joblib", n_features=3)
     (tmp_path / "sentiment").symlink_to(
         Path(real.get("sentiment").location), target_is_directory=True

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from shared.manifest import load_manifest
-from tests.conftest import MANIFEST
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 from tests.fixtures import build_kmeans, write_manifest
 from tests.harness import ROOT, WorkerProcess, close_app, wait_for
 
@@ -29,7 +29,7 @@ Start = Callable[..., WorkerProcess]
 def versioned_manifest(folder: Path) -> Path:
     """sentiment 1.0.0 (active), 1.1.0 (real, trained) and 9.9.9-broken (garbage weights whose
     sha256 matches the manifest: the checksum passes, the load fails)."""
-    real = load_manifest(MANIFEST)
+    real = load_repository(REPOSITORY)
     for version in ("1.0.0", "1.1.0"):
         shutil.copytree(real.get("sentiment", version).location, folder / f"s-{version}")
     broken = folder / "s-9.9.9-broken"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from shared.manifest import load_manifest
-from tests.conftest import MANIFEST
+from shared.repository import load_repository
+from tests.conftest import REPOSITORY
 from tests.fixtures import build_kmeans, write_manifest
 from tests.harness import WorkerProcess, close_app, wait_for
 from tests.tasks.test_contract import stored_error
@@ -26,7 +26,7 @@ def toy_manifest(
 ) -> Path:
     """seg (sklearn) + the real sentiment model (optionally with a wrong sha) + textblob."""
     build_kmeans(folder / "seg.joblib")
-    real = load_manifest(MANIFEST).get("sentiment")
+    real = load_repository(REPOSITORY).get("sentiment")
     (folder / "sentiment").symlink_to(Path(real.location), target_is_directory=True)
     entries: list[dict[str, Any]] = [
         {"name": "seg", "family": "sklearn", "path": "seg.joblib"},
@@ -72,7 +72,7 @@ def test_replacement_children_load_their_models_and_are_not_killed(start_worker:
     worker = start_worker(
         concurrency=1,
         extra_args=["--max-tasks-per-child", "1"],
-        env={"MODEL_MANIFEST": str(MANIFEST)},
+        env={"MODEL_REPOSITORY": str(REPOSITORY)},
     )
     first = worker.wait_ready(1)[0]["pid"]
     client = worker.app()
@@ -96,7 +96,7 @@ def test_replacement_children_load_their_models_and_are_not_killed(start_worker:
 
 def test_first_tasks_after_ready_are_fast_and_warm_ones_faster(start_worker: Start) -> None:
     """The seed's floors, as checks: first task after READY < 2 s, warm tasks < 100 ms."""
-    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(MANIFEST)})
+    worker = start_worker(concurrency=1, env={"MODEL_REPOSITORY": str(REPOSITORY)})
     worker.wait_ready(1)
     client = worker.app()
     jobs = [
@@ -182,14 +182,14 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
     from transformers import pipeline
 
     worker = start_worker(
-        concurrency=2, env={"MODEL_MANIFEST": str(MANIFEST), "PRELOAD_MODE": "parent"}
+        concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY), "PRELOAD_MODE": "parent"}
     )
     snaps = worker.wait_ready(2)
     assert "models loaded in the parent (copy-on-write mode)" in worker.log()
     loaded = {s["pid"]: s["models"]["sentiment"]["loaded_at"] for s in snaps}
     assert len(set(loaded.values())) == 1  # one load, inherited by both children
     assert all(s["models"]["sentiment"]["loaded_at"] < s["started_at"] for s in snaps)
-    spec = load_manifest(MANIFEST).get("sentiment")
+    spec = load_repository(REPOSITORY).get("sentiment")
     pipe = pipeline("text-classification", model=spec.location, tokenizer=spec.location)
     client = worker.app()
     for text in ["a wonderful, moving film", "a dull and tiresome mess"]:
@@ -259,7 +259,7 @@ def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
     """SENTIMENT_MODEL=org/name, found offline in the Hugging Face cache under MODEL_CACHE_DIR."""
     import shutil
 
-    real = load_manifest(MANIFEST).get("sentiment", "1.1.0")
+    real = load_repository(REPOSITORY).get("sentiment", "1.1.0")
     repo = tmp_path / "cache" / "hub" / "models--local--tiny-sentiment"
     shutil.copytree(real.location, repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
@@ -267,7 +267,7 @@ def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
     worker = start_worker(
         concurrency=1,
         env={
-            "MODEL_MANIFEST": str(MANIFEST),
+            "MODEL_REPOSITORY": str(REPOSITORY),
             "MODEL_CACHE_DIR": str(tmp_path / "cache"),
             "SENTIMENT_MODEL": "local/tiny-sentiment",
             "HF_HOME": "",
@@ -284,7 +284,7 @@ def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
 @pytest.mark.parametrize("target", ["workers", "workers.app"])
 def test_celery_finds_the_app_by_package_or_module(start_worker: Start, target: str) -> None:
     """``celery -A workers worker`` (Celery's usual form) and ``-A workers.app`` both serve."""
-    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(MANIFEST)})
+    worker = start_worker(concurrency=1, env={"MODEL_REPOSITORY": str(REPOSITORY)})
     worker.stop()
     worker.args[worker.args.index("workers.app")] = target
     worker.start().wait_ready(1, timeout=120)
