@@ -46,12 +46,10 @@ result_expires = _s.result_expires_seconds
 result_extended = _s.result_extended
 
 task_default_queue = _s.task_queue
-task_routes = {
-    "sentiment.*": {"queue": _s.task_queue},
-    "forecast.*": {"queue": _s.task_queue},
-    "clustering.*": {"queue": _s.task_queue},
-    "control.*": {"queue": _s.task_queue},
-}
+# Every task to TASK_QUEUE (task_default_queue), except the tasks of a model whose model file
+# names a queue of its own.
+task_routes = ("workers.routing.route_task",)
+
 task_track_started = _s.track_started
 task_time_limit = _s.task_time_limit_seconds
 task_soft_time_limit = max(1, _s.task_time_limit_seconds - 10)

@@ -47,7 +47,9 @@ class ModelStatus(Record):
     error: str | None = None
     reload_error: str | None = None
     device: str = "cpu"
+    queue: str = ""  # the queue its tasks are routed to ("": the default queue)
     memory_delta_mb: float | None = None
+
     calls: int = 0
     failures: int = 0
     latency_mean_ms: float | None = None

@@ -72,6 +72,7 @@ class ModelMetadata:
     load_seconds: float | None = None
     error: str | None = None
     device: str = "cpu"
+    queue: str = ""
     memory_delta_mb: float | None = None
     reload_error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +104,7 @@ class ModelMetadata:
             error=self.error,
             reload_error=self.reload_error,
             device=self.device,
+            queue=self.queue,
             memory_delta_mb=self.memory_delta_mb,
             calls=self.calls,
             failures=self.failures,
@@ -192,8 +194,10 @@ class ModelRegistry:
                 required=spec.required,
                 lazy=spec.lazy,
                 fallback=spec.fallback or None,
+                queue=spec.queue,
             )
             self._entries[spec.name] = _Entry(spec=spec, meta=meta)
+
             return meta
 
     def load_all(self, specs: Iterable[ModelSpec]) -> dict[str, ModelMetadata]:
@@ -496,6 +500,13 @@ class ModelRegistry:
             return self.get(fallback), True
 
     # ---- micro-batching --------------------------------------------------------------------
+    def batches(self, name: str) -> bool:
+        """Whether the model ``name`` (as it serves now, or its fallback) batches requests."""
+        try:
+            return bool(type(self.get_with_fallback(name)[0]).batches)
+        except (ModelNotFound, ModelNotReady):
+            return False
+
     def batcher(self, name: str, fn: Callable[[list[Any]], list[Any]]) -> MicroBatcher[Any, Any]:
         """This process's micro-batcher for model ``name`` (created on first use, with ``fn`` as
         its batch function). Needs a ``batching`` policy (the threads pool)."""

@@ -105,7 +105,10 @@ def handle_request(
         names = validate_request(manifest, request.models, request.version)
     except ReloadRefused as exc:
         return [ReloadResult(model=None, error=f"ReloadRefused: {exc}")]
-    return [registry.reload(manifest.get(name, request.version)) for name in names]
+    served = set(registry.names())  # a model routed to another queue is not served here
+    return [
+        registry.reload(manifest.get(name, request.version)) for name in names if name in served
+    ]
 
 
 def converge(

@@ -272,3 +272,62 @@ def fit_args(rows: Any, n_clusters: Any, limits: Limits) -> FitIn:
     if k > len(parsed):
         raise InvalidInput("n_clusters", f"{k} is more than the {len(parsed)} rows given")
     return FitIn(rows=parsed, n_clusters=k)
+
+
+# ---- models.predict: the built-in families' inputs ---------------------------------------
+class _TextOrTexts(_Schema):
+    inputs: StrictStr | list[StrictStr]
+
+
+def text_inputs(inputs: Any, *, max_chars: int, max_texts: int) -> str | list[str]:
+    """A text classifier's ``inputs``: one text, or a non-empty list of texts."""
+    limits = Limits(max_chars, max_texts, 0, 0, 0, 0, 0)
+    if isinstance(inputs, list):
+        _check_size("inputs", inputs, max_texts, "texts")
+    if isinstance(inputs, str):
+        return _check_text("inputs", inputs, limits)
+    parsed = _parse(_TextOrTexts, {"inputs": inputs}).inputs
+    if isinstance(parsed, str) or not parsed:
+        raise InvalidInput("inputs", "must be a text or a non-empty list of texts")
+    return [_check_text(f"inputs[{i}]", t, limits) for i, t in enumerate(parsed)]
+
+
+class _Rows(_Schema):
+    inputs: list[list[float]]
+
+
+def row_inputs(inputs: Any, *, width: int, max_rows: int) -> list[list[float]]:
+    """A tabular model's ``inputs``: rows of ``width`` finite numbers (0: any, but equal)."""
+    _check_size("inputs", inputs, max_rows, "rows")
+    rows = _parse(_Rows, {"inputs": inputs}).inputs
+    if not rows:
+        raise InvalidInput("inputs", "must be a non-empty list of rows of numbers")
+    expected = width or len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != expected:
+            raise InvalidInput(f"inputs[{i}]", f"has {len(row)} values, the model takes {expected}")
+    return rows
+
+
+class _Horizon(_Schema):
+    horizon: StrictInt
+
+
+def horizon_inputs(inputs: Any, *, max_horizon: int) -> int:
+    """A forecaster's ``inputs``: ``{"horizon": N}``; returns N."""
+    if not isinstance(inputs, dict):
+        raise InvalidInput("inputs", 'must be an object {"horizon": N}')
+    horizon = _parse(_Horizon, inputs, prefix=("inputs",)).horizon
+    if not 1 <= horizon <= max_horizon:
+        raise InvalidInput("inputs.horizon", f"must be between 1 and {max_horizon} (got {horizon})")
+    return horizon
+
+
+class ModelPredictIn(_Schema):
+    model: StrictStr = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    version: StrictStr | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]{1,32}$")
+
+
+def predict_model_args(model: Any, version: Any) -> ModelPredictIn:
+    """Validate the ``model`` and ``version`` arguments of models.predict."""
+    return _parse(ModelPredictIn, {"model": model, "version": version})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,3 +183,55 @@ def infer(
         log.warning("%s; its fallback %s answers", error, fallback.name)
         metrics.record_fallback(name, fallback.name)
         return _run_model(registry, fallback, call, count), fallback, True
+
+
+def answer(registry: ModelRegistry, name: str, batch: list[Any]) -> list[dict[str, Any]]:
+    """Answers to several requests' validated inputs for model ``name``, in one call of its
+    ``predict_batch`` (or its fallback's): ``{"outputs", "model", "version", "fallback"}`` each."""
+    outputs, model, fallback = infer(
+        registry, name, lambda m: m.predict_batch(batch), count=len(batch)
+    )
+    return [
+        {"outputs": out, "model": model.name, "version": model.version, "fallback": fallback}
+        for out in outputs
+    ]
+
+
+def in_pool_thread() -> bool:
+    """True in a threads-pool task (concurrent requests share this process)."""
+    return threading.current_thread() is not threading.main_thread()
+
+
+def waiting_limit(registry: ModelRegistry, name: str) -> float:
+    """How long a request waits for the micro-batcher: its turn plus the inference time limit
+    (a lane stuck in native code past its limit is replaced; the waiters stop waiting here)."""
+    return 2 * registry.inference_limit(name) + 1.0
+
+
+def micro_batched(registry: ModelRegistry, name: str) -> bool:
+    """Requests for ``name`` in this process share calls: threads pool, and a family that
+    batches."""
+    return in_pool_thread() and registry.batches(name)
+
+
+def predict_one(registry: ModelRegistry, name: str, inputs: Any) -> dict[str, Any]:
+    """One request's answer from model ``name`` (validated ``inputs``): through the model's
+    micro-batcher when concurrent requests in this process can share a call, else alone."""
+    if micro_batched(registry, name):
+        batcher = registry.batcher(name, lambda batch: answer(registry, name, batch))
+        result: dict[str, Any] = batcher.submit(inputs, timeout=waiting_limit(registry, name))
+        return result
+    return answer(registry, name, [inputs])[0]
+
+
+def predict_many(registry: ModelRegistry, name: str, items: list[Any]) -> list[dict[str, Any]]:
+    """Answers to several validated inputs of one task: spread over the micro-batcher's lanes
+    when it has more than one (CPU), else one call."""
+    if micro_batched(registry, name):
+        batcher = registry.batcher(name, lambda batch: answer(registry, name, batch))
+        if batcher.lanes > 1:  # on the lanes' torch threads, not on top of them
+            results: list[dict[str, Any]] = batcher.submit_many(
+                items, timeout=waiting_limit(registry, name)
+            )
+            return results
+    return answer(registry, name, items)

@@ -9,7 +9,7 @@ from celery import shared_task
 from shared import schemas
 from shared.errors import InvalidInput
 from shared.families.sklearn_pipeline import SklearnPipeline, fit_kmeans
-from tasks.base import ModelTask, call, infer, limits, model_of
+from tasks.base import ModelTask, call, limits, model_of, predict_one
 
 
 @shared_task(name="clustering.assign", base=ModelTask, bind=True)
@@ -26,13 +26,12 @@ def assign(self: ModelTask, rows: Any, model: Any = "customer_segments") -> dict
             f"has {width} values but model {args.model!r} expects "
             f"{pipeline.n_features} features{names}",
         )
-    labels, model, _ = infer(
-        registry,
-        args.model,
-        lambda m: m.predict(args.rows),  # type: ignore[attr-defined]
-        count=len(args.rows),
-    )
-    return {"labels": labels, "model": model.name, "version": model.version}
+    answer = predict_one(registry, args.model, args.rows)
+    return {
+        "labels": answer["outputs"]["labels"],
+        "model": answer["model"],
+        "version": answer["version"],
+    }
 
 
 @shared_task(name="clustering.fit", base=ModelTask, bind=True)

@@ -10,7 +10,7 @@ from shared import schemas
 from shared.families.arima_forecaster import ArimaForecaster, fit_arima
 from shared.families.prophet_forecaster import ProphetForecaster, fit_prophet
 from shared.registry import ModelRegistry
-from tasks.base import ModelTask, call, infer, limits, model_of
+from tasks.base import ModelTask, call, limits, model_of, predict_one
 
 
 def _library_version(module: str) -> str:
@@ -42,8 +42,8 @@ def arima(self: ModelTask, series: Any, horizon: Any, order: Any = (1, 1, 1)) ->
 
 def predict_with(registry: ModelRegistry, name: str, horizon: int) -> dict[str, Any]:
     model_of(registry, name, (ProphetForecaster, ArimaForecaster), "model", "a forecaster")
-    result, model, _ = infer(registry, name, lambda m: m.forecast(horizon))  # type: ignore[attr-defined]
-    return {**result, "model": model.name, "version": model.version}
+    answer = predict_one(registry, name, horizon)
+    return {**answer["outputs"], "model": answer["model"], "version": answer["version"]}
 
 
 @shared_task(name="forecast.predict", base=ModelTask, bind=True)

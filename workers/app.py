@@ -11,7 +11,13 @@ register_transport()
 
 app = Celery(
     "modelworkers",
-    include=["tasks.sentiment", "tasks.forecasting", "tasks.clustering", "tasks.control"],
+    include=[
+        "tasks.sentiment",
+        "tasks.forecasting",
+        "tasks.clustering",
+        "tasks.models",
+        "tasks.control",
+    ],
 )
 app.config_from_object("celeryconfig")
 

@@ -503,7 +503,231 @@ def reload(
     raise typer.Exit(0 if outcome.ok else 1)
 
 
+# ---- models: the repository ------------------------------------------------------------------
+models_cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The model repository (MODEL_REPOSITORY): list, verify, hash, add. No worker needed.",
+)
+cli.add_typer(models_cli, name="models")
+
+
+def _manifest(settings: Settings) -> Any:
+    from shared.errors import ManifestError
+    from shared.manifest import manifest_from_settings
+
+    try:
+        return manifest_from_settings(settings)
+    except ManifestError as exc:
+        say(str(exc))
+        raise typer.Exit(2) from None
+
+
+@models_cli.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead.")) -> None:
+    """What a worker would load: every model and version of the repository (* = loads at
+    start), then the model files it skips and the artifacts nobody lists."""
+    manifest = _manifest(get_settings())
+    active = {s.key for s in manifest.active()}
+    if as_json:
+        print_json(
+            {
+                "repository": str(manifest.path),
+                "models": [
+                    {**s.model_dump(exclude={"location"}), "default": s.key in active}
+                    for s in manifest.specs
+                ],
+                "problems": manifest.problems,
+                "unlisted": manifest.unlisted,
+            }
+        )
+        return
+    table = Table(title=f"models in {manifest.path}")
+    for col in ("model", "version", "family", "required", "lazy", "fallback", "queue", "path"):
+        table.add_column(col, overflow="fold")
+    for spec in manifest.specs:
+        table.add_row(
+            Text(spec.name),
+            Text(spec.version + (" *" if spec.key in active else "")),
+            Text(spec.implementation or spec.family),
+            "yes" if spec.required else "no",
+            "yes" if spec.lazy else "no",
+            Text(spec.fallback or "-"),
+            Text(spec.queue or "-"),
+            Text(spec.path or "-"),
+        )
+    console.print(table)
+    for name, problem in manifest.problems.items():
+        console.print(Text(f"skipped {name}: {problem}", style="red"), soft_wrap=True)
+    for path in manifest.unlisted:
+        console.print(Text(f"not listed by any model file (never loaded): {path}"))
+
+
+@models_cli.command("verify")
+def models_verify(
+    names: list[str] = typer.Argument(None, help="Only these models (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead."),
+) -> None:
+    """Check every artifact against its sha256, and that every family can be imported, without
+    a worker. Exit 0 when all pass, 1 when any fails, 2 when the repository cannot be read."""
+    from shared.families import family_class
+    from shared.manifest import verify_artifact
+
+    manifest = _manifest(get_settings())
+    checks = []
+    for spec in manifest.specs:
+        if names and spec.name not in names:
+            continue
+        error = None
+        try:
+            family_class(spec.family, spec.implementation)
+            if spec.path:
+                verify_artifact(spec)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        checks.append(
+            {"model": spec.name, "version": spec.version, "ok": error is None, "error": error}
+        )
+    problems = {k: v for k, v in manifest.problems.items() if not names or k in names}
+    ok = all(c["ok"] for c in checks) and not problems
+    if as_json:
+        print_json({"ok": ok, "checks": checks, "problems": problems})
+    else:
+        for check in checks:
+            what = "ok" if check["ok"] else f"FAILED {check['error']}"
+            typer.echo(f"{check['model']}@{check['version']}: {what}")
+        for name, problem in problems.items():
+            typer.echo(f"{name}: model file skipped: {problem}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@models_cli.command("hash")
+def models_hash(path: Path = typer.Argument(..., help="An artifact: a file or a folder.")) -> None:
+    """The sha256 of an artifact, as a model file lists it (a folder: over its files)."""
+    from shared.manifest import artifact_sha256
+
+    try:
+        typer.echo(artifact_sha256(path))
+    except Exception as exc:
+        say(str(exc))
+        raise typer.Exit(2) from None
+
+
+def _option_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@models_cli.command("add")
+def models_add(
+    name: str = typer.Argument(..., help="The model's name (its folder in the repository)."),
+    version: str = typer.Option(..., "--version", help="The version to add."),
+    artifact: Path = typer.Option(
+        None, "--artifact", help="Its artifact (file or folder); copied into the model's folder."
+    ),
+    family: str = typer.Option(None, help="A registered family (new model)."),
+    implementation: str = typer.Option(None, help="package.module:Class (new model)."),
+    required: bool = typer.Option(
+        None, "--required/--optional", help="(new model; default required)"
+    ),
+    lazy: bool = typer.Option(None, "--lazy/--eager", help="(new model; default eager)"),
+    fallback: str = typer.Option(None, help="A model that answers when this one cannot."),
+    queue: str = typer.Option(None, help="Route this model's tasks to this queue."),
+    option: list[str] = typer.Option(
+        None, "--option", help="KEY=VALUE (JSON or text), repeatable."
+    ),
+    default: bool = typer.Option(False, "--default", help="Make this version the one that loads."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead."),
+) -> None:
+    """Add a model, or a version of one, to the repository: copy the artifact into the model's
+    folder and write its model file with the artifact's sha256."""
+    import shutil
+
+    from shared.errors import ManifestError
+    from shared.manifest import artifact_sha256
+    from shared.repository import (
+        MODEL_FILE,
+        ModelFile,
+        VersionEntry,
+        read_model_file,
+        write_model_file,
+    )
+
+    root = Path(get_settings().model_repository)
+    folder = root / name
+    try:
+        model = read_model_file(folder) if (folder / MODEL_FILE).exists() else None
+    except ManifestError as exc:
+        say(f"{folder / MODEL_FILE}: {exc}")
+        raise typer.Exit(2) from None
+    if model is None:
+        if not (family or implementation):
+            say(f"{name} is a new model: give --family or --implementation")
+            raise typer.Exit(2)
+        model = ModelFile(family=family or "", implementation=implementation or "")
+    elif version in {v.version for v in model.versions}:
+        say(f"{name} already has version {version}: choose another version")
+        raise typer.Exit(2)
+    changes: dict[str, Any] = {
+        "family": family,
+        "implementation": implementation,
+        "required": required,
+        "lazy": lazy,
+        "fallback": fallback,
+        "queue": queue,
+    }
+    model = model.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            say(f"--option {item!r}: expected KEY=VALUE")
+            raise typer.Exit(2)
+        options[key] = _option_value(value)
+    entry = VersionEntry(version=version, options=options)
+    if artifact is not None:
+        if not artifact.exists():
+            say(f"artifact {artifact} does not exist")
+            raise typer.Exit(2)
+        folder.mkdir(parents=True, exist_ok=True)
+        inside = artifact.resolve()
+        if folder.resolve() in inside.parents:
+            relative = inside.relative_to(folder.resolve()).as_posix()
+        else:
+            relative = version + ("" if artifact.is_dir() else artifact.suffix)
+            target = folder / relative
+            if target.exists():
+                say(f"{target} exists already: remove it or choose another version")
+                raise typer.Exit(2)
+            if artifact.is_dir():
+                shutil.copytree(artifact, target)
+            else:
+                shutil.copy2(artifact, target)
+        entry = entry.model_copy(
+            update={"path": relative, "sha256": artifact_sha256(folder / relative)}
+        )
+    versions = [*model.versions, entry]
+    model = model.model_copy(
+        update={
+            "versions": versions,
+            "default_version": version
+            if default
+            else (model.default_version or versions[0].version),
+        }
+    )
+    path = write_model_file(folder, model)
+    if as_json:
+        print_json({"model_file": str(path), "version": entry.model_dump()})
+    else:
+        typer.echo(
+            f"wrote {path}: {name}@{version}" + (f" sha256 {entry.sha256}" if entry.sha256 else "")
+        )
+
+
 def main() -> None:
+
     cli()
 
 

@@ -39,7 +39,10 @@ Job = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
 def rehearsal_jobs(registry: ModelRegistry) -> list[Job]:
-    """(task name, args, kwargs): the task that serves each READY model, on a tiny input."""
+    """(task name, args, kwargs): the tasks that serve each READY model, on tiny inputs: the
+    built-in shortcuts of the built-in families, and ``models.predict`` on the example inputs
+    of every model whose family gives one (``Model.example``)."""
+
     jobs: list[Job] = []
     for name in registry.names():
         if registry.metadata(name).status is not ModelState.READY:
@@ -52,6 +55,9 @@ def rehearsal_jobs(registry: ModelRegistry) -> list[Job]:
             jobs.append(("clustering.assign", ([[0.0] * model.n_features],), {"model": name}))
         elif isinstance(model, ProphetForecaster | ArimaForecaster):
             jobs.append(("forecast.predict", (name, 1), {}))
+        example = model.example()
+        if example is not None:  # every family, plugins included: the generic task
+            jobs.append(("models.predict", (name, example), {}))
     return jobs
 
 
@@ -65,13 +71,13 @@ def rehearse(registry: ModelRegistry, *, rounds: int = ROUNDS) -> tuple[int, int
     trace_log = logging.getLogger("celery.app.trace")  # its "Task ... succeeded" lines
     level = trace_log.level
     trace_log.setLevel(logging.WARNING)
-    failed: set[str] = set()
+    failed: set[int] = set()
     t0 = time.perf_counter()
     try:
         with registry.uncounted():
             for _ in range(rounds):
-                for task_name, args, kwargs in jobs:
-                    if task_name in failed:
+                for index, (task_name, args, kwargs) in enumerate(jobs):
+                    if index in failed:
                         continue
                     try:
                         result = current_app.tasks[task_name].apply(
@@ -81,7 +87,8 @@ def rehearse(registry: ModelRegistry, *, rounds: int = ROUNDS) -> tuple[int, int
                     except Exception as exc:  # e.g. the task is not registered
                         error = exc
                     if error is not None:
-                        failed.add(task_name)
+                        failed.add(index)
+
                         log.warning("rehearsal of %s failed: %r", task_name, error)
     finally:
         trace_log.setLevel(level)

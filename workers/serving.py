@@ -43,7 +43,17 @@ POOLS = ("prefork", "solo", "threads")
 class ServingProcess:
     """A worker node's serving side: created once per node, inherited by its pool processes."""
 
-    def __init__(self, settings: Settings, *, node: str, pool: str, concurrency: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        node: str,
+        pool: str,
+        concurrency: int,
+        queues: set[str] | None = None,
+    ) -> None:
+        """``queues``: the queues this node consumes; it serves the models routed to them
+        (a model file's ``queue``, "" meaning TASK_QUEUE). None: every model."""
         if pool not in POOLS:
             raise RuntimeError(
                 f"modelworkers serves from the prefork, solo or threads pool, not {pool!r}"
@@ -51,6 +61,7 @@ class ServingProcess:
         self.settings = settings
         self.node = node
         self.pool = pool
+        self.queues = queues
         # processes that share this node's cores (their torch threads split them)
         self.processes = concurrency if pool == "prefork" else 1
         # PRELOAD_MODE=parent in effect: decided in prepare(), once torch is imported
@@ -111,7 +122,7 @@ class ServingProcess:
         assert self.manifest is not None
         t0 = time.perf_counter()
         for family, implementation in sorted(
-            {(s.family, s.implementation) for s in self.manifest.specs}
+            {(s.family, s.implementation) for s in self.manifest.specs if self.serves(s)}
         ):
             try:
                 family_class(family, implementation).preimport()
@@ -244,11 +255,17 @@ class ServingProcess:
         self.registry = registry
         return set_registry(registry)
 
+    def serves(self, spec: ModelSpec) -> bool:
+        """Whether this node serves ``spec``: its queue is one this node consumes."""
+        return self.queues is None or (spec.queue or self.settings.task_queue) in self.queues
+
     def specs_to_load(self) -> list[ModelSpec]:
-        """The active spec of each model, or the version a fleet-wide reload asked for."""
+        """The active spec of each model routed to this node's queues, or the version a
+        fleet-wide reload asked for."""
         assert self.manifest is not None
         manifest = self.manifest
-        specs = manifest.active()
+        specs = [s for s in manifest.active() if self.serves(s)]
+
         try:
             desired = read_desired(redis_client(self.settings), self.settings.key_prefix, self.node)
         except Exception as exc:  # Redis down at start: serve the manifest's active versions

@@ -31,6 +31,15 @@ def pool_kind(worker: Any) -> str:
     return "prefork"
 
 
+def consumed_queues(worker: Any) -> set[str] | None:
+    """The queues this worker consumes (``-Q``, else the app's default queues)."""
+    try:
+        queues = worker.app.amqp.queues
+        return set(queues.consume_from or queues)
+    except AttributeError:  # not a WorkController (a test's stand-in): every model
+        return None
+
+
 @worker_init.connect
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Main process, before the pool starts: imports (and parent-mode loads) happen here."""
@@ -40,7 +49,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     concurrency = int(getattr(sender, "concurrency", 0) or settings.worker_concurrency)
     node = getattr(sender, "hostname", "") or ""
     process = serving.install(
-        ServingProcess(settings, node=node, pool=pool, concurrency=concurrency)
+        ServingProcess(
+            settings, node=node, pool=pool, concurrency=concurrency, queues=consumed_queues(sender)
+        )
     )
     process.prepare()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from shared import schemas
 from shared.families.base import Model
 from shared.manifest import verify_artifact
 
@@ -54,7 +55,18 @@ class ArimaForecaster(Model):
         frame = self._results.get_forecast(horizon).summary_frame(alpha=ALPHA)
         return _summary_to_result(frame, _index_dates(frame.index))
 
+    def validate(self, inputs: Any) -> Any:
+        """``models.predict`` inputs: ``{"horizon": N}`` (answers as forecast.predict's)."""
+        return schemas.horizon_inputs(inputs, max_horizon=int(self.option("max_horizon", 1_000)))
+
+    def predict(self, inputs: Any) -> Any:
+        return self.forecast(int(inputs))
+
+    def example(self) -> Any:
+        return {"horizon": 1}
+
     def unload(self) -> None:
+
         self._results = None
 
     def describe(self) -> dict[str, Any]:

@@ -1,4 +1,32 @@
-"""The one base class every model family implements (after MLServer's ``MLModel``)."""
+"""The one base class every model family implements (after MLServer's ``MLModel``): the public
+plugin API of modelworkers. A family is a subclass registered under the ``modelworkers.families``
+entry-point group (or named in a model file as ``implementation = "package.module:Class"``).
+
+Life of an instance, all in the serving process that owns it::
+
+    model = Family(spec, context)    # spec: the model file's entry; context: device, threads
+    model.load()                     # in a loader thread; may raise (the model is then FAILED)
+    model.warmup()                   # once, before the process says READY
+    model.validate(inputs)           # per request, before the model is called
+    model.predict(inputs)            # per request (or predict_batch for several at once)
+    model.unload()                   # on reload (the old instance), unload, shutdown
+
+What a family may rely on:
+
+* ``self.spec``: the model's name, version, family, options (``self.option(key, default)``
+  merges the model file's options over the deployment's defaults) and ``self.spec.location``,
+  the artifact's absolute path (check it with ``shared.manifest.verify_artifact(self.spec)``
+  before reading it: it checks the sha256 the model file lists).
+* ``self.device`` (``cpu``, or for a family with ``uses_device`` the worker's ``MODEL_DEVICE``:
+  ``cuda``, ``cuda:1``, or ``auto`` to resolve in ``load``) and ``self.context.threads``, the
+  serving process's thread budget (torch, BLAS). The family reads no global settings.
+* ``load``, ``warmup`` and ``unload`` run one at a time per instance; ``predict`` and
+  ``predict_batch`` may run from several threads at once in the threads pool (lock what your
+  library cannot share).
+* Errors: raise :class:`shared.errors.InvalidInput` from ``validate`` (naming the field, the
+  caller's fault); anything raised by ``predict`` is a model failure, answered by the model's
+  fallback if it has one, else returned as ``InferenceError`` naming the model.
+"""
 
 from __future__ import annotations
 
@@ -25,13 +53,9 @@ class ModelContext:
 
 
 class Model:
-    """A loaded model of one family. Subclasses override ``load`` and their task method.
+    """A loaded model of one family. Subclasses override ``load`` and ``predict`` at least."""
 
-    The registry calls ``load()`` in a loader thread, then only ever reads the instance; a reload
-    builds a new instance beside this one and swaps it in, so instances need no locking of their
-    own unless their library is not thread-safe.
-    """
-
+    #: The family's name (informational; the registry finds families by entry-point name).
     family: ClassVar[str] = ""
     #: The warm-up may run in the copy-on-write parent, before fork: no torch compute and no
     #: OpenMP thread pool (neither survives fork). What it builds lazily (Stan's model, caches,
@@ -39,6 +63,9 @@ class Model:
     warm_before_fork: ClassVar[bool] = False
     #: Runs on the worker's device (MODEL_DEVICE: cpu, cuda, auto); others always on the CPU.
     uses_device: ClassVar[bool] = False
+    #: ``predict_batch`` answers several requests in one call faster than one by one (one
+    #: forward pass): the worker then gathers concurrent requests into micro-batches for it.
+    batches: ClassVar[bool] = False
 
     def __init__(
         self, spec: ModelSpec, context: ModelContext | None = None, *, device: str | None = None
@@ -49,7 +76,6 @@ class Model:
         if context is None:
             context = ModelContext(device=device) if device is not None else ModelContext()
         self.context = context
-
         self.device = self.context.device
         self.warmed_before_fork = False  # set by ModelRegistry.warm_all(before_fork=True)
 
@@ -77,6 +103,28 @@ class Model:
 
     def warmup(self) -> None:
         """Run one tiny prediction so that the first real request is warm."""
+        example = self.example()
+        if example is not None:
+            self.predict(self.validate(example))
+
+    def validate(self, inputs: Any) -> Any:
+        """Check one request's ``inputs`` (decoded JSON) and return what ``predict`` takes;
+        raise ``InvalidInput("inputs...", problem)`` naming the field. Default: as given."""
+        return inputs
+
+    def predict(self, inputs: Any) -> Any:
+        """The answer to one request's validated inputs: JSON-safe (dicts, lists, str, numbers)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
+
+    def predict_batch(self, batch: list[Any]) -> list[Any]:
+        """The answers to several requests' validated inputs, one per input, in order. Override
+        it (with ``batches = True``) when one call is cheaper than many; the default loops."""
+        return [self.predict(inputs) for inputs in batch]
+
+    def example(self) -> Any:
+        """Small, valid inputs (before ``validate``) for the warm-up and the rehearsal before
+        READY; None: neither runs a prediction."""
+        return None
 
     def unload(self) -> None:
         """Drop references to the model so that its memory can be freed."""

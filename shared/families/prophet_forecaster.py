@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from shared import schemas
 from shared.families.base import Model
 from shared.manifest import verify_artifact
 
@@ -72,7 +73,18 @@ class ProphetForecaster(Model):
             frame = self._model.predict(future)
         return _frame_to_result(frame)
 
+    def validate(self, inputs: Any) -> Any:
+        """``models.predict`` inputs: ``{"horizon": N}`` (answers as forecast.predict's)."""
+        return schemas.horizon_inputs(inputs, max_horizon=int(self.option("max_horizon", 1_000)))
+
+    def predict(self, inputs: Any) -> Any:
+        return self.forecast(int(inputs))
+
+    def example(self) -> Any:
+        return {"horizon": 1}
+
     def unload(self) -> None:
+
         self._model = None
 
     def describe(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared import schemas
 from shared.families.base import Model
 from shared.manifest import verify_artifact
 
@@ -40,12 +41,25 @@ class SklearnPipeline(Model):
 
     def warmup(self) -> None:
         if self.n_features:
-            self.predict([[0.0] * self.n_features])
+            self.labels([[0.0] * self.n_features])
 
-    def predict(self, rows: list[list[float]]) -> list[int]:
+    def predict(self, rows: Any) -> Any:
+        """``{"labels": [...]}``: one integer label per row."""
+        return {"labels": self.labels(rows)}
+
+    def labels(self, rows: list[list[float]]) -> list[int]:
         """Integer labels, one per row."""
         x = self._np.asarray(rows, dtype=float)
         return [int(v) for v in self._estimator.predict(x)]
+
+    def validate(self, inputs: Any) -> Any:
+        """``models.predict`` inputs: rows of ``n_features`` numbers (``{"labels"}`` answers)."""
+        return schemas.row_inputs(
+            inputs, width=self.n_features, max_rows=int(self.option("max_rows", 10_000))
+        )
+
+    def example(self) -> Any:
+        return [[0.0] * self.n_features] if self.n_features else None
 
     def unload(self) -> None:
         self._estimator = None

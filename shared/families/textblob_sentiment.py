@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.families.base import Model
+from shared.families.text import TextClassifier
 
 
 def polarity_to_label(polarity: float) -> tuple[str, float]:
@@ -16,7 +16,7 @@ def polarity_to_label(polarity: float) -> tuple[str, float]:
     return "neutral", 0.5
 
 
-class TextBlobSentiment(Model):
+class TextBlobSentiment(TextClassifier):
     """Rule-based sentiment; answers when the transformers model cannot."""
 
     _analyzer: Any = None

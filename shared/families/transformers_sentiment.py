@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from shared.batching import pad_groups
-from shared.families.base import Model
+from shared.families.text import TextClassifier
 from shared.manifest import verify_artifact
 
 # Labels a 2- or 3-class checkpoint may use, mapped onto the contract's labels.
@@ -26,7 +26,7 @@ def resolve_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class TransformersSentiment(Model):
+class TransformersSentiment(TextClassifier):
     """A sequence-classification checkpoint run as tokenizer + model in one forward pass.
 
     Equivalent to ``transformers.pipeline("text-classification")`` (softmax over the logits,
@@ -40,6 +40,7 @@ class TransformersSentiment(Model):
     _tokenizer: Any = None
     family = "transformers"
     uses_device = True
+    batches = True
 
     @classmethod
     def preimport(cls) -> None:
@@ -196,3 +197,7 @@ class TransformersSentiment(Model):
             "pad_ratio": self.pad_ratio,
             "small_forward_mflop": self.small_forward_mflop,
         }
+
+
+#: The same family under the name that says what it is: any text classifier, not only sentiment.
+TransformersClassifier = TransformersSentiment

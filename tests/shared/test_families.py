@@ -122,7 +122,8 @@ def test_sklearn_family_equals_the_joblib_pipeline(specs: dict[str, ModelSpec]) 
     rows = [[10.0, 20.0, 1500.0, 36.0], [300.0, 1.0, 50.0, 3.0]]
     raw = joblib.load(spec.location)
     want = raw.predict(pd.DataFrame(rows, columns=raw.feature_names_in_)).tolist()
-    assert model.predict(rows) == want and model.n_features == 4
+    assert model.labels(rows) == want and model.predict(rows) == {"labels": want}
+    assert model.n_features == 4
 
 
 @pytest.mark.parametrize("name", ["co2_prophet", "sunspots_arima"])

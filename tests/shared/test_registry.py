@@ -111,7 +111,7 @@ def test_a_failed_reload_keeps_the_old_version_serving(tmp_path: Path) -> None:
     assert not outcome["ok"] and outcome["error"]
     assert registry.get("seg") is old and registry.metadata("seg").status is ModelState.READY
     assert registry.metadata("seg").reload_error == outcome["error"]
-    assert registry.get("seg").predict([[0.0, 0.0, 0.0]]) == old.predict([[0.0, 0.0, 0.0]])
+    assert registry.get("seg").labels([[0.0, 0.0, 0.0]]) == old.labels([[0.0, 0.0, 0.0]])
 
 
 def test_requests_during_a_reload_are_served_by_the_old_or_the_new_version(tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_requests_during_a_reload_are_served_by_the_old_or_the_new_version(tmp_p
     def hammer() -> None:
         while not stop.is_set():
             try:
-                registry.get("seg").predict([[1.0, 2.0, 3.0]])
+                registry.get("seg").labels([[1.0, 2.0, 3.0]])
             except BaseException as exc:  # pragma: no cover - the assertion reports it
                 errors.append(exc)
 

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 from shared.families.base import Model
+from shared.families.text import TextClassifier
 
 
-class _Classifier(Model):
+class _Classifier(TextClassifier):
     family = "test"
 
     def load(self) -> None:

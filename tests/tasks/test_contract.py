@@ -138,7 +138,7 @@ def test_clustering_assign_equals_the_pipeline_in_process(
     rows = [[float(i * j % 17) for j in range(width)] for i in range(1, 30)]
     got = run(client, "clustering.assign", rows)
     assert got == {
-        "labels": model.predict(rows),  # type: ignore[attr-defined]
+        "labels": model.labels(rows),  # type: ignore[attr-defined]
         "model": "customer_segments",
         "version": local.metadata("customer_segments").version,
     }

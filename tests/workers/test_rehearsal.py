@@ -26,6 +26,7 @@ def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
     this process's registry, with the tasks registered on the app."""
     import tasks.clustering
     import tasks.forecasting
+    import tasks.models
     import tasks.sentiment  # noqa: F401
     from workers.app import app
 
@@ -55,7 +56,11 @@ def test_jobs_cover_ready_models_only_and_lazy_ones_stay_unloaded(registry: Mode
     from workers.rehearsal import rehearsal_jobs
 
     jobs = rehearsal_jobs(registry)
-    assert jobs == [("clustering.assign", ([[0.0, 0.0, 0.0]],), {"model": "seg"})]
+    assert jobs == [
+        ("clustering.assign", ([[0.0, 0.0, 0.0]],), {"model": "seg"}),
+        ("models.predict", ("seg", [[0.0, 0.0, 0.0]]), {}),
+        ("models.predict", ("tb", "warm up"), {}),
+    ]
     assert registry.metadata("later").status is ModelState.UNLOADED
 
 
@@ -74,7 +79,7 @@ def test_the_sentiment_model_gets_both_sentiment_tasks(tmp_path: Path) -> None:
     reg.load_all(manifest.specs)
     assert reg.metadata("sentiment").status is ModelState.READY
     names = [job[0] for job in rehearsal_jobs(reg)]
-    assert names == ["sentiment.analyze", "sentiment.analyze_batch"]
+    assert names == ["sentiment.analyze", "sentiment.analyze_batch", "models.predict"]
 
 
 def test_rehearsal_runs_the_tasks_but_counts_no_call(registry: ModelRegistry) -> None:
@@ -82,10 +87,10 @@ def test_rehearsal_runs_the_tasks_but_counts_no_call(registry: ModelRegistry) ->
 
     seg = registry.get("seg")
     calls: list[int] = []
-    original = seg.predict  # type: ignore[attr-defined]
-    seg.predict = lambda rows: calls.append(len(rows)) or original(rows)  # type: ignore[attr-defined]
-    assert rehearse(registry, rounds=2) == (1, 0)
-    assert calls == [1, 1]  # the task body ran, twice
+    original = seg.labels  # type: ignore[attr-defined]
+    seg.labels = lambda rows: calls.append(len(rows)) or original(rows)  # type: ignore[attr-defined]
+    assert rehearse(registry, rounds=2) == (3, 0)
+    assert calls == [1, 1, 1, 1]  # both seg tasks' bodies ran, twice each
     assert registry.metadata("seg").calls == 0
     registry.observe("seg", 0.001, True)  # counting is back on afterwards
     assert registry.metadata("seg").calls == 1
@@ -99,11 +104,12 @@ def test_a_failing_rehearsal_is_logged_not_raised(
     def broken(rows: object) -> list[int]:
         raise RuntimeError("boom")
 
-    registry.get("seg").predict = broken  # type: ignore[attr-defined]
+    registry.get("seg").labels = broken  # type: ignore[attr-defined]
     with caplog.at_level(logging.INFO, logger="modelworkers.worker"):
-        assert rehearse(registry, rounds=2) == (1, 1)
+        assert rehearse(registry, rounds=2) == (3, 2)
     failures = [r.getMessage() for r in caplog.records if "rehearsal of" in r.getMessage()]
-    assert len(failures) == 1 and "clustering.assign" in failures[0] and "boom" in failures[0]
+    assert len(failures) == 2 and all("boom" in f for f in failures)
+    assert "clustering.assign" in failures[0] and "models.predict" in failures[1]
     assert registry.metadata("seg").calls == 0
 
 
@@ -134,7 +140,7 @@ def test_every_pool_process_rehearses_before_ready_and_stores_nothing(
     )
     snaps = worker.wait_ready(2)
     log = worker.log()
-    child_lines = [line for line in log.splitlines() if "rehearsed 3 task(s) x 2 in" in line]
+    child_lines = [line for line in log.splitlines() if "rehearsed 5 task(s) x 2 in" in line]
     assert len(child_lines) == 2 and all("ForkPoolWorker" in line for line in child_lines)
     assert all("sentiment.analyze_batch" in line for line in child_lines)
     assert "rehearsal of" not in log  # no failure
