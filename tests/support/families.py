@@ -16,6 +16,8 @@ from shared.families.text import TextClassifier
 
 class _Classifier(TextClassifier):
     family = "test"
+    batches = True  # like the transformers family: concurrent requests share calls
+
 
     def load(self) -> None:
         self.calls = 0
