@@ -121,7 +121,9 @@ def specs_of(folder: Path, model: ModelFile, root: Path) -> list[ModelSpec]:
         relative = (folder.relative_to(root) / entry.path).as_posix() if entry.path else ""
         spec = ModelSpec(
             name=name,
-            family=model.family or "custom",
+            # informational when the model names its class: the class's name
+            family=model.family or model.implementation.rsplit(":", 1)[-1],
+
             implementation=model.implementation,
             path=relative,
             version=entry.version,

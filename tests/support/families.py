@@ -18,7 +18,6 @@ class _Classifier(TextClassifier):
     family = "test"
     batches = True  # like the transformers family: concurrent requests share calls
 
-
     def load(self) -> None:
         self.calls = 0
 
