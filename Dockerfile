@@ -1,7 +1,7 @@
 # One image for workers, Flower and the CLI.
 FROM python:3.11-slim
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 MODEL_MANIFEST=/app/models/models.toml
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 MODEL_REPOSITORY=/app/models
 COPY pyproject.toml README.md ./
 COPY shared shared
 COPY tasks tasks
