@@ -15,6 +15,10 @@ app or a notebook that uses the registry pays nothing.
     modelworkers_fallback_answers_total{model,fallback}      counter
     modelworkers_messages_refused_total{reason}              counter (worker main process)
     modelworkers_poison_tasks_total{task}                    counter (worker main process)
+    modelworkers_model_loads_total{model,version}            counter
+    modelworkers_model_evictions_total{model,version}        counter (memory budget)
+    modelworkers_model_memory_bytes{model,version}           gauge, per live process
+
 """
 
 from __future__ import annotations
@@ -70,12 +74,27 @@ class Metrics:
             "Task messages refused before any task code ran",
             ["reason"],
         )
+        self.loads = Counter(
+            "modelworkers_model_loads",
+            "Loads of a model version in a process (at start, on first use, reload, load)",
+            ["model", "version"],
+        )
+        self.evictions = Counter(
+            "modelworkers_model_evictions",
+            "Versions unloaded to keep a process within its memory budget",
+            ["model", "version"],
+        )
+        self.memory = Gauge(
+            "modelworkers_model_memory_bytes",
+            "Memory a loaded model version measured (0 once unloaded)",
+            ["model", "version"],
+            multiprocess_mode="liveall",
+        )
         self.poison = Counter(
             "modelworkers_poison_tasks",
             "Tasks failed as PoisonTask after killing their pool process too often",
             ["task"],
         )
-        self.versions: dict[str, str] = {}
 
 
 _metrics: Metrics | None = None
@@ -108,22 +127,30 @@ def enabled() -> bool:
 
 
 def record_state(meta: Any) -> None:
-    """Registry listener: status and load time of a model in this process."""
+    """Registry listener: status and load time of one version of a model in this process (a
+    retired version reports UNLOADED, so only the versions that serve count as READY)."""
     m = _metrics
     if m is None:
         return
-    previous = m.versions.get(meta.name)
-    if previous is not None and previous != meta.version:
-        for status in STATES:  # the replaced version no longer serves here
-            m.model_state.labels(meta.name, previous, status).set(0)
-        m.load_seconds.labels(meta.name, previous).set(0)
-    m.versions[meta.name] = meta.version
     for status in STATES:
         m.model_state.labels(meta.name, meta.version, status).set(
             1 if str(meta.status) == status else 0
         )
     if meta.load_seconds is not None:
         m.load_seconds.labels(meta.name, meta.version).set(meta.load_seconds)
+    loaded = str(meta.status) == "READY" and meta.memory_delta_mb is not None
+    m.memory.labels(meta.name, meta.version).set(meta.memory_delta_mb * 2**20 if loaded else 0)
+
+
+def record_event(kind: str, meta: Any) -> None:
+    """Registry event observer: a version loaded, or evicted for the memory budget."""
+    m = _metrics
+    if m is None:
+        return
+    if kind == "loaded":
+        m.loads.labels(meta.name, meta.version).inc()
+    elif kind == "evicted":
+        m.evictions.labels(meta.name, meta.version).inc()
 
 
 def record_call(model: str, version: str, seconds: float, ok: bool) -> None:

@@ -32,8 +32,24 @@ class Record(BaseModel):
 
 
 # ---- one process -------------------------------------------------------------------------
+class VersionStatus(Record):
+    """One loaded (or loading, failed, unloaded) version of a model in one serving process."""
+
+    status: str  # LOADING | READY | FAILED | UNLOADED
+    weight: int = 0  # its share of the model's requests (0: answers pinned requests only)
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    memory_mb: float | None = None  # measured for this version alone (see memory_exact)
+    error: str | None = None
+    calls: int = 0
+    failures: int = 0
+    in_flight: int = 0
+    last_used: float | None = None
+
+
 class ModelStatus(Record):
-    """One model in one serving process."""
+    """One model in one serving process (its fields describe the version with the largest
+    share of requests; ``versions`` has each loaded version)."""
 
     name: str
     family: str
@@ -55,6 +71,10 @@ class ModelStatus(Record):
     latency_mean_ms: float | None = None
     latency_p95_ms: float | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, VersionStatus] = Field(default_factory=dict)
+    unloaded: bool = False  # unloaded on purpose (`modelworkers unload`): `load` brings it back
+    loads: int = 0  # loads of any of its versions in this process (start, lazy, reloads)
+    evictions: int = 0  # unloads to stay within the memory budget
 
 
 class ProcessSnapshot(Record):
@@ -71,6 +91,9 @@ class ProcessSnapshot(Record):
     unlisted_artifacts: list[str] = Field(default_factory=list)
     manifest_problems: dict[str, str] = Field(default_factory=dict)
     stats: dict[str, dict[str, float]] = Field(default_factory=dict)
+    memory_budget_mb: float | None = None  # MODEL_MEMORY_BUDGET_MB
+    models_memory_mb: float = 0.0  # what the loaded versions measured, together
+    memory_exact: bool = True  # each figure measured alone (false: loads overlapped)
 
 
 # ---- the fleet ---------------------------------------------------------------------------
@@ -99,15 +122,39 @@ class FleetSummary(Record):
     not_ready: list[NotReadyProcess] = Field(default_factory=list)
 
 
-# ---- reloads -----------------------------------------------------------------------------
+# ---- control: reload, load, unload, split ------------------------------------------------
+class Desired(Record):
+    """What a model should serve across the fleet (or on one node): ``PREFIX:desired`` holds one
+    per model. A single version with every request is written as the plain version string."""
+
+    weights: dict[str, int] = Field(default_factory=dict)  # version -> share of requests
+    unloaded: bool = False
+
+    def encode(self) -> str:
+        if not self.unloaded and len(self.weights) == 1:
+            return next(iter(self.weights))
+        return self.model_dump_json()
+
+    @classmethod
+    def decode(cls, raw: str) -> Desired:
+        if raw.startswith("{"):
+            return cls.model_validate_json(raw)
+        return cls(weights={raw: 100})
+
+
 class ReloadRequest(Record):
-    """A reload published on ``PREFIX:control`` (models None: all; nodes None: every node)."""
+    """A control request published on ``PREFIX:control`` (models None: all; nodes None: every
+    node). ``action``: reload (a version, or the default one, replaces the serving one), load
+    (serve a model, also one added to the repository after start, or unloaded before), unload,
+    split (serve several versions with ``weights``)."""
 
     id: str
     action: str = "reload"
     models: list[str] | None = None
     version: str | None = None
+    weights: dict[str, int] | None = None
     nodes: list[str] | None = None
+
     sent_at: float = 0.0
     # (hash key, model, version to put back or None to remove): what the desired-version hashes
     # held before this request, so that a failed reload can restore them exactly

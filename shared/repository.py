@@ -123,7 +123,6 @@ def specs_of(folder: Path, model: ModelFile, root: Path) -> list[ModelSpec]:
             name=name,
             # informational when the model names its class: the class's name
             family=model.family or model.implementation.rsplit(":", 1)[-1],
-
             implementation=model.implementation,
             path=relative,
             version=entry.version,

@@ -91,15 +91,15 @@ def check_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 
 @contextmanager
-def served(registry: ModelRegistry, name: str) -> Iterator[None]:
-    """Count one call of model ``name`` with its latency and outcome."""
+def served(registry: ModelRegistry, name: str, version: str | None = None) -> Iterator[None]:
+    """Count one call of model ``name`` (its ``version``) with its latency and outcome."""
     t0 = time.perf_counter()
     ok = False
     try:
         yield
         ok = True
     finally:
-        registry.observe(name, time.perf_counter() - t0, ok)
+        registry.observe(name, time.perf_counter() - t0, ok, version)
 
 
 def model_of(
@@ -132,7 +132,7 @@ def _run_model(
     to return one result per input."""
     limit = registry.inference_limit(model.name)
     with (
-        served(registry, model.name),
+        served(registry, model.name, model.version),
         time_limit(limit, lambda: InferenceTimeout(model.name, model.version, limit)),
     ):
         out = call(model)
@@ -150,46 +150,66 @@ def infer(
     call: Callable[[Model], T],
     *,
     count: int | None = None,
+    version: str | None = None,
+    key: str | None = None,
+    pinned: bool = False,
 ) -> tuple[T, Model, bool]:
-    """``(call(model), model, used_fallback)`` for the model ``name``.
+    """``(call(model), model, used_fallback)`` for the model ``name`` (the version ``version``
+    or ``key`` picks, else one by the model's weights), counted as in flight meanwhile.
 
     The model answers if it can; when it is not ready, or raises, times out or returns the
     wrong number of results, its declared fallback answers instead (counted in
-    ``modelworkers_fallback_answers_total``). Without a ready fallback the error names the model
-    (InferenceError / InferenceTimeout). InvalidInput is the caller's fault and never falls back.
+    ``modelworkers_fallback_answers_total``), unless the caller ``pinned`` the version. Without
+    a ready fallback the error names the model (InferenceError / InferenceTimeout). InvalidInput
+    is the caller's fault and never falls back.
     """
-    model, used_fallback = registry.get_with_fallback(name)
-    try:
-        return _run_model(registry, model, call, count), model, used_fallback
-    except InvalidInput:
-        raise
-    except Exception as exc:
-        kind = (
-            "timeout"
-            if isinstance(exc, InferenceTimeout)
-            else "bad_batch"
-            if isinstance(exc, InferenceError)
-            else "error"
-        )
-        metrics.record_inference_error(model.name, model.version, kind)
-        error = (
-            exc
-            if isinstance(exc, InferenceError)
-            else InferenceError(model.name, model.version, f"{type(exc).__name__}: {exc}")
-        )
-        fallback = None if used_fallback else registry.ready_fallback(name)
-        if fallback is None:
-            raise error from None
-        log.warning("%s; its fallback %s answers", error, fallback.name)
-        metrics.record_fallback(name, fallback.name)
+    with registry.use(name, version, key, allow_fallback=not pinned) as (model, used_fallback):
+        try:
+            return _run_model(registry, model, call, count), model, used_fallback
+        except InvalidInput:
+            raise
+        except Exception as exc:
+            kind = (
+                "timeout"
+                if isinstance(exc, InferenceTimeout)
+                else "bad_batch"
+                if isinstance(exc, InferenceError)
+                else "error"
+            )
+            metrics.record_inference_error(model.name, model.version, kind)
+            error = (
+                exc
+                if isinstance(exc, InferenceError)
+                else InferenceError(model.name, model.version, f"{type(exc).__name__}: {exc}")
+            )
+            backup = None if used_fallback or pinned else registry.ready_fallback(name)
+            if backup is None:
+                raise error from None
+    log.warning("%s; its fallback %s answers", error, backup.name)
+    metrics.record_fallback(name, backup.name)
+    with registry.use(backup.name) as (fallback, _):
         return _run_model(registry, fallback, call, count), fallback, True
 
 
-def answer(registry: ModelRegistry, name: str, batch: list[Any]) -> list[dict[str, Any]]:
+def answer(
+    registry: ModelRegistry,
+    name: str,
+    batch: list[Any],
+    *,
+    version: str | None = None,
+    key: str | None = None,
+    pinned: bool = False,
+) -> list[dict[str, Any]]:
     """Answers to several requests' validated inputs for model ``name``, in one call of its
     ``predict_batch`` (or its fallback's): ``{"outputs", "model", "version", "fallback"}`` each."""
     outputs, model, fallback = infer(
-        registry, name, lambda m: m.predict_batch(batch), count=len(batch)
+        registry,
+        name,
+        lambda m: m.predict_batch(batch),
+        count=len(batch),
+        version=version,
+        key=key,
+        pinned=pinned,
     )
     return [
         {"outputs": out, "model": model.name, "version": model.version, "fallback": fallback}
@@ -214,14 +234,35 @@ def micro_batched(registry: ModelRegistry, name: str) -> bool:
     return in_pool_thread() and registry.batches(name)
 
 
-def predict_one(registry: ModelRegistry, name: str, inputs: Any) -> dict[str, Any]:
+def predict_one(
+    registry: ModelRegistry,
+    name: str,
+    inputs: Any,
+    *,
+    version: str | None = None,
+    key: str | None = None,
+) -> dict[str, Any]:
     """One request's answer from model ``name`` (validated ``inputs``): through the model's
-    micro-batcher when concurrent requests in this process can share a call, else alone."""
+    micro-batcher when concurrent requests in this process can share a call, else alone.
+    ``version`` pins the version that answers (alone, no fallback); ``key`` picks the same
+    version for the same key when the model's requests are split among versions."""
+    if version is not None:
+        return answer(registry, name, [inputs], version=version, pinned=True)[0]
+    chosen = registry.choose(name, key)
     if micro_batched(registry, name):
-        batcher = registry.batcher(name, lambda batch: answer(registry, name, batch))
+        # One batcher per version: a split model's requests are batched per version.
+        serving = chosen is None or chosen == registry.serving_version(name)
+        batch_key = name if serving else f"{name}@{chosen}"
+        pick = None if serving else chosen
+
+        def run(batch: list[Any]) -> list[dict[str, Any]]:
+            return answer(registry, name, batch, version=pick)
+
+        batcher = registry.batcher(batch_key, run, model=name)
+
         result: dict[str, Any] = batcher.submit(inputs, timeout=waiting_limit(registry, name))
         return result
-    return answer(registry, name, [inputs])[0]
+    return answer(registry, name, [inputs], version=chosen)[0]
 
 
 def predict_many(registry: ModelRegistry, name: str, items: list[Any]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from shared import metrics
 from shared.batching import BatchPolicy
 from shared.families import family_class
 from shared.manifest import Manifest, ModelSpec, manifest_from_settings
+from shared.records import Desired
 from shared.registry import ModelRegistry, get_registry, set_registry
 from shared.reload import converge, read_desired
 from shared.settings import Settings
@@ -136,9 +137,7 @@ class ServingProcess:
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)  # no intra-op thread pool here: fork-safe
         registry = self.new_registry(device="cpu", warmup=False)
-        specs = self.specs_to_load()
-        registry.load_all(specs)
-        self.fall_back_to_active(registry, specs)
+        self.load_models(registry)
         metrics.mark_process_dead(os.getpid())  # the children report these models, not the parent
         t0 = time.perf_counter()
         warmed = registry.warm_all(before_fork=True) if self.settings.warm_before_fork else []
@@ -170,9 +169,7 @@ class ServingProcess:
         else:
             registry = self.new_registry(device=self.settings.model_device, warmup=True)
             t0 = time.perf_counter()
-            specs = self.specs_to_load()
-            registry.load_all(specs)
-            self.fall_back_to_active(registry, specs)
+            self.load_models(registry)
             log.info(
                 "pid %d loaded %d models in %.2f s (torch threads %d)",
                 os.getpid(),
@@ -203,7 +200,9 @@ class ServingProcess:
             metrics.record_state(registry.metadata(name))
         try:
             desired = read_desired(redis_client(self.settings), self.settings.key_prefix, self.node)
-            for result in converge(registry, self.read_manifest, desired, set(self.fell_back)):
+            for result in converge(
+                registry, self.read_manifest, desired, set(self.fell_back), serves=self.serves
+            ):
                 log_reload(result)
         except Exception as exc:
             log.warning(
@@ -259,33 +258,53 @@ class ServingProcess:
         """Whether this node serves ``spec``: its queue is one this node consumes."""
         return self.queues is None or (spec.queue or self.settings.task_queue) in self.queues
 
-    def specs_to_load(self) -> list[ModelSpec]:
-        """The active spec of each model routed to this node's queues, or the version a
-        fleet-wide reload asked for."""
-        assert self.manifest is not None
-        manifest = self.manifest
-        specs = [s for s in manifest.active() if self.serves(s)]
-
+    def read_desired(self) -> dict[str, Desired]:
+        """What the fleet (or this node) should serve, from Redis; {} when Redis cannot say."""
         try:
-            desired = read_desired(redis_client(self.settings), self.settings.key_prefix, self.node)
-        except Exception as exc:  # Redis down at start: serve the manifest's active versions
+            return read_desired(redis_client(self.settings), self.settings.key_prefix, self.node)
+        except Exception as exc:  # Redis down at start: serve the repository's defaults
             log.warning(
-                "cannot read desired versions from Redis (%s); using manifest defaults",
+                "cannot read desired versions from Redis (%s); using the repository's defaults",
                 redact(str(exc)),
             )
-            return specs
+            return {}
+
+    def specs_to_load(self, desired: dict[str, Desired]) -> list[ModelSpec]:
+        """The version to serve of each model routed to this node's queues: the one the fleet
+        asked for (the largest share of a split), else the model file's default."""
+        assert self.manifest is not None
+        manifest = self.manifest
         out = []
-        for spec in specs:
-            version = desired.get(spec.name)
-            if version and version != spec.version:
-                try:
-                    spec = manifest.get(spec.name, version)
-                except Exception:
-                    log.warning(
-                        "desired version %s of %s is not in the manifest", version, spec.name
-                    )
+        for spec in (s for s in manifest.active() if self.serves(s)):
+            want = desired.get(spec.name)
+            if want is not None and want.weights:
+                version = max(want.weights, key=lambda v: want.weights[v])
+                if version != spec.version:
+                    try:
+                        spec = manifest.get(spec.name, version)
+                    except Exception:
+                        log.warning(
+                            "desired version %s of %s is not in the repository", version, spec.name
+                        )
             out.append(spec)
         return out
+
+    def load_models(self, registry: ModelRegistry) -> None:
+        """Load this process's models as the fleet wants them: the serving version of each,
+        then splits (the other versions) and purposely unloaded models (registered only)."""
+        desired = self.read_desired()
+        specs = self.specs_to_load(desired)
+        unloaded = {name for name, want in desired.items() if want.unloaded}
+        registry.load_all([s for s in specs if s.name not in unloaded])
+        for spec in specs:
+            if spec.name in unloaded:
+                registry.register(spec)
+                registry.unload(spec.name, 0.0)
+        self.fall_back_to_active(registry, specs)
+        for result in converge(
+            registry, self.read_manifest, desired, set(self.fell_back), serves=self.serves
+        ):
+            log_reload(result)
 
     def fall_back_to_active(self, registry: ModelRegistry, specs: list[ModelSpec]) -> None:
         """A reloaded (desired) version that fails to load in a new process: serve the

@@ -126,6 +126,11 @@ class Model:
         READY; None: neither runs a prediction."""
         return None
 
+    def memory_bytes(self) -> int | None:
+        """The loaded model's memory, if the family can tell exactly (e.g. its tensors); None:
+        the registry measures the process's growth over the load instead."""
+        return None
+
     def unload(self) -> None:
         """Drop references to the model so that its memory can be freed."""
 

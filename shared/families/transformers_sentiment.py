@@ -180,7 +180,15 @@ class TransformersSentiment(TextClassifier):
         pairs = zip(idx.tolist(), scores.tolist(), strict=True)
         return [(self.labels[i], float(s)) for i, s in pairs]
 
+    def memory_bytes(self) -> int | None:
+        """Weights and buffers of the network (the tokenizer's few MiB are not counted)."""
+        if self._model is None:
+            return None
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+
     def unload(self) -> None:
+
         model = getattr(self, "_model", None)
         self._model = None
         self._tokenizer = None
