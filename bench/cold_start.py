@@ -79,7 +79,7 @@ def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
             worker.stop()
         return {"seconds": seconds, "label": value["label"], "fallback": value["fallback"]}
     finally:
-        from tests.harness import close_app
+        from harness import close_app
 
         close_app(app)
 

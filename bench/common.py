@@ -1,4 +1,4 @@
-"""What every section shares: the Redis, worker processes (tests.harness), the helper process,
+"""What every section shares: the Redis, worker processes (harness), the helper process,
 the clients that time tasks, statistics, PSS, the machine description."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.data import ROOT
-from tests.harness import WorkerProcess, close_app, wait_for
+from harness import WorkerProcess, close_app, wait_for
 
 T = TypeVar("T")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -192,8 +192,8 @@ def bench_manifest(
     sunspots_arima and textblob entries (artifacts symlinked from models/, same sha256), and
     ``sentiment`` -> tiny-bert 1.0.0 (``tiny``) or the MiniLM classifier (``minilm``).
     ``lazy``: every model lazy = true (loaded on first use). ``only``: just these models."""
+    from harness import write_manifest
     from shared.manifest import load_manifest
-    from tests.fixtures import write_manifest
 
     folder = ensure_cache() / "manifests" / name
     folder.mkdir(parents=True, exist_ok=True)

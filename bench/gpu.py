@@ -658,7 +658,7 @@ def compare_answers(celery_answers: list[dict[str, Any]], local: list[list[Any]]
 def write_manifest_for(folder: Path, target: Path, version: str, sha256: str) -> Path:
     """A sentiment-only manifest (no TextBlob fallback, nothing else), artifact under
     ``folder/sentiment`` (a symlink when ``target`` lies elsewhere)."""
-    from tests.fixtures import write_manifest
+    from harness import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / "sentiment"

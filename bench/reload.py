@@ -14,7 +14,7 @@ from typing import Any
 from bench.common import Ctx, Stream, med, pct, rnd
 from bench.data import REAL_MANIFEST, ROOT
 from bench.report import target
-from tests.harness import wait_for
+from harness import wait_for
 
 
 class ReplyWatch(threading.Thread):

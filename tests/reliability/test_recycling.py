@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 import redis
 
+from harness import WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
 from shared.manifest import load_manifest
 from tests.conftest import MANIFEST
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import (
     Tally,
     client_app,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from harness import WorkerProcess
 from shared.manifest import load_manifest
 from shared.registry import ModelRegistry
 from tests.conftest import MANIFEST
-from tests.harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
+from harness import WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
 from shared.manifest import load_manifest
 from tests.conftest import MANIFEST
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, close_app, wait_for
 from tests.tasks.test_contract import stored_error
 
 pytestmark = pytest.mark.integration
