@@ -48,6 +48,7 @@ FORBIDDEN = ("prophet", "textblob", "nltk", "cmdstanpy")
 ALSO_REPORTED = ("statsmodels", "sklearn", "flower", "tornado", "matplotlib")
 SCORE_TOL = 1e-3
 INPROC = {"tiny": "sentiment", "minilm": "minilm"}  # the in-process helper's name of a model
+SINGLE = [[t] for t in texts()]  # one text per task
 THREADS_ENV = {"BATCH_MAX_SIZE": "256", "BATCH_WINDOW_MS": "2"}
 # run in a fresh interpreter: what importing the ML libraries alone maps (the parent's baseline)
 BASELINE = """import json, os, torch, transformers
@@ -415,6 +416,22 @@ class GpuRun:
             runs.append(res)
         return {"runs": runs, "texts_per_s_median": round(med([r["texts_per_s"] for r in runs]), 1)}
 
+    def points(
+        self, out: dict[str, Any], driver: Driver, pairs: Any, client: Client | None = None
+    ) -> None:
+        """Measured runs of single-text tasks at each (in flight, total) of ``pairs``, each with
+        its printed row (and its ratio to the raw pipeline at batch 256), written at once."""
+        raw = self.sections.get("raw_inprocess", {}).get("batch_256", {}).get("best_texts_per_s")
+        for inflight, total in pairs:
+            rec = self.runs(driver, "sentiment.analyze", SINGLE, total, inflight, client=client)
+            out[f"inflight_{inflight}"], tps = rec, rec["texts_per_s_median"]
+            mb = max((r.get("mean_micro_batch") or 0 for r in rec["runs"]), default=0)
+            row = f"{tps:.0f}, {mb or '-'}, {rec['runs'][-1]['p50_ms']:.2f}"
+            out["summary"][f"inflight {inflight}: texts/s, mean micro-batch, p50 ms"] = row
+            if raw and client:
+                out["summary"][f"inflight {inflight} / raw batch 256"] = f"{tps / raw:.2f}x"
+            self.runner.write()
+
     def batcher(self, client: Client | None) -> dict[str, int]:
         """The worker's micro-batcher counters, from the state its process publishes."""
         if client is None:
@@ -458,11 +475,10 @@ class GpuRun:
         corpus, tp = texts(), out["throughput"]
 
         def throughput(worker: Any) -> None:
-            single = [[t] for t in corpus]
             with Driver(worker, self.ctx.logs, self.k) as driver:
-                driver.run("sentiment.analyze", single, self.n(64, 8), self.n(8, 4), timeout=60)
+                driver.run("sentiment.analyze", SINGLE, self.n(64, 8), self.n(8, 4), timeout=60)
                 tp["single_text"] = self.runs(
-                    driver, "sentiment.analyze", single, self.n(512, 32), self.n(8, 4)
+                    driver, "sentiment.analyze", SINGLE, self.n(512, 32), self.n(8, 4)
                 )
                 for size, tasks in ((32, self.n(32, 2)), (256, self.n(8, 1))):
                     jobs = [
@@ -508,8 +524,7 @@ class GpuRun:
     def part_threads(self, out: dict[str, Any]) -> None:
         out.update(worker="threads -c 256, BATCH_MAX_SIZE=256, BATCH_WINDOW_MS=2", drivers=self.k)
         out["model"] = "MiniLM-L6 (random weights)"
-        single, s = [[t] for t in texts()], out["summary"]
-        raw256 = self.sections.get("raw_inprocess", {}).get("batch_256", {}).get("best_texts_per_s")
+        s = out["summary"]
         with ExitStack() as stack:
             worker = stack.enter_context(
                 self.started(out, "minilm", 1, concurrency=256, pool="threads", env=THREADS_ENV)
@@ -523,29 +538,15 @@ class GpuRun:
             )
             out["lone_request"] = stats(lone[3:])
             s["lone request p50 ms"] = f"{out['lone_request']['p50_ms']:.2f}"
-            driver.run("sentiment.analyze", single, self.n(256, 16), 64, timeout=60)  # warm
-            for inflight, total in (
-                (self.n(64, 8), self.n(2048, 64)),
-                (self.n(256, 32), self.n(4096, 128)),
-            ):
-                rec = out[f"inflight_{inflight}"] = self.runs(
-                    driver, "sentiment.analyze", single, total, inflight, client=client
-                )
-                mb = max((r["mean_micro_batch"] or 0 for r in rec["runs"]), default=0)
-                s[f"inflight {inflight}: texts/s, mean micro-batch, p50 ms"] = (
-                    f"{rec['texts_per_s_median']:.0f}, {mb:.2f}, {rec['runs'][-1]['p50_ms']:.2f}"
-                )
-                if raw256:
-                    s[f"inflight {inflight} / raw batch 256"] = (
-                        f"{rec['texts_per_s_median'] / raw256:.2f}x"
-                    )
-                self.runner.write()
+            driver.run("sentiment.analyze", SINGLE, self.n(256, 16), 64, timeout=60)  # warm
+            pairs = ((self.n(64, 8), self.n(2048, 64)), (self.n(256, 32), self.n(4096, 128)))
+            self.points(out, driver, pairs, client)
 
     def part_ceiling(self, out: dict[str, Any]) -> None:
         """The same threads pool and Celery config, a task without a model (bench.noop): what
         the client + Celery + Redis path carries on this machine."""
         out["worker"] = "threads -c 256, celery -A bench.exp_app (product app + bench.noop)"
-        out["task"], single = "bench.noop: returns its argument, no model", [[t] for t in texts()]
+        out["task"] = "bench.noop: returns its argument, no model"
         env = {"MODEL_DEVICE": "cpu"}
         kw = {"concurrency": 256, "pool": "threads", "env": env, "app": "bench.exp_app"}
         with (
@@ -553,10 +554,10 @@ class GpuRun:
             Driver(worker, self.ctx.logs, self.k) as driver,
         ):
             out["inflight"] = inflight = self.n(256, 32)
-            driver.run("bench.noop", single, self.n(256, 16), inflight, timeout=60)  # warm
+            driver.run("bench.noop", SINGLE, self.n(256, 16), inflight, timeout=60)  # warm
             for k in sorted({self.k, 1}, reverse=True):
                 rec = out[f"drivers_{k}"] = self.runs(
-                    driver, "bench.noop", single, self.n(4096, 128), inflight, drivers=k
+                    driver, "bench.noop", SINGLE, self.n(4096, 128), inflight, drivers=k
                 )
                 out["summary"][f"bench.noop tasks/s, drivers {k}"] = (
                     f"{rec['texts_per_s_median']:.0f}"
@@ -568,7 +569,7 @@ class GpuRun:
         is the limit."""
         out["workers"] = "4 x threads -c 128, BATCH_MAX_SIZE=256, BATCH_WINDOW_MS=2, one queue"
         out.update(model="MiniLM-L6 (random weights)", drivers=self.k * 2)
-        single, prefix = [[t] for t in texts()], f"gpux4-{uuid.uuid4().hex[:6]}"
+        prefix = f"gpux4-{uuid.uuid4().hex[:6]}"
         kw = {"concurrency": 128, "pool": "threads", "env": THREADS_ENV, "prefix": prefix}
         with ExitStack() as stack:
             workers = [
@@ -576,17 +577,9 @@ class GpuRun:
                 for i in range(4)
             ]
             driver = stack.enter_context(Driver(workers[0], self.ctx.logs, self.k * 2))
-            driver.run("sentiment.analyze", single, self.n(512, 16), 256, timeout=60)  # warm
-            for inflight, total in (
-                (self.n(256, 16), self.n(4096, 64)),
-                (self.n(1024, 32), self.n(8192, 128)),
-            ):
-                rec = out[f"inflight_{inflight}"] = self.runs(
-                    driver, "sentiment.analyze", single, total, inflight
-                )
-                row = f"{rec['texts_per_s_median']:.0f}, {rec['runs'][-1]['p50_ms']:.2f}"
-                out["summary"][f"inflight {inflight}: texts/s, p50 ms"] = row
-                self.runner.write()
+            driver.run("sentiment.analyze", SINGLE, self.n(512, 16), 256, timeout=60)  # warm
+            pairs = ((self.n(256, 16), self.n(4096, 64)), (self.n(1024, 32), self.n(8192, 128)))
+            self.points(out, driver, pairs)
             stats_ = [
                 (s.get("stats") or {}).get("sentiment_batching")
                 for w in workers
