@@ -3,18 +3,18 @@ launch -> first answer vs a bare Python process that imports, loads and answers 
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import re
 import time
 from typing import Any
 
-from bench.common import Ctx, clean_env, med, ready_time, release, rnd
-from bench.data import REAL_MANIFEST, ROOT, texts
+from bench.context import Ctx, cpu_seconds, med, rnd
+from bench.data import REAL_MANIFEST, texts
+from bench.driver import release
 from bench.report import target
 
-# (a), (b), (c) are the issue's three strategies, all in PRELOAD_MODE=child (each pool process
-# loads its own weights); (d) is the current default (PRELOAD_MODE=auto -> parent on a CPU-only
-# host: imports and weights in the parent, children fork and warm up).
+# (a), (b), (c): three loading strategies, all in PRELOAD_MODE=child (each pool process loads its
+# own weights); (d) is the default (PRELOAD_MODE=auto -> parent on a CPU-only host: imports and
+# weights in the parent, children fork and warm up).
 CONFIGS = {
     "a_child_sequential": {"PRELOAD_MODE": "child", "PREIMPORT": "false", "LOADER_THREADS": "1"},
     "b_child_threadpool": {"PRELOAD_MODE": "child", "PREIMPORT": "false", "LOADER_THREADS": "4"},
@@ -25,46 +25,20 @@ CONFIGS = {
 
 def launch_to_ready(ctx: Ctx, env: dict[str, str], concurrency: int = 2) -> dict[str, Any]:
     worker = ctx.worker(concurrency=concurrency, env={"MODEL_MANIFEST": str(REAL_MANIFEST), **env})
-    t0 = time.time()
-    worker.start()
-    try:
-        out = ready_time(worker, concurrency, t0)
-        out["cpu_s"] = tree_cpu_seconds(worker.pid)
-        out.update(log_figures(worker.log()))
+    with ctx.launched(worker, concurrency) as out:
+        out["cpu_s"] = sum(cpu_seconds(worker.pid).values())  # the worker and its pool processes
+        # what the worker logged about its start: preimport seconds, per-process load seconds
+        pre = re.findall(r"imported model libraries in ([0-9.]+) s", worker.log())
+        loads = re.findall(r"pid \d+ loaded \d+ models in ([0-9.]+) s", worker.log())
+        out["preimport_s"] = float(pre[0]) if pre else None
+        out["child_load_s"] = [float(x) for x in loads]
         return out
-    finally:
-        worker.stop()
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) spent so far by the worker and its pool processes."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def log_figures(log: str) -> dict[str, Any]:
-    """What the worker logged about its start: preimport seconds, per-process load seconds."""
-    import re
-
-    pre = re.findall(r"imported model libraries in ([0-9.]+) s", log)
-    loads = re.findall(r"pid \d+ loaded \d+ models in ([0-9.]+) s", log)
-    return {
-        "preimport_s": float(pre[0]) if pre else None,
-        "child_load_s": [float(x) for x in loads],
-    }
 
 
 def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
     """The task is queued before the worker is launched; seconds from launch to its result."""
+    from harness import close_app
+
     worker = ctx.worker(concurrency=concurrency, env={"MODEL_MANIFEST": str(REAL_MANIFEST)})
     app = worker.app()
     try:
@@ -79,58 +53,30 @@ def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
             worker.stop()
         return {"seconds": seconds, "label": value["label"], "fallback": value["fallback"]}
     finally:
-        from tests.harness import close_app
-
         close_app(app)
-
-
-HELPER = [sys.executable, "-m", "bench.helper"]
 
 
 def bare_first_answer(ctx: Ctx) -> dict[str, Any]:
     """python -m bench.helper: import the stack, ModelRegistry.load_all, one sentiment answer;
     timed from spawn to the answer line on its stdout."""
-    import json
-
-    log = (ctx.logs / "bare.log").open("ab")
-    t0 = time.time()
-    proc = subprocess.Popen(
-        [*HELPER, "--manifest", str(REAL_MANIFEST), "--text", texts()[0]],
-        cwd=ROOT,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        seconds = time.time() - t0
-        answer = json.loads(line)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
-    return {
-        "seconds": seconds,
-        "label": answer["label"],
-        "import_and_load_s": answer["loaded"] - t0,
-        "torch_threads": answer["torch_threads"],
-    }
+    with ctx.helper(REAL_MANIFEST, threads=0, text=texts()[0]) as bare:
+        answer = bare.first
+        return {
+            "seconds": bare.t_answer - bare.t_spawn,
+            "label": answer["label"],
+            "import_and_load_s": answer["loaded"] - bare.t_spawn,
+            "torch_threads": answer["torch_threads"],
+        }
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
     reps = ctx.n(3, 1)
     names = list(CONFIGS) if not ctx.quick else ["a_child_sequential", "c_child_preimport"]
-    raw: dict[str, list[Any]] = {k: [] for k in names}
-    raw.update({"first_answer_c2": [], "first_answer_c1": [], "bare": []})
-    extra = ["bare", "first_answer_c2"] + ([] if ctx.quick else ["first_answer_c1"])
+    raw: dict[str, list[Any]] = {k: [] for k in [*names, "first_answer_c2", "first_answer_c1"]}
+    raw["bare"] = []
+    order = [*names, "bare", "first_answer_c2"] + ([] if ctx.quick else ["first_answer_c1"])
     for rep in range(reps):
-        order = names + extra
-        order = order[rep % len(order) :] + order[: rep % len(order)]  # spread machine drift
-        for key in order:
+        for key in order[rep % len(order) :] + order[: rep % len(order)]:  # spread machine drift
             ctx.quiet()
             if key in CONFIGS:
                 raw[key].append(launch_to_ready(ctx, CONFIGS[key]))
@@ -138,34 +84,35 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 raw[key].append(bare_first_answer(ctx))
             else:
                 raw[key].append(launch_to_first_answer(ctx, int(key[-1])))
-    ready = {k: med([r["observed_s"] for r in raw[k]]) for k in names}
-    loaded = {k: med([r["last_loaded_s"] for r in raw[k]]) for k in names}
-    first_c2 = med([r["seconds"] for r in raw["first_answer_c2"]])
-    first_c1 = (
-        med([r["seconds"] for r in raw["first_answer_c1"]]) if raw["first_answer_c1"] else None
-    )
-    bare = med([r["seconds"] for r in raw["bare"]])
+
+    def median(key: str, field: str = "seconds") -> float:
+        return med([r[field] for r in raw[key]])
+
+    ready = {k: median(k, "observed_s") for k in names}
+    cpu = {k: median(k, "cpu_s") for k in names}
+    first_c2, bare = median("first_answer_c2"), median("bare")
+    first_c1 = median("first_answer_c1") if raw["first_answer_c1"] else None
     summary: dict[str, Any] = {}
-    cpu = {k: med([r["cpu_s"] for r in raw[k]]) for k in names}
     for k in names:
         summary[f"{k}: launch -> all READY seen in Redis, s (median)"] = rnd(ready[k], 2)
         summary[f"{k}: CPU seconds of the worker tree at READY"] = rnd(cpu[k], 1)
-        summary[f"{k}: launch -> last model loaded, s (median)"] = rnd(loaded[k], 2)
+        summary[f"{k}: launch -> last model loaded, s (median)"] = rnd(
+            median(k, "last_loaded_s"), 2
+        )
     summary["worker -c 2 launch -> first answer, s"] = rnd(first_c2, 2)
     if first_c1 is not None:
         summary["worker -c 1 launch -> first answer, s"] = rnd(first_c1, 2)
     summary["bare python: spawn -> first answer, s"] = rnd(bare, 2)
-    ratio_ca = ready["c_child_preimport"] / ready["a_child_sequential"]
+    a = ready["a_child_sequential"]
+    ratio_ca = ready["c_child_preimport"] / a
     summary["(c)/(a) READY ratio"] = rnd(ratio_ca)
     # No start can beat one process that imports, loads and answers once: bare / (a) is the
     # lowest (c)/(a) any loading strategy could reach on this machine.
-    summary["lowest possible (c)/(a): bare python first answer / (a) READY"] = rnd(
-        bare / ready["a_child_sequential"]
-    )
+    summary["lowest possible (c)/(a): bare python first answer / (a) READY"] = rnd(bare / a)
     summary["(c)/(a) CPU seconds ratio"] = rnd(cpu["c_child_preimport"] / cpu["a_child_sequential"])
     for key in ("b_child_threadpool", "d_default_auto"):
         if key in ready:
-            summary[f"({key[0]})/(a) READY ratio"] = rnd(ready[key] / ready["a_child_sequential"])
+            summary[f"({key[0]})/(a) READY ratio"] = rnd(ready[key] / a)
     summary["worker -c 2 first answer / bare"] = rnd(first_c2 / bare)
     if first_c1 is not None:
         summary["worker -c 1 first answer / bare"] = rnd(first_c1 / bare)
@@ -174,7 +121,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             "(c) imports in parent, weights in child / (a) sequential child",
             ratio_ca,
             0.5,
-            detail=f"floor {bare / ready['a_child_sequential']:.2f}x",
+            detail=f"floor {bare / a:.2f}x",
         ),
         target("worker launch -> first answer / bare process (-c 2)", first_c2 / bare, 1.2),
     ]

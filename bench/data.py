@@ -129,29 +129,31 @@ def minilm_source() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def _build_minilm(target: Path) -> None:
-    """BertForSequenceClassification (2 labels) from the MiniLM encoder; seeded head."""
+def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any]:
+    """BertForSequenceClassification (2 labels) from the MiniLM encoder, seeded head; with
+    ``random_from`` (a folder with its config and tokenizer): the same architecture and shapes
+    with seeded random weights, so the same time per forward pass without shipping weights."""
+    import shutil
+
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    source = minilm_source()
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(
-        str(source),
-        num_labels=2,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-    )
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    source = str(random_from or minilm_source())
+    if random_from:
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(source))
+    else:
+        labels = {0: "negative", 1: "positive"}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}
+        )
     tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval().save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(source).save_pretrained(str(tmp))
     tmp.rename(target)
+    files = sorted(p.name for p in target.iterdir())
+    return {"parameters": sum(p.numel() for p in model.parameters()), "files": files}
 
 
 def ensure_minilm() -> Path:
@@ -168,22 +170,6 @@ def ensure_minilm() -> Path:
     return MINILM_DIR
 
 
-def minilm_sha256() -> str:
-    """sha256 of the MiniLM directory (the manifest rule), cached beside it."""
-    from shared.manifest import artifact_sha256
-
-    stamp = CACHE / "minilm-cls.sha256"
-    weights = MINILM_DIR / "model.safetensors"
-    key = f"{weights.stat().st_mtime_ns}:{weights.stat().st_size}"
-    if stamp.exists():
-        saved = json.loads(stamp.read_text())
-        if saved.get("key") == key:
-            return str(saved["sha256"])
-    digest = artifact_sha256(MINILM_DIR)
-    stamp.write_text(json.dumps({"key": key, "sha256": digest}))
-    return digest
-
-
 # ---- manifests -------------------------------------------------------------------------------
 def bench_manifest(
     name: str, *, sentiment: str = "tiny", lazy: bool = False, only: list[str] | None = None
@@ -192,8 +178,8 @@ def bench_manifest(
     sunspots_arima and textblob entries (artifacts symlinked from models/, same sha256), and
     ``sentiment`` -> tiny-bert 1.0.0 (``tiny``) or the MiniLM classifier (``minilm``).
     ``lazy``: every model lazy = true (loaded on first use). ``only``: just these models."""
-    from shared.manifest import load_manifest
-    from tests.fixtures import write_manifest
+    from harness import write_manifest
+    from shared.manifest import artifact_sha256, load_manifest
 
     folder = ensure_cache() / "manifests" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,25 +188,16 @@ def bench_manifest(
     for spec in real.active():
         if only and spec.name not in only:
             continue
-        entry: dict[str, Any] = {
-            "name": spec.name,
-            "family": spec.family,
-            "version": spec.version,
-            "required": spec.required,
-            "lazy": lazy,
-            "fallback": spec.fallback,
-        }
+        entry = {"name": spec.name, "family": spec.family, "version": spec.version}
+        entry.update(required=spec.required, lazy=lazy, fallback=spec.fallback)
         if spec.options:
             entry["options"] = dict(spec.options)
         if spec.path:
-            link = folder / spec.name
-            target = Path(spec.location)
-            sha = spec.sha256
+            link, target, sha = folder / spec.name, Path(spec.location), spec.sha256
             if spec.name == "sentiment" and sentiment == "minilm":
-                target, sha = ensure_minilm(), minilm_sha256()
+                target, sha = ensure_minilm(), artifact_sha256(MINILM_DIR)
                 entry["version"] = "minilm-1.0.0"
-            if link.is_symlink() or link.exists():
-                link.unlink()
+            link.unlink(missing_ok=True)
             link.symlink_to(target, target_is_directory=target.is_dir())
             entry["path"], entry["sha256"] = spec.name, sha
         entries.append(entry)
@@ -228,14 +205,18 @@ def bench_manifest(
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["build-minilm"]:
-        ensure_cache()
-        if not (MINILM_DIR / "config.json").exists():
-            _build_minilm(MINILM_DIR)
-        print(MINILM_DIR)
-        return 0
-    print("usage: python -m bench.data build-minilm", file=sys.stderr)
-    return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.data")
+    parser.add_argument("command", choices=["build-minilm"])
+    parser.add_argument("target", nargs="?", default=str(MINILM_DIR))
+    parser.add_argument("--random", metavar="SRC", help="random weights, SRC's config/tokenizer")
+    args = parser.parse_args(argv)
+    target, info = Path(args.target), {"path": args.target}
+    if not (target / "config.json").exists():
+        info.update(build_minilm(target, Path(args.random) if args.random else None))
+    print(json.dumps(info))
+    return 0
 
 
 if __name__ == "__main__":

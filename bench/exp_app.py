@@ -1,14 +1,9 @@
-"""The product's Celery app with some of its per-task settings switched, for the overhead
-section's ablation only (``celery -A bench.exp_app worker``): how much of a task's round trip
-each setting of ``celeryconfig.py`` costs. Read from the environment at import (``1`` on,
-``0`` off, unset: the product's setting):
-
-* ``BENCH_TRACK_STARTED``: ``task_track_started`` (a STARTED state write per task)
-* ``BENCH_TASK_EVENTS``: ``worker_send_task_events`` (task-* events; on while Flower watches)
-* ``BENCH_RESULT_EXTENDED``: ``result_extended`` (name/args/kwargs stored with the result)
-
-It also registers ``bench.noop`` (returns its argument): the round trip of Celery and Redis
-alone, the floor under any model task's latency.
+"""The product's Celery app with some of its per-task settings switched by the environment at
+import (``1`` on, ``0`` off, unset: the product's): ``BENCH_TRACK_STARTED``
+(``task_track_started``), ``BENCH_TASK_EVENTS`` (``worker_send_task_events``, on while Flower
+watches), ``BENCH_RESULT_EXTENDED`` (``result_extended``); what each costs a task's round trip
+(the overhead section's ablation, ``celery -A bench.exp_app worker``). Its ``bench.noop`` returns
+its argument: the round trip of Celery and Redis alone, the floor under any task's latency.
 """
 
 from __future__ import annotations

@@ -7,61 +7,61 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from bench.common import CORES, Client, Ctx, med, rnd
+from bench.context import CORES, Ctx, med, rnd
 from bench.data import REAL_MANIFEST, bench_manifest, family_jobs
+from bench.driver import Client
 from bench.report import target
 
 FAMILIES = ["sentiment", "prophet", "arima", "predict", "clustering"]
 WARM_N = {"sentiment": 30, "clustering": 30, "predict": 12, "arima": 12, "prophet": 8}
-IDLE_FAMILIES = FAMILIES  # the model's own cost of a call after a pause, per family
-IDLE_GAP_S = 0.5
+IDLE_GAP_S = 0.5  # the model's own cost of a call after a pause, per family
 
 
 def helper_job(family: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """The task's arguments as bench.helper's in-process call of ``family`` takes them."""
-    if family == "prophet":
-        return [args[0], args[1], kwargs["frequency"]]
-    if family == "arima":
-        return [args[0], args[1], kwargs["order"]]
-    if family == "predict":
-        return args
-    return args[0]
+    if family in ("prophet", "arima"):
+        return [args[0], args[1], kwargs["frequency" if family == "prophet" else "order"]]
+    return args if family == "predict" else args[0]
+
+
+def first_tasks(ctx: Ctx, manifest: Any, order: list[str], rep: int) -> list[dict[str, Any]]:
+    """One -c 1 worker: each family's first task in ``order``, then its warm calls."""
+    rows = []
+    worker = ctx.worker(concurrency=1, env={"MODEL_MANIFEST": str(manifest)})
+    with ctx.running(worker):
+        client = Client(worker)
+        client.warm()  # the client is warm, as a web app's is: the worker is measured
+        try:
+            for position, family in enumerate(order):
+                name, args, kwargs = family_jobs()[family]
+                with ctx.block() as blk:  # a first call cannot be repeated: recorded
+                    first_ms, _ = client.call(name, args, kwargs)
+                warm_n = WARM_N[family] if not ctx.quick else max(4, WARM_N[family] // 3)
+                warm = ctx.measure(partial(client.sequential, name, [(args, kwargs)], warm_n))
+                rows.append(
+                    {
+                        "rep": rep,
+                        "family": family,
+                        "position": position,
+                        "first_ms": first_ms,
+                        "first_foreign_cores": round(blk.foreign_cores, 3),
+                        "warm_ms": warm,
+                    }
+                )
+        finally:
+            client.close()
+    return rows
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
     reps = ctx.n(len(FAMILIES), 1)  # full: each family is the process's very first task once
     manifests = {"eager": REAL_MANIFEST, "lazy": bench_manifest("lazy", lazy=True)}
     modes = ["eager", "lazy"] if not ctx.quick else ["eager"]
-    jobs = family_jobs()
     raw: dict[str, Any] = {m: [] for m in modes}
     for rep in range(reps):
-        order = FAMILIES[rep:] + FAMILIES[:rep]
         for mode in modes:
-            worker = ctx.worker(concurrency=1, env={"MODEL_MANIFEST": str(manifests[mode])})
-            with ctx.running(worker):
-                client = Client(worker)
-                client.warm()  # the client is warm, as a web app's is: the worker is measured
-                try:
-                    for position, family in enumerate(order):
-                        name, args, kwargs = jobs[family]
-                        with ctx.block() as blk:  # a first call cannot be repeated: recorded
-                            first_ms, _ = client.call(name, args, kwargs)
-                        warm_n = WARM_N[family] if not ctx.quick else max(4, WARM_N[family] // 3)
-                        warm = ctx.measure(
-                            partial(client.sequential, name, [(args, kwargs)], warm_n)
-                        )
-                        raw[mode].append(
-                            {
-                                "rep": rep,
-                                "family": family,
-                                "position": position,
-                                "first_ms": first_ms,
-                                "first_foreign_cores": round(blk.foreign_cores, 3),
-                                "warm_ms": warm,
-                            }
-                        )
-                finally:
-                    client.close()
+            order = FAMILIES[rep:] + FAMILIES[:rep]
+            raw[mode] += first_tasks(ctx, manifests[mode], order, rep)
     summary: dict[str, Any] = {}
     targets = []
     table: dict[str, dict[str, Any]] = {}
@@ -105,8 +105,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         threads = CORES  # what a -c 1 worker's child gets (Settings.resolved_torch_threads)
         raw["in_process_idle"] = {}
         with ctx.helper(REAL_MANIFEST, threads=threads) as helper:
-            for family in IDLE_FAMILIES:
-                job = helper_job(family, jobs[family][1], jobs[family][2])
+            for family in FAMILIES:
+                job = helper_job(family, *family_jobs()[family][1:])
                 helper.latency(family, [job], 5)
                 after_idle = ctx.measure(partial(helper.latency, family, [job], 8, IDLE_GAP_S))
                 back_to_back = ctx.measure(partial(helper.latency, family, [job], 30))

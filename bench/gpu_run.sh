@@ -4,8 +4,8 @@
 # .whl (the missing packages' wheels) and bench/.cache/minilm-gpu-src (MiniLM config + tokenizer),
 # both made here by bench/gpu_prepare.sh. Extra arguments go to bench.gpu (e.g. --only PARTS).
 # Run from the repository root:   bash bench/gpu_run.sh      Results: $OUT/gpu.json, gpu.log,
-# gpu-logs.tar.gz (worker, in-process and driver logs). GPU_BENCH_TIMEOUT_S bounds the run (270 s,
-# for the default --budget 200; every part, e.g. --budget 320, needs about 420).
+# gpu-logs.tar.gz (worker, in-process and driver logs). GPU_BENCH_TIMEOUT_S bounds the run
+# (default 270 s: the default --budget 200 plus start and clean-up; raise both for every part).
 set -eo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -1,15 +1,11 @@
-"""The "one plain Python process" side of every comparison (no Celery, no Redis).
+"""Helper processes speak JSON lines: one command a line on stdin, one answer a line on stdout
+(``serve`` in the child, ``JsonProc`` in the orchestrator). Top-level imports are stdlib only.
 
-``python -m bench.helper --manifest M [--threads T] [--serve] [--raw-model DIR]``
-
-1. imports the stack and loads the manifest's active models with ``shared.registry``'s
-   ``ModelRegistry.load_all`` (same loader, checksums and warm-ups as a worker process),
-2. answers one ``sentiment`` call and prints ``{"event": "answer", ...}`` (the bare process of the
-   cold-start comparison is timed from its spawn to this line),
-3. with ``--serve``: reads JSON commands on stdin, one per line, and answers each on stdout:
-   ``latency`` (per-call ms of a family on given inputs, called in-process), ``raw_throughput``
-   (tokenizer + model forward on batches, no registry), ``touch`` (a few calls of each model)
-   and ``memory`` (this process's PSS / private memory), ``quit``.
+``python -m bench.helper --manifest M`` is the in-process side of every comparison, without
+Celery or Redis: it loads the manifest's active models with ``ModelRegistry.load_all`` (same
+loader, checksums and warm-ups as a worker process), answers one ``sentiment`` call (the bare
+process of the cold-start comparison is timed from its spawn to that line), then serves
+``Server``'s commands.
 """
 
 from __future__ import annotations
@@ -17,40 +13,154 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import subprocess
 import sys
 import time
-from typing import Any
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Self
+
+ROOT = Path(__file__).resolve().parent.parent
+# model settings a spawned process must not inherit from whoever started the benchmark
+INHERITED = """TORCH_THREADS OMP_NUM_THREADS PRELOAD_MODE PREIMPORT LOADER_THREADS SENTIMENT_MODEL
+MODEL_MANIFEST BATCH_WINDOW_MS BATCH_MAX_SIZE WORKER_POOL WORKER_CONCURRENCY REDIS_URL KEY_PREFIX
+TASK_QUEUE"""
 
 
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for spawned processes: no inherited model settings."""
+    drop = INHERITED.split()
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **(extra or {})}
 
 
-def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
-    """Fields of /proc/PID/smaps_rollup in KiB (Pss, Private_Clean, Private_Dirty, Rss...)."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) >= 3 and parts[-1] == "kB":
-                out[parts[0].rstrip(":")] = int(parts[1])
-    return out
+def serve(first: dict[str, Any], handle: Callable[..., dict[str, Any]]) -> int:
+    """Answer ``first``, then each command with ``handle(**command)`` until ``quit``. Answers go
+    to a private copy of stdout; fd 1 then points at stderr, so that whatever a library prints
+    lands in the log instead of the protocol."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    out.write(json.dumps(first, default=str) + "\n")
+    for line in filter(str.strip, sys.stdin):
+        cmd = json.loads(line)
+        try:
+            answer = {"ok": True, **handle(**cmd)}
+        except Exception as exc:  # reported to the orchestrator, which fails the section
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer, default=str) + "\n")
+        if cmd["cmd"] == "quit":
+            break
+    return 0
+
+
+class JsonProc:
+    """A helper process (``python ARGS``), its stderr in ``logs``; every read has a deadline;
+    stopped by PID (its process group)."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name, self._buf, self.t_spawn = name, b"", time.time()
+        self.log_path = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("wb")
+        pipe = subprocess.PIPE
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdin=pipe, stdout=pipe, stderr=self._log
+        )
+        self.pid = self.proc.pid
+
+    def read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no answer within {timeout:g} s")
+            if select.select([self.proc.stdout], [], [], 1.0)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+                self._buf += chunk
+                if chunk:
+                    continue
+            elif self.proc.poll() is None:
+                continue
+            self._log.flush()
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.name} exited ({self.proc.poll()}):\n{tail}")
+        line, self._buf = self._buf.split(b"\n", 1)
+        return dict(json.loads(line))
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def cmd(self, cmd: str, timeout: float = 120, **args: Any) -> dict[str, Any]:
+        self.send({"cmd": cmd, **args})
+        if not (out := self.read(timeout)).get("ok"):
+            raise RuntimeError(f"{self.name} {cmd} failed: {out.get('error')}")
+        return out
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.send({"cmd": "quit"})
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self.proc.kill()  # not if it has exited
+        self.proc.wait(timeout=5)
+        self._log.close()
+
+
+class Helper(JsonProc):
+    """``python -m bench.helper``, started and waited for: ``first`` is its first answer.
+    ``threads``: torch threads (0: the product's default, OMP_NUM_THREADS not set)."""
+
+    def __init__(
+        self,
+        manifest: Path,
+        *,
+        threads: int,
+        logs: Path,
+        raw_model: Path | None = None,
+        text: str = "",
+        timeout: float = 300.0,
+    ) -> None:
+        args = ["-m", "bench.helper", "--manifest", str(manifest), "--threads", str(threads)]
+        args += ["--raw-model", str(raw_model)] if raw_model else []
+        args += ["--text", text] if text else []
+        omp = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        super().__init__("helper", args, clean_env(omp), logs)
+        try:
+            self.first = self.read(timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.t_answer = time.time()
+
+    def latency(
+        self, family: str, inputs: list[Any], n: int, gap: float = 0.0, model: str = "sentiment"
+    ) -> list[float]:
+        """Per-call ms of ``n`` in-process calls of ``family`` on ``inputs`` (cycled), each
+        after ``gap`` seconds idle; ``model``: the registry's name of a sentiment model."""
+        args = {"family": family, "inputs": inputs, "n": n, "gap": gap, "model": model}
+        return list(self.cmd("latency", **args)["ms"])
 
 
 class Server:
-    def __init__(self, registry: Any, raw_model: str | None) -> None:
-        self.registry = registry
-        self.raw_model = raw_model
+    """The child's commands: the registry's models called directly, and the raw pipeline."""
+
+    def __init__(self, registry: Any, raw_model: str | None, device: str) -> None:
+        self.registry, self.raw_model, self.device = registry, raw_model, device
         self._raw: tuple[Any, Any] | None = None
 
-    # -- commands ---------------------------------------------------------------------------
-    def call(self, family: str, job: Any) -> Any:
+    def call(self, family: str, job: Any, model: str = "sentiment") -> Any:
         reg = self.registry
         if family == "sentiment":
-            return reg.get("sentiment").classify([job])
-        if family == "sentiment_batch":
-            return reg.get("sentiment").classify(job)
+            return reg.get(model).classify([job])
         if family == "clustering":
             return reg.get("customer_segments").predict(job)
         if family == "predict":
@@ -58,105 +168,95 @@ class Server:
         if family == "prophet":
             from shared.families.prophet_forecaster import fit_prophet
 
-            series, horizon, freq = job
-            return fit_prophet(series["ds"], series["y"], horizon, freq)
+            return fit_prophet(job[0]["ds"], job[0]["y"], job[1], job[2])
         if family == "arima":
             from shared.families.arima_forecaster import fit_arima
 
-            series, horizon, order = job
-            return fit_arima(series["y"], horizon, tuple(order), ds=series.get("ds"))
+            return fit_arima(job[0]["y"], job[1], tuple(job[2]), ds=job[0].get("ds"))
         raise ValueError(family)
 
-    def latency(self, family: str, inputs: list[Any], n: int, gap: float = 0.0) -> list[float]:
+    def latency(
+        self, family: str, inputs: list[Any], n: int, gap: float = 0.0, model: str = "sentiment"
+    ) -> dict[str, Any]:
         """Per-call ms; ``gap``: seconds idle before each call (the model's own cost of a call
         after a pause, e.g. torch's OpenMP threads gone to sleep)."""
         out = []
         for i in range(n):
-            job = inputs[i % len(inputs)]
-            if gap:
-                time.sleep(gap)
+            time.sleep(gap)
             t0 = time.perf_counter()
-            self.call(family, job)
+            self.call(family, inputs[i % len(inputs)], model)
             out.append((time.perf_counter() - t0) * 1000)
-        return out
+        return {"ms": out}
 
-    def raw(self) -> tuple[Any, Any]:
+    def answers(self, texts: list[str], model: str = "sentiment") -> dict[str, Any]:
+        """[label, score] of each text, one text per call (as a task)."""
+        return {"answers": [list(self.call("sentiment", t, model)[0]) for t in texts]}
+
+    def tokenizer_and_model(self) -> tuple[Any, Any]:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         if self._raw is None:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            assert self.raw_model, "--raw-model not given"
             tok = AutoTokenizer.from_pretrained(self.raw_model)
             model = AutoModelForSequenceClassification.from_pretrained(self.raw_model).eval()
-            self._raw = (tok, model)
+            self._raw = (tok, model.to(self.device) if self.device != "cpu" else model)
         return self._raw
 
-    def raw_throughput(self, texts: list[str], batch: int, rounds: int) -> list[float]:
-        """texts/s of tokenizer + forward + softmax over ``texts`` in batches, per round."""
+    def forward(self, texts: list[str]) -> None:
+        """Tokenizer + forward + softmax + the answers copied to the host, as the product does
+        (on a GPU, the copy is the synchronisation)."""
         import torch
 
-        tok, model = self.raw()
-        with torch.inference_mode():  # one warm batch
-            model(
-                **tok(
-                    texts[:batch],
-                    padding=True,
-                    truncation=True,
-                    max_length=128,
-                    return_tensors="pt",
-                )
-            )
-        rates = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                for i in range(0, len(texts), batch):
-                    enc = tok(
-                        texts[i : i + batch],
-                        padding=True,
-                        truncation=True,
-                        max_length=128,
-                        return_tensors="pt",
-                    )
-                    torch.softmax(model(**enc).logits, dim=-1).max(dim=-1)
-            rates.append(len(texts) / (time.perf_counter() - t0))
-        return rates
+        tok, model = self.tokenizer_and_model()
+        enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()} if self.device != "cpu" else enc
+        scores, idx = torch.softmax(model(**enc).logits.float(), dim=-1).max(dim=-1)
+        idx.tolist(), scores.tolist()
 
-    def touch(self, jobs: dict[str, Any], times: int) -> None:
+    def raw_throughput(
+        self, texts: list[str], batch: int, rounds: int, tokenizer: bool = False
+    ) -> dict[str, Any]:
+        """texts/s of ``forward`` per round, in batches; ``tokenizer``: also texts/s of the
+        tokenizer alone."""
+        import torch
+
+        out: dict[str, Any] = {"rates": []}
+        with torch.inference_mode():
+            self.forward(texts[:batch])  # warm this shape
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for i in range(0, len(texts), batch):
+                    self.forward(texts[i : i + batch])
+                out["rates"].append(len(texts) / (time.perf_counter() - t0))
+        if tokenizer:
+            tok, t0 = self.tokenizer_and_model()[0], time.perf_counter()
+            for i in range(0, len(texts), batch):
+                tok(texts[i : i + batch], padding=True, truncation=True, max_length=128)
+            out["tokenizer_only_texts_per_s"] = len(texts) / (time.perf_counter() - t0)
+        return out
+
+    def touch(self, jobs: dict[str, Any], times: int = 3) -> dict[str, Any]:
         for _ in range(times):
             for family, job in jobs.items():
                 self.call(family, job)
+        return {}
 
-    def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        kind = cmd["cmd"]
-        if kind == "latency":
-            gap = float(cmd.get("gap", 0.0))
-            return {"ms": self.latency(cmd["family"], cmd["inputs"], int(cmd["n"]), gap)}
-        if kind == "raw_throughput":
-            return {
-                "rates": self.raw_throughput(cmd["texts"], int(cmd["batch"]), int(cmd["rounds"]))
-            }
-        if kind == "touch":
-            self.touch(cmd["jobs"], int(cmd.get("times", 3)))
-            return {"ok": True}
-        if kind == "memory":
-            return {"smaps": smaps_rollup()}
-        if kind == "threads":
-            import torch
+    def handle(self, cmd: str, **args: Any) -> dict[str, Any]:
+        import torch
 
+        if cmd == "threads":
             return {"torch_threads": torch.get_num_threads()}
-        raise ValueError(kind)
+        if cmd not in ("latency", "answers", "raw_throughput", "touch", "quit"):
+            raise ValueError(cmd)
+        return {} if cmd == "quit" else dict(getattr(self, cmd)(**args))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
     parser.add_argument("--text", default="The film was a delight from start to finish.")
-    parser.add_argument("--serve", action="store_true")
     parser.add_argument("--raw-model")
-    parser.add_argument("--loader-threads", type=int, default=4)
     args = parser.parse_args(argv)
-
     t_start = time.time()
     from shared.settings import get_settings
 
@@ -165,53 +265,32 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or settings.resolved_torch_threads(1)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
+    import transformers
 
     torch.set_num_threads(threads)
+    from shared.families.transformers_sentiment import resolve_device
     from shared.manifest import load_manifest
     from shared.registry import ModelRegistry
 
-    manifest = load_manifest(
-        __import__("pathlib").Path(args.manifest), default_version=settings.model_version
-    )
+    manifest = load_manifest(Path(args.manifest), default_version=settings.model_version)
     registry = ModelRegistry(
-        device=settings.model_device,
-        load_timeout=settings.load_timeout_seconds,
-        loader_threads=args.loader_threads,
-        warmup=True,
+        device=settings.model_device, load_timeout=settings.load_timeout_seconds, warmup=True
     )
     registry.load_all(manifest.active())
     t_loaded = time.time()
     ready, reasons = registry.readiness()
     ((label, score),) = registry.get("sentiment").classify([args.text])
-    emit(
-        {
-            "event": "answer",
-            "label": label,
-            "score": score,
-            "ready": ready,
-            "reasons": reasons,
-            "started": t_start,
-            "loaded": t_loaded,
-            "answered": time.time(),
-            "torch_threads": torch.get_num_threads(),
-            "pid": os.getpid(),
-        }
-    )
-    if not args.serve:
-        return 0
-    server = Server(registry, args.raw_model)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        cmd = json.loads(line)
-        if cmd.get("cmd") == "quit":
-            emit({"ok": True})
-            break
-        try:
-            emit({"ok": True, **server.handle(cmd)})
-        except Exception as exc:  # reported to the orchestrator, which fails the section
-            emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    return 0
+    first = {"ok": True, "label": label, "score": score, "ready": ready, "reasons": reasons}
+    first.update(started=t_start, loaded=t_loaded, answered=time.time(), pid=os.getpid())
+    keys = ("status", "device", "error", "load_seconds")
+    models = registry.snapshot()["models"].items()
+    first["models"] = {name: {k: m.get(k) for k in keys} for name, m in models}
+    cuda = torch.cuda.is_available()
+    first.update(torch_threads=threads, torch=torch.__version__, torch_cuda=torch.version.cuda)
+    first.update(transformers=transformers.__version__, cuda_available=cuda)
+    first["gpu_name"] = torch.cuda.get_device_name(0) if cuda else None
+    server = Server(registry, args.raw_model, resolve_device(settings.model_device))
+    return serve(first, server.handle)
 
 
 if __name__ == "__main__":

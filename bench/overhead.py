@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import CORES, Client, Ctx, med, pct, rnd, task_runtimes_ms
-from bench.data import (
-    CUSTOMERS,
-    REAL_MANIFEST,
-    arima_series,
-    bench_manifest,
-    prophet_series,
-    texts,
-)
+from bench.context import CORES, Ctx, med, pct, rnd, task_runtimes_ms
+from bench.data import CUSTOMERS, REAL_MANIFEST, arima_series, bench_manifest, prophet_series, texts
+from bench.driver import Client, alternate
+from bench.helper import Helper
 from bench.report import target
 
 # family -> (task, calls per round full, quick)
@@ -28,9 +24,10 @@ FAMILIES = {
     "prophet": ("forecast.prophet", 3, 2),
 }
 ROUNDS = (15, 3)  # full, quick: short alternating blocks, so both sides see the same machine
+CeleryJobs = list[tuple[list[Any], dict[str, Any]]]
 
 
-def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]]:
+def jobs(family: str) -> tuple[list[Any], CeleryJobs]:
     """(in-process inputs, Celery (args, kwargs)) for the same work."""
     if family == "sentiment":
         corpus = texts()[:64]
@@ -44,41 +41,48 @@ def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]
     return [[s, 7, "D"]], [([s, 7], {"frequency": "D"})]
 
 
-def timed_ids(
-    client: Client, task: str, jobs: list[tuple[list[Any], dict[str, Any]]], n: int
-) -> tuple[list[float], list[str]]:
+def timed(client: Client, task: str, jobs: CeleryJobs, n: int) -> tuple[list[float], list[str]]:
     """``n`` sequential calls: their latencies and task ids."""
     client.ids.clear()
     return client.sequential(task, jobs, n), list(client.ids)
 
 
+def one_round(
+    ctx: Ctx,
+    helper: Helper,
+    client: Client,
+    worker: Any,
+    family: str,
+    n: int,
+    out: dict[str, Any],
+    model: str = "sentiment",
+) -> None:
+    """``n`` in-process calls (``model``: the helper's name of the worker's sentiment model),
+    then ``n`` Celery calls (one in flight), each side a block; appended to ``out``."""
+    inputs, celery_jobs = jobs(family)
+    local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n, model=model))
+    remote, ids = ctx.measure(partial(timed, client, FAMILIES[family][0], celery_jobs, n))
+    for key, values in (("inproc_ms", local), ("celery_ms", remote)):
+        out.setdefault(key, []).extend(values)
+    out.setdefault("round_ratios", []).append(med(remote) / med(local))
+    out.setdefault("runtime_ms", []).extend(task_runtimes_ms(worker, ids))
+
+
 def measure(ctx: Ctx, manifest: Path, families: list[str], threads: int) -> dict[str, Any]:
-    rounds = ctx.n(*ROUNDS)
     env = {"MODEL_MANIFEST": str(manifest), "TORCH_THREADS": str(threads)}
     worker = ctx.worker(concurrency=1, env=env)
-    out: dict[str, Any] = {
-        f: {"inproc_ms": [], "celery_ms": [], "runtime_ms": [], "round_ratios": []}
-        for f in families
-    }
-    with ctx.worker_and_helper(worker, manifest, threads=threads) as helper:
-        assert helper.cmd(cmd="threads")["torch_threads"] == threads
+    out: dict[str, Any] = {f: {} for f in families}
+    with ctx.running(worker, wait=False), ctx.helper(manifest, threads=threads) as helper:
+        ctx.ready(worker)  # the helper loaded meanwhile
+        assert helper.cmd("threads")["torch_threads"] == threads
         client = Client(worker)
         try:
             for family in families:  # warm both sides, not recorded
-                inputs, celery_jobs = jobs(family)
-                helper.cmd(cmd="latency", family=family, inputs=inputs, n=3)
-                client.sequential(FAMILIES[family][0], celery_jobs, 3)
-            for _ in range(rounds):
-                for family in families:
-                    task, n_full, n_quick = FAMILIES[family]
-                    n = ctx.n(n_full, n_quick)
-                    inputs, celery_jobs = jobs(family)
-                    local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n))
-                    remote, ids = ctx.measure(partial(timed_ids, client, task, celery_jobs, n))
-                    out[family]["inproc_ms"] += local
-                    out[family]["celery_ms"] += remote
-                    out[family]["round_ratios"].append(med(remote) / med(local))
-                    out[family]["runtime_ms"] += task_runtimes_ms(worker, ids)
+                helper.latency(family, jobs(family)[0], 3)
+                client.sequential(FAMILIES[family][0], jobs(family)[1], 3)
+            for _ in range(ctx.n(*ROUNDS)):
+                for f in families:
+                    one_round(ctx, helper, client, worker, f, ctx.n(*FAMILIES[f][1:]), out[f])
             time.sleep(1.2)  # one heartbeat: the snapshot's serving counters are fresh
             snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
             for family, model in (("sentiment", "sentiment"), ("clustering", "customer_segments")):
@@ -106,57 +110,35 @@ FLOOR = "bench.noop on the product config (Celery + Redis floor)"
 def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
     """tiny-bert sentiment.analyze p50 with some of celeryconfig.py's settings off (through
     bench/exp_app.py): one -c 1 worker per variant, side by side, alternating blocks."""
-    corpus = [([t], {}) for t in texts()[:64]]
-    workers = {}
-    for name, (env, args) in ABLATION.items():
-        worker = ctx.worker(
-            concurrency=1,
-            env={"MODEL_MANIFEST": str(REAL_MANIFEST), "TORCH_THREADS": str(threads), **env},
-        )
-        worker.args[worker.args.index("workers.app")] = "bench.exp_app"
-        if args:
-            at = worker.args.index(args[0])
-            worker.args[at : at + 2] = args
-        workers[name] = worker
-    out: dict[str, Any] = {name: [] for name in [*workers, FLOOR]}
-    started: list[Any] = []
-    try:
-        for worker in workers.values():
-            started.append(worker.start())
-        for worker in workers.values():
-            worker.wait_ready(1, timeout=240)  # solo and -c 1 prefork: one serving process each
-        clients = {name: Client(w) for name, w in workers.items()}
-        try:
-            for client in clients.values():
-                client.sequential("sentiment.analyze", corpus, 5)
-            base = clients["product config"]
-            base.sequential("bench.noop", corpus, 5)
-            for _ in range(ctx.n(10, 2)):
-                for name, client in clients.items():
-                    out[name] += ctx.measure(
-                        partial(client.sequential, "sentiment.analyze", corpus, 20)
-                    )
-                out[FLOOR] += ctx.measure(partial(base.sequential, "bench.noop", corpus, 20))
-        finally:
-            for client in clients.values():
-                client.close()
-    finally:
-        for worker in started:
-            worker.stop()
-    return out
+    calls: dict[str, tuple[Client, str]] = {}
+    with ExitStack() as stack:
+        for name, (env, args) in ABLATION.items():
+            env = {"MODEL_MANIFEST": str(REAL_MANIFEST), "TORCH_THREADS": str(threads), **env}
+            worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
+            if args:
+                at = worker.args.index(args[0])
+                worker.args[at : at + 2] = args
+            stack.enter_context(ctx.running(worker, wait=False))
+            calls[name] = (Client(worker), "sentiment.analyze")
+            stack.callback(calls[name][0].close)
+        for client, _ in calls.values():
+            client.worker.wait_ready(1, timeout=240)  # solo and -c 1 prefork: one process each
+        calls[FLOOR] = (calls["product config"][0], "bench.noop")
+        corpus = [([t], {}) for t in texts()[:64]]
+        rounds = alternate(ctx, calls, corpus, ctx.n(10, 2), 20)
+    return {name: [ms for r in rounds[name] for ms in r] for name in calls}
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    threads = max(1, CORES // 1)  # a concurrency-1 worker's default, set explicitly on both sides
+    threads = CORES  # a concurrency-1 worker's default, set explicitly on both sides
     raw: dict[str, Any] = {}
     families = list(FAMILIES) if not ctx.quick else ["sentiment", "clustering"]
     raw["tiny-bert"] = measure(ctx, REAL_MANIFEST, families, threads)
     if not ctx.quick:
         # the same at 1 torch thread on both sides: robust to other tenants of a shared machine
         raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MANIFEST, ["sentiment"], 1)
-        raw["minilm"] = measure(
-            ctx, bench_manifest("eager-minilm", sentiment="minilm"), ["sentiment"], threads
-        )
+        minilm = bench_manifest("eager-minilm", sentiment="minilm")
+        raw["minilm"] = measure(ctx, minilm, ["sentiment"], threads)
     summary: dict[str, Any] = {}
     targets = []
     table: dict[str, Any] = {}
@@ -174,7 +156,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         for family, d in fams.items():
             ip50, ip99 = med(d["inproc_ms"]), pct(d["inproc_ms"], 99)
             c50, c99 = med(d["celery_ms"]), pct(d["celery_ms"], 99)
-            rt50 = med(d["runtime_ms"]) if d["runtime_ms"] else float("nan")
+            rt50 = med(d["runtime_ms"])
             paired = med(d["round_ratios"])
             label = family + (f" ({model})" if family == "sentiment" else "")
             table[label] = {
@@ -199,34 +181,35 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     f"{statistics.fmean(d['inproc_ms']):.2f} / {d['worker_model_mean_ms']:.2f}"
                 )
                 table[label]["worker_model_mean_ms"] = rnd(d["worker_model_mean_ms"], 2)
-            if family == "sentiment":
-                # the floor: the model's own p50 plus a no-model task's round trip (same run)
-                floor = (ip50 + noop) / ip50
-                ratio_floor = ms_floor = ""
-                if noop == noop:  # measured (not in --quick)
-                    table[label]["floor_ratio"] = rnd(floor)
-                    summary[f"{label}: floor, (in-process + bench.noop p50) / in-process"] = (
-                        f"{floor:.2f}x (+{noop:.2f} ms)"
-                    )
-                    ratio_floor, ms_floor = f"floor {floor:.2f}x", f"floor +{noop:.2f} ms"
+            if family != "sentiment":
+                continue
+            # the floor: the model's own p50 plus a no-model task's round trip (same run)
+            floor = (ip50 + noop) / ip50
+            ratio_floor = ms_floor = ""
+            if noop == noop:  # measured (not in --quick)
+                table[label]["floor_ratio"] = rnd(floor)
+                summary[f"{label}: floor, (in-process + bench.noop p50) / in-process"] = (
+                    f"{floor:.2f}x (+{noop:.2f} ms)"
+                )
+                ratio_floor, ms_floor = f"floor {floor:.2f}x", f"floor +{noop:.2f} ms"
+            targets.append(
+                target(
+                    f"sentiment.analyze p50 / in-process p50 ({model})",
+                    paired,
+                    1.2,
+                    detail=ratio_floor,
+                )
+            )
+            if model.startswith("tiny-bert"):
                 targets.append(
                     target(
-                        f"sentiment.analyze p50 / in-process p50 ({model})",
-                        paired,
-                        1.2,
-                        detail=ratio_floor,
+                        f"sentiment.analyze p50 - in-process p50 ({model})",
+                        c50 - ip50,
+                        3.0,
+                        unit="ms",
+                        detail=ms_floor,
                     )
                 )
-                if model.startswith("tiny-bert"):
-                    targets.append(
-                        target(
-                            f"sentiment.analyze p50 - in-process p50 ({model})",
-                            c50 - ip50,
-                            3.0,
-                            unit="ms",
-                            detail=ms_floor,
-                        )
-                    )
     return {
         "raw": raw,
         "summary": summary,

@@ -3,18 +3,64 @@ sentiment.analyze, ``python -m workers.cli reload sentiment --version V --wait -
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from typing import Any
 
-from bench.common import Ctx, Stream, med, pct, rnd
-from bench.data import REAL_MANIFEST, ROOT
+from bench.context import Ctx, med, pct, rnd
+from bench.data import REAL_MANIFEST, ROOT, texts
+from bench.driver import Client
 from bench.report import target
-from tests.harness import wait_for
+from harness import wait_for
+
+
+class Stream:
+    """A steady stream of sentiment.analyze: ``inflight`` threads of one standard Celery client
+    (its result backends are per thread), each sending one task and waiting for it, recording
+    (sent, answered, outcome, answer) of every task.
+
+    One task per thread at a time on purpose: collecting several results in order with
+    ``AsyncResult.get()`` makes the Redis result consumer wait a full 1 s drain interval for a
+    result that had already arrived (it drains before it checks), which would show up here as
+    1 s latencies that the workers did not cause."""
+
+    def __init__(self, worker: Any, inflight: int = 4) -> None:
+        self.client, self.stop = Client(worker), threading.Event()
+        self.events: list[tuple[float, float, str, dict[str, Any] | None]] = []
+        self.threads = [
+            threading.Thread(target=self.run, args=(k, inflight), daemon=True)
+            for k in range(inflight)
+        ]
+
+    def run(self, slot: int, inflight: int) -> None:
+        corpus = texts()
+        for i in itertools.count(slot, inflight):
+            if self.stop.is_set():
+                return
+            t_sent, text = time.time(), corpus[i % len(corpus)]
+            try:
+                outcome, value = "ok", self.client.call("sentiment.analyze", [text], timeout=60)[1]
+            except Exception as exc:
+                outcome, value = f"{type(exc).__name__}: {exc}", None
+            self.events.append((t_sent, time.time(), outcome, value))
+
+    def __enter__(self) -> Stream:
+        for thread in self.threads:
+            thread.start()
+        wait_for(lambda: len(self.events) >= 8, 60, "the task stream to get going")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+        self.client.close()
 
 
 class ReplyWatch(threading.Thread):
@@ -68,18 +114,9 @@ def reload_once(alpha: Any, version: str) -> dict[str, Any]:
     watch = ReplyWatch(alpha, expected=4)
     watch.start()
     t0 = time.time()
+    cli = [sys.executable, "-m", "workers.cli", "reload", "sentiment", "--version", version]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "reload",
-            "sentiment",
-            "--version",
-            version,
-            "--wait",
-            "--json",
-        ],
+        [*cli, "--wait", "--json"],
         cwd=ROOT,
         env=alpha.env,
         capture_output=True,
@@ -122,22 +159,20 @@ def run(ctx: Ctx) -> dict[str, Any]:
     reps = ctx.n(3, 1)
     prefix = f"mwbench-fleet-{uuid.uuid4().hex[:6]}"
     env = {"MODEL_MANIFEST": str(REAL_MANIFEST)}
+    raw: dict[str, Any] = {"reloads": []}
     nodes = [
         ctx.worker(concurrency=2, env=env, prefix=prefix, node=f"{n}@{prefix}")
         for n in ("alpha", "beta")
     ]
-    raw: dict[str, Any] = {"reloads": []}
-    for node in nodes:
-        node.start()
-    try:
+    alpha = nodes[0]
+    with ExitStack() as stack:
         for node in nodes:
-            node.wait_ready(2, timeout=240)
-        alpha = nodes[0]
-        stream = Stream(alpha, inflight=4).start()
-        try:
+            stack.enter_context(ctx.running(node, wait=False))
+        for node in nodes:
+            ctx.ready(node, timeout=240)
+        with Stream(alpha, inflight=4) as stream:
             time.sleep(1.0)
-            versions = ["1.1.0", "1.0.0", "1.1.0"][:reps]
-            for version in versions:
+            for version in ["1.1.0", "1.0.0", "1.1.0"][:reps]:
                 before = len(stream.events)
                 rec = reload_once(alpha, version)
                 served = len(stream.events)
@@ -145,12 +180,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 rec["tasks_during"] = served - before
                 raw["reloads"].append(rec)
                 time.sleep(1.0)
-        finally:
-            stream.stop()
         events = stream.events
-    finally:
-        for node in nodes:
-            node.stop()
     failed = [e for e in events if e[2] != "ok"]
     fallback = [e for e in events if e[3] is not None and e[3].get("fallback")]
     windows = [(r["cli_started"], r["t_end"]) for r in raw["reloads"]]

@@ -15,20 +15,16 @@ def target(
     unit: str = "x",
     detail: str = "",
 ) -> dict[str, Any]:
-    """One target of the issue: ``value op limit`` (None / NaN: not measured -> not met)."""
-    measured = value is not None and value == value
-    if not measured:
-        met = False
-    elif op == "<=":
-        met = value <= limit  # type: ignore[operator]
-    elif op == ">=":
-        met = value >= limit  # type: ignore[operator]
-    else:
+    """One target (the targets in docs/benchmarks.md): ``value op limit``; None or NaN is not
+    measured, so not met."""
+    if op not in ("<=", ">="):
         raise ValueError(op)
+    measured = value is not None and value == value
+    met = measured and (value <= limit if op == "<=" else value >= limit)  # type: ignore[operator]
     return {
         "name": name,
         "value": round(value, 3) if measured else None,  # type: ignore[arg-type]
-        "target": f"{op} {limit:g}{unit if unit != 'x' else 'x'}",
+        "target": f"{op} {limit:g}{unit}",
         "unit": unit,
         "met": met,
         "detail": detail,
@@ -39,9 +35,7 @@ def fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        if unit == "x":
-            return f"{value:.2f}x"
-        return f"{value:.3g}{(' ' + unit) if unit else ''}"
+        return f"{value:.2f}x" if unit == "x" else f"{value:.3g}{(' ' + unit) if unit else ''}"
     return str(value)
 
 
@@ -50,27 +44,39 @@ def print_table(results: dict[str, Any]) -> str:
     lines = []
     for section, data in results["sections"].items():
         lines.append(f"== {section} ({data.get('seconds', 0):.0f} s)")
-        if data.get("error"):
-            lines.append(f"   ERROR: {data['error']}")
-            continue
+        for problem in ("error", "skipped"):
+            if data.get(problem):
+                lines.append(f"   {problem.upper()}: {data[problem]}")
         for key, value in (data.get("summary") or {}).items():
             lines.append(f"   {key:<58} {fmt(value)}")
-    lines.append("")
-    lines.append(f"{'target':<62} {'value':>12} {'target':>10}  result")
-    for section, data in results["sections"].items():
-        for t in data.get("targets", []):
-            value = fmt(t["value"], t["unit"])
-            lines.append(
-                f"{(section + ': ' + t['name'])[:62]:<62} {value:>12} {t['target']:>10}  "
-                f"{'met' if t['met'] else 'NOT MET'}"
-                + (f" ({t['detail']})" if t.get("detail") else "")
-            )
+    targets = [(s, t) for s, data in results["sections"].items() for t in data.get("targets", [])]
+    if targets:
+        lines += ["", f"{'target':<62} {'value':>12} {'target':>10}  result"]
+    for section, t in targets:
+        lines.append(
+            f"{(section + ': ' + t['name'])[:62]:<62} {fmt(t['value'], t['unit']):>12} "
+            f"{t['target']:>10}  {'met' if t['met'] else 'NOT MET'}"
+            + (f" ({t['detail']})" if t.get("detail") else "")
+        )
     text = "\n".join(lines)
     print(text)
     return text
 
 
-def plot_throughput(data: dict[str, Any], path: Path, title: str) -> Path:
+CURVES = {
+    "prefork_c1": "prefork -c 1, single-text tasks",
+    "prefork_c2": "prefork -c 2, single-text tasks",
+    "threads_w0": "threads -c 64, micro-batching, window 0 ms",
+    "threads_w2": "threads -c 64, micro-batching, window 2 ms",
+    "threads_w2_t1": "threads -c 64, window 2 ms, TORCH_THREADS=1",
+}
+POINTS = {
+    "batch32_c1": ("analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),
+    "batch32_c2": ("analyze_batch, 32 texts/task, prefork -c 2 (4 tasks in flight)", "D"),
+}
+
+
+def plot_throughput(data: dict[str, Any], path: Path, cores: int) -> Path:
     """Texts/s vs requests in flight per worker configuration, with the raw pipeline line."""
     import matplotlib
 
@@ -78,40 +84,20 @@ def plot_throughput(data: dict[str, Any], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    labels = {
-        "prefork_c1": "prefork -c 1, single-text tasks",
-        "prefork_c2": "prefork -c 2, single-text tasks",
-        "threads_w0": "threads -c 64, micro-batching, window 0 ms",
-        "threads_w2": "threads -c 64, micro-batching, window 2 ms",
-        "threads_w2_t1": "threads -c 64, window 2 ms, TORCH_THREADS=1",
-    }
-    for key, label in labels.items():
-        curve = data.get("curves", {}).get(key)
-        if not curve:
-            continue
-        xs = sorted(int(k) for k in curve)
-        ax.plot(xs, [curve[str(x)] for x in xs], marker="o", label=label)
-    for key, label, marker in (
-        ("batch32_c1", "analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),
-        ("batch32_c2", "analyze_batch, 32 texts/task, prefork -c 2 (4 tasks in flight)", "D"),
-    ):
-        value = data.get("batch_points", {}).get(key)
-        if value:
+    for key, label in CURVES.items():
+        if curve := data.get("curves", {}).get(key):
+            xs = sorted(int(k) for k in curve)
+            ax.plot(xs, [curve[str(x)] for x in xs], marker="o", label=label)
+    for key, (label, marker) in POINTS.items():
+        if value := data.get("batch_points", {}).get(key):
             ax.scatter([64], [value], marker=marker, s=60, label=label, zorder=5)
-    raw = data.get("raw_median")
-    if raw:
-        ax.axhline(
-            raw,
-            color="black",
-            linestyle="--",
-            linewidth=1,
-            label="raw in-process pipeline (batch 32, 2 threads)",
-        )
+    if raw := data.get("raw_median"):
+        label = "raw in-process pipeline (batch 32, 2 threads)"
+        ax.axhline(raw, color="black", linestyle="--", linewidth=1, label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("single-text requests in flight")
-    ax.set_ylabel("texts / s")
-    ax.set_title(title, fontsize=10)
-    ax.set_ylim(bottom=0)
+    ax.set(xlabel="single-text requests in flight", ylabel="texts / s", ylim=(0, None))
+    title = f"sentiment (MiniLM-L6 classifier) through the workers, {cores} cores; "
+    ax.set_title(title + f"raw median {raw or 0:.0f} texts/s", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,16 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text())
     print_table(results)
-    section = results["sections"].get("throughput", {})
-    if args.plot and section.get("raw", {}).get("curves"):
-        raw = section["raw"]
-        cores = results["meta"]["machine"]["nproc"]
-        plot_throughput(
-            raw,
-            Path(args.plot),
-            f"sentiment (MiniLM-L6 classifier) through the workers, {cores} cores; "
-            f"raw median {raw['raw_median']:.0f} texts/s",
-        )
+    raw = results["sections"].get("throughput", {}).get("raw", {})
+    if args.plot and raw.get("curves"):
+        plot_throughput(raw, Path(args.plot), results["meta"]["machine"]["nproc"])
         print(f"plot: {args.plot}")
     return 0
 

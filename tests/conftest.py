@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, WorkerProcess, close_app
+from harness import ROOT, WorkerProcess, close_app
 from workers.embedded import EmbeddedRedis
 
 REPOSITORY = ROOT / "models"

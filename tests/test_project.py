@@ -7,8 +7,8 @@ import sys
 
 import yaml
 
+from harness import ROOT
 from shared.settings import Settings
-from tests.harness import ROOT
 
 
 def test_shared_imports_neither_celery_nor_tasks_nor_workers() -> None:

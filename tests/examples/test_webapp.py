@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from examples.webapp import create_app
-from tests.harness import ROOT, WorkerProcess
+from harness import ROOT, WorkerProcess
 from workers.embedded import free_port
 
 pytestmark = pytest.mark.integration

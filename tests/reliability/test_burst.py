@@ -13,8 +13,8 @@ import psutil
 import pytest
 import redis
 
+from harness import WorkerProcess, close_app, wait_for
 from tests.conftest import REPOSITORY
-from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import Tally, client_app, queue_drained, wait_final
 from workers.embedded import EmbeddedRedis
 

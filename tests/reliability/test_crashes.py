@@ -22,8 +22,8 @@ import pytest
 import redis
 from celery import Celery
 
+from harness import WorkerProcess, close_app, wait_for
 from tests.conftest import REPOSITORY
-from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import (
     Tally,
     client_app,

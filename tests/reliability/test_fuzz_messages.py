@@ -28,7 +28,7 @@ import redis
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from tests.harness import WorkerProcess, wait_for
+from harness import WorkerProcess, wait_for
 from tests.reliability.hostile import NO_OPTIONS, body, envelope, push, task_headers
 from tests.reliability.tools import meta_key, seg_manifest
 from workers.embedded import EmbeddedRedis

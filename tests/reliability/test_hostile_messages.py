@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.harness import WorkerProcess, close_app, wait_for
+from harness import WorkerProcess, close_app, wait_for
 from tests.reliability.hostile import body, deep_json, envelope, nested, push, task_headers
 from tests.reliability.tools import client_app, meta_key, seg_manifest
 from workers.embedded import EmbeddedRedis

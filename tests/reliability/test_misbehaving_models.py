@@ -16,8 +16,7 @@ import httpx
 import pytest
 from celery import Celery
 
-from tests.fixtures import write_manifest
-from tests.harness import WorkerProcess, close_app, wait_for
+from harness import WorkerProcess, close_app, wait_for, write_manifest
 from tests.workers.test_flower_metrics import metric
 from workers.embedded import free_port
 

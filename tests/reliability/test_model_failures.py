@@ -32,12 +32,11 @@ from typing import Any
 import pytest
 import redis
 
+from harness import WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
 from shared.manifest import artifact_sha256, load_manifest
 from shared.reload import collect_replies, send_reload
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import Misbehaviour, Tally, client_app, meta_key, wait_final
 
 pytestmark = pytest.mark.integration

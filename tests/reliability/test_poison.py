@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.harness import WorkerProcess, close_app, wait_for
+from harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import client_app, queue_drained, seg_manifest, wait_final
 from workers.embedded import EmbeddedRedis
 

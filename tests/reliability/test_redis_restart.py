@@ -20,7 +20,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.harness import WorkerProcess, close_app, wait_for
+from harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import (
     Tally,
     client_app,

@@ -30,8 +30,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, wait_for
+from harness import WorkerProcess, build_kmeans, wait_for, write_manifest
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LOG_LINE = re.compile(r"Task ([\w.]+)\[([0-9a-f-]{36})\] (received|succeeded)")

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import build_kmeans, write_manifest
 from shared.errors import ArtifactError, ModelNotFound
 from shared.manifest import artifact_sha256, load_manifest, verify_artifact
 from shared.repository import load_repository
-from tests.fixtures import build_kmeans, write_manifest
 
 
 def test_a_valid_manifest_lists_each_entry_with_its_absolute_location(tmp_path: Path) -> None:

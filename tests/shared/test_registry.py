@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import build_kmeans, write_manifest
 from shared.errors import ModelNotFound, ModelNotReady
 from shared.families.sklearn_pipeline import SklearnPipeline
 from shared.manifest import ModelSpec, load_manifest
 from shared.registry import ModelRegistry, ModelState
-from tests.fixtures import build_kmeans, write_manifest
 
 
 def kmeans_specs(tmp_path: Path, **extra: object) -> dict[str, ModelSpec]:

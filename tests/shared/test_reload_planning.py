@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness import build_kmeans, wait_for, write_manifest
 from shared.errors import ReloadRefused
 from shared.manifest import Manifest, load_manifest
 from shared.records import ProcessReply, ReloadRequest, ReloadResult
@@ -28,8 +29,6 @@ from shared.reload import (
     validate_request,
 )
 from shared.state import publish_snapshot
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import wait_for
 from tests.shared.test_state import snap
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import ROOT, build_kmeans, write_manifest
 from shared.manifest import manifest_from_settings, verify_artifact
 from shared.repository import ModelFile, VersionEntry, load_repository, write_model_file
 from shared.settings import Settings
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import ROOT
 
 
 def kmeans_model(repo: Path, name: str = "seg", **fields: object) -> Path:

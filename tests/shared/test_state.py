@@ -7,9 +7,9 @@ import uuid
 
 import redis
 
+from harness import wait_for
 from shared.records import ModelStatus, ProcessSnapshot
 from shared.state import fleet_summary, proc_key, publish_snapshot, read_snapshots
-from tests.harness import wait_for
 
 
 def snap(node: str, pid: int, *, ready: bool = True, **models: str) -> ProcessSnapshot:

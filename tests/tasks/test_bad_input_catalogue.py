@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import WorkerProcess
+from harness import WorkerProcess
 from tests.tasks.test_contract import stored_error
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from harness import WorkerProcess
 from shared.registry import ModelRegistry
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
-from tests.harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.harness import ROOT, WorkerProcess
+from harness import ROOT, WorkerProcess
 from workers.cli import worker_command
 from workers.embedded import free_port
 

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from harness import ROOT, WorkerProcess, close_app, wait_for
 from tests.conftest import REPOSITORY
-from tests.harness import ROOT, WorkerProcess, close_app, wait_for
 from workers.cli import flower_command
 from workers.embedded import free_port
 

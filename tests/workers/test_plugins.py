@@ -22,9 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for
 from shared.repository import ModelFile, VersionEntry, write_model_file
-from tests.fixtures import build_kmeans
-from tests.harness import ROOT, WorkerProcess, close_app, wait_for
 from tests.workers.test_flower_metrics import metric
 from workers.embedded import free_port
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import WorkerProcess, build_kmeans, close_app, write_manifest
 from shared.manifest import load_manifest
 from shared.registry import ModelRegistry, ModelState, get_registry, set_registry
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, close_app
 
 Start = Callable[..., WorkerProcess]
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
+from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import ROOT, WorkerProcess, close_app, wait_for
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]

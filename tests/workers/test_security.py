@@ -13,8 +13,7 @@ import httpx
 import pytest
 import redis
 
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import ROOT, WorkerProcess, close_app, wait_for
+from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
 from workers.cli import flower_command
 from workers.embedded import EmbeddedRedis, free_port
 

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
+from harness import WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
-from tests.fixtures import build_kmeans, write_manifest
-from tests.harness import WorkerProcess, close_app, wait_for
 from tests.tasks.test_contract import stored_error
 
 pytestmark = pytest.mark.integration
