@@ -58,6 +58,8 @@ class ModelSpec(BaseModel):
     fallback: str = ""
     active: bool | None = None
     queue: str = ""  # the queue this model's tasks are routed to ("": the default queue)
+    weight: int | None = None  # its share of requests at start, when the model file splits
+
     options: dict[str, Any] = Field(default_factory=dict)
     # Filled in by load_manifest: absolute artifact path; hub ids / overrides leave it as given.
     location: str = ""
@@ -89,6 +91,10 @@ class Manifest:
 
     def versions(self, name: str) -> list[ModelSpec]:
         return [s for s in self.specs if s.name == name]
+
+    def split(self, name: str) -> dict[str, int]:
+        """The model file's split of ``name`` (version -> weight); {} when it serves one."""
+        return {s.version: s.weight for s in self.versions(name) if s.weight is not None}
 
     def active(self) -> list[ModelSpec]:
         """One spec per name: the one marked active, else the first listed."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shared.errors import ModelNotFound, ReloadRefused
@@ -192,7 +192,7 @@ def handle_request(
 def converge(
     registry: ModelRegistry,
     read_manifest: Callable[[], Manifest],
-    desired: dict[str, Desired],
+    desired: Mapping[str, Desired | str],
     attempted: set[tuple[str, str]],
     *,
     serves: Callable[[ModelSpec], bool] = lambda spec: True,
@@ -201,8 +201,10 @@ def converge(
     a broken version is not retried forever): unload, reload, split, or load a model this
     process does not have yet."""
     todo = []
-    for name, want in desired.items():
+    for name, raw in desired.items():
+        want = Desired.decode(raw) if isinstance(raw, str) else raw
         state = want.encode()
+
         if (name, state) in attempted:
             continue
         if name not in registry.names():

@@ -35,6 +35,11 @@ A model file (``model.toml``)::
     sha256 = "..."
     [versions.options]             # options of this version only (override the ones above)
 
+    [split]                        # optional: serve several versions at start, by weight
+    "1.0.0" = 90                   # (the fleet's state in Redis, set by `modelworkers split`,
+    "1.1.0" = 10                   # takes precedence)
+
+
 Discovery reads ``*/model.toml`` one level below the repository and nothing else; the check for
 artifacts no model file lists looks only inside each model's own folder. A malformed model file is
 reported with the folder's name and skipped; it never stops the other models. Finding models (this
@@ -82,6 +87,7 @@ class ModelFile(BaseModel):
     default_version: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     versions: list[VersionEntry] = Field(default_factory=list)
+    split: dict[str, int] = Field(default_factory=dict)  # version -> share of requests at start
 
 
 def read_model_file(folder: Path) -> ModelFile:
@@ -109,13 +115,22 @@ def read_model_file(folder: Path) -> ModelFile:
             f"default_version: {model.default_version!r} is not one of the versions listed "
             f"({', '.join(listed)})"
         )
+    for version, weight in model.split.items():
+        if version not in listed:
+            raise ManifestError(f"split: {version!r} is not one of the versions listed")
+        if weight < 0:
+            raise ManifestError(f"split: the weight of {version!r} is negative")
+    if model.split and sum(model.split.values()) <= 0:
+        raise ManifestError("split: at least one weight must be above 0")
     return model
 
 
 def specs_of(folder: Path, model: ModelFile, root: Path) -> list[ModelSpec]:
     """The ModelSpecs of a model file: one per version, paths relative to the repository."""
     name = model.name or folder.name
-    default = model.default_version or model.versions[0].version
+    default = model.default_version or (
+        max(model.split, key=lambda v: model.split[v]) if model.split else model.versions[0].version
+    )
     specs = []
     for entry in model.versions:
         relative = (folder.relative_to(root) / entry.path).as_posix() if entry.path else ""
@@ -132,8 +147,10 @@ def specs_of(folder: Path, model: ModelFile, root: Path) -> list[ModelSpec]:
             fallback=model.fallback,
             active=entry.version == default,
             queue=model.queue,
+            weight=model.split.get(entry.version) if model.split else None,
             options={**model.options, **entry.options},
         )
+
         if entry.path:
             inside = (folder / entry.path).resolve()
             if folder.resolve() not in inside.parents and inside != folder.resolve():

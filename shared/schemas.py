@@ -326,8 +326,9 @@ def horizon_inputs(inputs: Any, *, max_horizon: int) -> int:
 class ModelPredictIn(_Schema):
     model: StrictStr = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     version: StrictStr | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]{1,32}$")
+    key: StrictStr | None = Field(None, max_length=256)
 
 
-def predict_model_args(model: Any, version: Any) -> ModelPredictIn:
-    """Validate the ``model`` and ``version`` arguments of models.predict."""
-    return _parse(ModelPredictIn, {"model": model, "version": version})
+def predict_model_args(model: Any, version: Any, key: Any = None) -> ModelPredictIn:
+    """Validate the ``model``, ``version`` and ``key`` arguments of models.predict."""
+    return _parse(ModelPredictIn, {"model": model, "version": version, "key": key})

@@ -130,6 +130,21 @@ class Settings(BaseSettings):
         "auto", description="Device for transformers models; auto picks CUDA in the child if any."
     )
     loader_threads: int = Field(4, ge=1, description="Threads that load models in each process.")
+    model_memory_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory the loaded models of one serving process may use together (MiB). "
+        "A lazy model's load that would pass it first evicts the least recently used lazy model "
+        "with no request in flight; eager and required models are never evicted. Set: models "
+        "load one at a time, so that each one's memory is measured alone.",
+    )
+    lazy_retry_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A lazy model whose load failed answers with that error (or its fallback) "
+        "and is tried again only after this long, by one request.",
+    )
+
     torch_threads: int = Field(
         0,
         ge=0,

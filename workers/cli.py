@@ -351,7 +351,8 @@ def print_status(snaps: list[ProcessSnapshot]) -> None:
     summary = fleet_summary(snaps)
     state = "READY" if summary.ready else "NOT READY"
     table = Table(title=f"model registry: {summary.processes} pool processes, {state}")
-    for col in ("node", "pid", "model", "version", "status", "load s", "calls", "p95 ms"):
+    columns = ("node", "pid", "model", "version", "status", "load s", "MiB", "calls", "p95 ms")
+    for col in columns:
         table.add_column(col, no_wrap=col in ("model", "node"))
     problems = []
     for snap in snaps:
@@ -359,22 +360,37 @@ def print_status(snaps: list[ProcessSnapshot]) -> None:
         for name, m in snap.models.items():
             p95, load = m.latency_p95_ms, m.load_seconds
             status = m.status + ("*" if m.reload_error else "")
+            shares = {v: s.weight for v, s in m.versions.items() if s.weight}
+            version = (
+                " / ".join(f"{v} {w}%" for v, w in shares.items()) if len(shares) > 1 else m.version
+            )
+            memory = sum(s.memory_mb or 0.0 for s in m.versions.values())
+            calls = str(sum(s.calls for s in m.versions.values()) or m.calls)
             table.add_row(
                 Text(node),
                 str(snap.pid),
                 Text(name),
-                Text(m.version),
-                status,
+                Text(version),
+                status + (f" (evicted {m.evictions}x)" if m.evictions else ""),
                 f"{load:.2f}" if load is not None else "-",
-                str(m.calls),
+                f"{memory:.0f}" if memory else "-",
+                calls,
                 f"{p95:.1f}" if p95 is not None else "-",
             )
+
             for kind, text in (("error", m.error), ("reload_error", m.reload_error)):
                 if text:
                     problems.append(f"{node} pid {snap.pid} {name} {kind}: {text}")
     console.print(table)
+    for snap in snaps:
+        if snap.memory_budget_mb:
+            console.print(
+                f"{snap.node} pid {snap.pid}: models use {snap.models_memory_mb:.0f} MiB of a "
+                f"{snap.memory_budget_mb:.0f} MiB budget"
+            )
     for line in problems:
         console.print(Text(line, style="red"), soft_wrap=True)
+
     if any(m.reload_error for s in snaps for m in s.models.values()):
         console.print("* serving the previous version after a failed reload")
 
@@ -424,31 +440,42 @@ def health(
     raise typer.Exit(0 if summary.ready else 1)
 
 
-@cli.command()
-def reload(
-    model: str = typer.Argument(None, help="Model name from the manifest (default: all)."),
-    version: str = typer.Option(None, "--version", "-v", help="A version listed in the manifest."),
-    destination: list[str] = typer.Option(None, "--destination", "-d", help="Node name(s)."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for every process's result."),
-    timeout: float = typer.Option(120.0, help="Seconds to wait for the replies."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+def run_request(
+    action: str,
+    *,
+    models: list[str] | None = None,
+    version: str | None = None,
+    weights: dict[str, int] | None = None,
+    nodes: list[str] | None = None,
+    wait: bool = True,
+    timeout: float = 120.0,
+    as_json: bool = False,
+    rollback: str | None = None,
 ) -> None:
-    """Reload models in every pool process (load beside, swap, free); exit 1 if any failed."""
+    """Send a control request (or a rollback of ``rollback``), wait for a reply from every
+    process it reaches, print them; exit 0 when all succeeded, 1 when any failed or did not
+    answer, 2 when it was refused or Redis could not be reached."""
     from shared.errors import ModelWorkersError
     from shared.manifest import manifest_from_settings
-    from shared.reload import collect_replies, send_reload
+    from shared.reload import collect_replies, send_request, send_rollback
 
     settings = get_settings()
     client = redis_client(settings)
     try:
-        request = send_reload(
-            client,
-            settings.key_prefix,
-            manifest_from_settings(settings),
-            models=[model] if model else None,
-            version=version,
-            nodes=destination or None,
-        )
+        manifest = manifest_from_settings(settings)
+        if rollback is not None:
+            request = send_rollback(client, settings.key_prefix, manifest, rollback)
+        else:
+            request = send_request(
+                client,
+                settings.key_prefix,
+                manifest,
+                action=action,
+                models=models,
+                version=version,
+                weights=weights,
+                nodes=nodes,
+            )
     except ModelWorkersError as exc:
         say(f"refused: {exc}")
         raise typer.Exit(2) from None
@@ -460,20 +487,21 @@ def reload(
         if as_json:
             print_json(request.model_dump(mode="json"))
         else:
-            console.print(f"reload {request.id} sent to {expected} processes")
+            console.print(f"{request.action} {request.id} sent to {expected} processes")
         return
-    with console.status("reloading...") as progress:
+    with console.status(f"{request.action}...") as progress:
         outcome = collect_replies(
             client,
             settings.key_prefix,
             request,
             timeout=timeout,
-            progress=lambda done, total: progress.update(f"{done}/{total} processes reloaded"),
+            progress=lambda done, total: progress.update(f"{done}/{total} processes answered"),
         )
     if as_json:
         print_json(outcome.model_dump(mode="json"))
     else:
-        table = Table(title=f"reload {request.id[:8]}: {', '.join(request.models or [])}")
+        title = f"{request.action} {request.id[:8]}: {', '.join(request.models or [])}"
+        table = Table(title=title)
         for col in ("node", "pid", "model", "old", "new", "seconds", "result"):
             table.add_column(col, overflow="fold")
         for reply in outcome.replies:
@@ -489,18 +517,154 @@ def reload(
                 )
         for miss in outcome.missing:
             table.add_row(
-                Text(str(miss.node)),
-                str(miss.pid),
-                "-",
-                "-",
-                "-",
-                "-",
+                *(Text(str(miss.node)), str(miss.pid), "-", "-", "-", "-"),
                 Text(miss.error, style="red"),
             )
         console.print(table)
     if not expected:
-        say("no live pool process matched: nothing was reloaded")
+        say(f"no live pool process matched: nothing to {request.action}")
     raise typer.Exit(0 if outcome.ok else 1)
+
+
+DESTINATION = typer.Option(None, "--destination", "-d", help="Node name(s) (default: all).")
+WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for every process's result.")
+TIMEOUT = typer.Option(120.0, help="Seconds to wait for the replies.")
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+@cli.command()
+def reload(
+    model: str = typer.Argument(None, help="Model name from the repository (default: all)."),
+    version: str = typer.Option(None, "--version", help="A version listed in the repository."),
+    old_version: str = typer.Option(
+        None, "-v", hidden=True, help="Deprecated spelling of --version (kept for a release)."
+    ),
+    destination: list[str] = DESTINATION,
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON,
+) -> None:
+    """Reload models in every pool process (load beside, swap, free); exit 1 if any failed."""
+    if old_version is not None:
+        say("-v is deprecated for reload: use --version")
+    run_request(
+        "reload",
+        models=[model] if model else None,
+        version=version or old_version,
+        nodes=destination or None,
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
+    )
+
+
+@cli.command()
+def load(
+    model: str = typer.Argument(..., help="A model of the repository (also one added since)."),
+    version: str = typer.Option(None, "--version", help="Default: the model file's default."),
+    destination: list[str] = DESTINATION,
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON,
+) -> None:
+    """Load a model in every pool process (or bring an unloaded one back); its requests go to
+    this version. Processes started later load it too."""
+    run_request(
+        "load",
+        models=[model],
+        version=version,
+        nodes=destination or None,
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
+    )
+
+
+@cli.command()
+def unload(
+    model: str = typer.Argument(..., help="A loaded model."),
+    destination: list[str] = DESTINATION,
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON,
+) -> None:
+    """Unload a model in every pool process once its running tasks end (it then answers
+    ModelNotReady, or its fallback). Processes started later do not load it; `load` brings it
+    back."""
+    run_request(
+        "unload",
+        models=[model],
+        nodes=destination or None,
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
+    )
+
+
+def _weights(pairs: list[str]) -> dict[str, int]:
+    weights: dict[str, int] = {}
+    for pair in pairs:
+        version, sep, weight = pair.rpartition("=")
+        if not sep or not version or not weight.isdigit():
+            say(f"{pair!r}: expected VERSION=WEIGHT, e.g. 1.0.0=90")
+            raise typer.Exit(2)
+        weights[version] = int(weight)
+    return weights
+
+
+@cli.command()
+def split(
+    model: str = typer.Argument(..., help="A model of the repository."),
+    shares: list[str] = typer.Argument(..., help="VERSION=WEIGHT for each version, e.g. 1.0.0=90"),
+    destination: list[str] = DESTINATION,
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON,
+) -> None:
+    """Serve several versions of a model at once, each with its share of the requests (an A/B
+    split); versions left out are unloaded. A request's `key` always gets the same version."""
+    run_request(
+        "split",
+        models=[model],
+        weights=_weights(shares),
+        nodes=destination or None,
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
+    )
+
+
+@cli.command()
+def promote(
+    model: str = typer.Argument(..., help="A model of the repository."),
+    version: str = typer.Argument(..., help="The version that gets every request."),
+    destination: list[str] = DESTINATION,
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON,
+) -> None:
+    """Give one version every request of a model; its other versions are unloaded."""
+    run_request(
+        "split",
+        models=[model],
+        weights={version: 100},
+        nodes=destination or None,
+        wait=wait,
+        timeout=timeout,
+        as_json=as_json,
+    )
+
+
+@cli.command()
+def rollback(
+    model: str = typer.Argument(..., help="A model whose state changed (reload, split, ...)."),
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON,
+) -> None:
+    """Put a model back in the fleet-wide state it had before its last change (a version, a
+    split, or unloaded)."""
+    run_request("rollback", rollback=model, wait=wait, timeout=timeout, as_json=as_json)
 
 
 # ---- models: the repository ------------------------------------------------------------------

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from shared.manifest import Manifest
+from shared.manifest import Manifest, ModelSpec
 from shared.records import ProcessReply, ReloadRequest, ReloadResult
 from shared.registry import ModelRegistry
 from shared.reload import (
@@ -60,9 +60,12 @@ class Heartbeat(threading.Thread):
         registry: ModelRegistry,
         read_manifest: Callable[[], Manifest],
         attempted: set[tuple[str, str]],
+        *,
+        serves: Callable[[ModelSpec], bool] = lambda spec: True,
     ) -> None:
         super().__init__(name="registry-heartbeat", daemon=True)
         self.settings, self.registry, self.read_manifest = settings, registry, read_manifest
+        self.serves = serves
         self.client = redis_client(settings)
         self.stopping = threading.Event()
         self.wake = threading.Event()
@@ -75,7 +78,9 @@ class Heartbeat(threading.Thread):
         if not desired or not self.reload_lock.acquire(blocking=False):
             return  # nothing desired, or a reload is running: never block the heartbeat
         try:
-            for result in converge(self.registry, self.read_manifest, desired, self.attempted):
+            for result in converge(
+                self.registry, self.read_manifest, desired, self.attempted, serves=self.serves
+            ):
                 log_reload(result)
         finally:
             self.reload_lock.release()
@@ -126,10 +131,12 @@ class ControlListener(threading.Thread):
         registry: ModelRegistry,
         heartbeat: Heartbeat,
         read_manifest: Callable[[], Manifest],
+        *,
+        serves: Callable[[ModelSpec], bool] = lambda spec: True,
     ) -> None:
         super().__init__(name="control-listener", daemon=True)
         self.settings, self.registry, self.heartbeat = settings, registry, heartbeat
-        self.read_manifest = read_manifest
+        self.read_manifest, self.serves = read_manifest, serves
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
 

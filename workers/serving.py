@@ -181,10 +181,15 @@ class ServingProcess:
         warm_result_backend()
         if self.settings.rehearse_tasks:
             rehearse(registry)
-        self.heartbeat = Heartbeat(self.settings, registry, self.read_manifest, self.fell_back)
+        self.heartbeat = Heartbeat(
+            self.settings, registry, self.read_manifest, self.fell_back, serves=self.serves
+        )
         self.heartbeat.start()
-        self.listener = ControlListener(self.settings, registry, self.heartbeat, self.read_manifest)
+        self.listener = ControlListener(
+            self.settings, registry, self.heartbeat, self.read_manifest, serves=self.serves
+        )
         self.listener.start()
+
         return registry
 
     def adopt_inherited(self, threads: int) -> ModelRegistry:
@@ -235,6 +240,8 @@ class ServingProcess:
             loader_threads=settings.loader_threads,
             warmup=warmup,
             inference_timeout=settings.inference_timeout_seconds,
+            memory_budget_mb=settings.model_memory_budget_mb,
+            lazy_retry_seconds=settings.lazy_retry_seconds,
             option_defaults={
                 "pad_ratio": settings.batch_pad_ratio,
                 "small_forward_mflop": settings.torch_small_forward_mflop,
@@ -248,6 +255,7 @@ class ServingProcess:
             node=self.node,
             listeners=[log_model_event, metrics.record_state],
             call_observers=[metrics.record_call],
+            event_observers=[metrics.record_event],
             unlisted=self.manifest.unlisted,
             manifest_problems=self.manifest.problems,
         )
@@ -293,7 +301,13 @@ class ServingProcess:
         """Load this process's models as the fleet wants them: the serving version of each,
         then splits (the other versions) and purposely unloaded models (registered only)."""
         desired = self.read_desired()
+        assert self.manifest is not None
+        for name in self.manifest.names:  # a model file's split, unless the fleet says otherwise
+            split = self.manifest.split(name)
+            if split and name not in desired:
+                desired[name] = Desired(weights=split)
         specs = self.specs_to_load(desired)
+
         unloaded = {name for name, want in desired.items() if want.unloaded}
         registry.load_all([s for s in specs if s.name not in unloaded])
         for spec in specs:

@@ -32,6 +32,11 @@ from shared.state import publish_snapshot
 from tests.shared.test_state import snap
 
 
+def desired_of(client: redis.Redis, prefix: str, node: str | None) -> dict[str, str]:
+    """The desired states as their encoded values (a plain version when it is one)."""
+    return {name: want.encode() for name, want in read_desired(client, prefix, node).items()}
+
+
 def next_message(pubsub: redis.client.PubSub) -> bytes:
     """The next message on a subscribed channel (skipping the subscription's own replies)."""
     message = wait_for(lambda: pubsub.get_message(timeout=0.2), 5, "a message on the channel")
@@ -91,8 +96,8 @@ def test_a_fleet_reload_sets_the_desired_version_and_reaches_the_channel(
     pubsub.subscribe(channel(prefix))
     sent = send_reload(client, prefix, manifest, models=["seg"], version="2")
     assert sorted(sent.expected) == [("a@h", 1), ("b@h", 2)] and sent.receivers == 1
-    assert read_desired(client, prefix, "a@h") == {"seg": "2"}
-    assert read_desired(client, prefix, "b@h") == {"seg": "2"}  # the pin was superseded
+    assert desired_of(client, prefix, "a@h") == {"seg": "2"}
+    assert desired_of(client, prefix, "b@h") == {"seg": "2"}  # the pin was superseded
     assert (desired_key(prefix, "b@h"), "seg", "bad") in sent.previous_desired
     published = ReloadRequest.model_validate_json(next_message(pubsub))
     assert published.id == sent.id and published.models == ["seg"] and published.version == "2"
@@ -105,7 +110,7 @@ def test_a_node_reload_pins_that_node_only(
         publish_snapshot(client, prefix, snap(node, pid, seg="READY@1"), ttl=60)
     sent = send_reload(client, prefix, manifest, models=["seg"], version="2", nodes=["b@h"])
     assert sent.expected == [("b@h", 2)]
-    assert read_desired(client, prefix, "a@h") == {} and read_desired(client, prefix, "b@h") == {
+    assert desired_of(client, prefix, "a@h") == {} and desired_of(client, prefix, "b@h") == {
         "seg": "2"
     }
 
@@ -120,7 +125,7 @@ def test_collecting_every_good_reply_is_ok_and_keeps_the_desired_version(
     client.rpush(reply_key(prefix, sent.id), reply.model_dump_json())
     outcome = collect_replies(client, prefix, sent, timeout=2)
     assert outcome.ok and outcome.missing == [] and outcome.rolled_back == []
-    assert read_desired(client, prefix, None) == {"seg": "2"}
+    assert desired_of(client, prefix, None) == {"seg": "2"}
 
 
 def test_a_silent_process_fails_the_reload_restores_and_rolls_back_the_others(
@@ -139,7 +144,7 @@ def test_a_silent_process_fails_the_reload_restores_and_rolls_back_the_others(
     outcome = collect_replies(client, prefix, sent, timeout=0.5)
     assert not outcome.ok
     assert [(m.node, m.pid) for m in outcome.missing] == [("b@h", 2)]
-    assert read_desired(client, prefix, None) == {"seg": "1"}  # put back exactly
+    assert desired_of(client, prefix, None) == {"seg": "1"}  # put back exactly
     (back,) = outcome.rolled_back
     assert back.models == ["seg"] and back.version == "1" and back.nodes == ["a@h"]
     assert json.loads(next_message(pubsub))["id"] == back.id
@@ -155,7 +160,7 @@ def test_restore_removes_what_was_absent_and_puts_back_what_was_there(
         previous_desired=[(desired_key(prefix), "seg", None), (desired_key(prefix), "tb", "y")],
     )
     restore_desired(client, request)
-    assert read_desired(client, prefix, None) == {"tb": "y"}
+    assert desired_of(client, prefix, None) == {"tb": "y"}
 
 
 def test_a_process_handles_a_request_model_by_model(manifest: Manifest) -> None:
