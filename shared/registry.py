@@ -370,7 +370,10 @@ class ModelRegistry:
             if self.warmup:
                 model.warmup()
             seconds = time.perf_counter() - t0
+            # what the load keeps, not its passing buffers (read chunks, a warm-up's arrays)
+            _give_back_memory()
             grown = (_rss_bytes() - rss0) / 2**20
+
         reported = model.memory_bytes()
         return model, seconds, (reported / 2**20 if reported is not None else max(0.0, grown))
 

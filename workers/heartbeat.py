@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from shared.manifest import Manifest, ModelSpec
@@ -16,6 +17,7 @@ from shared.reload import (
     REPLY_TTL,
     channel,
     converge,
+    desired_after,
     handle_request,
     read_desired,
     reply_key,
@@ -28,19 +30,23 @@ from shared.urls import redact, redis_client
 log = logging.getLogger("modelworkers.worker")
 
 
-def log_reload(result: ReloadResult) -> None:
+def log_reload(result: ReloadResult, action: str = "reload") -> None:
+    """One line per model and process for a reload, load, unload or split."""
     if result.ok:
+        done = {"reload": "reloaded", "load": "loaded", "unload": "unloaded", "split": "split"}
         log.info(
-            "reloaded %s: %s -> %s in %.2f s [pid %d]",
+            "%s %s: %s -> %s in %.2f s [pid %d]",
+            done.get(action, action),
             result.model,
             result.old_version,
-            result.new_version,
+            result.new_version or "(not serving)",
             result.seconds or 0,
             os.getpid(),
         )
     else:
         log.error(
-            "reload of %s to %s failed, %s keeps serving: %s [pid %d]",
+            "%s of %s to %s failed, %s keeps serving: %s [pid %d]",
+            action,
             result.model,
             result.new_version,
             result.old_version,
@@ -173,16 +179,24 @@ class ControlListener(threading.Thread):
         self.handle(client, request)
 
     def handle(self, client: Any, request: ReloadRequest) -> None:
-        if request.action != "reload" or (
-            request.nodes and self.registry.node not in request.nodes
-        ):
+        if request.nodes and self.registry.node not in request.nodes:
             return
         with self.heartbeat.reload_lock:
-            results = handle_request(self.registry, self.read_manifest, request)
+            results = handle_request(
+                self.registry,
+                self.read_manifest,
+                request,
+                serves=self.serves,
+                unload_timeout=float(self.settings.task_time_limit_seconds),
+            )
+        manifest = self.read_manifest()
         for result in results:
-            log_reload(result)
-            if request.version and result.model:
-                self.heartbeat.attempted.add((result.model, request.version))
+            log_reload(result, request.action)
+            if result.model and (request.version or request.action != "reload"):
+                with suppress(Exception):  # the heartbeat does not try this state again
+                    state = desired_after(manifest, request, result.model).encode()
+                    self.heartbeat.attempted.add((result.model, state))
+
         snap = self.registry.snapshot()
         reply = ProcessReply(
             node=snap.node,
