@@ -96,6 +96,9 @@ SENTIMENT_RECIPES = {
     "1.0.0": TinyBertRecipe(version="1.0.0", seed=0, epochs=2),
     "1.1.0": TinyBertRecipe(version="1.1.0", seed=1, epochs=3),
 }
+SUBJECTIVITY_RECIPES = {
+    "1.0.0": TinyBertRecipe(version="1.0.0", seed=0, epochs=6),
+}
 
 
 def built_in_models() -> list[BuiltIn]:
@@ -110,6 +113,13 @@ def built_in_models() -> list[BuiltIn]:
             options={"max_length": 128},
         ),
         BuiltIn("textblob", "textblob", (Version(package_version("textblob")),), required=False),
+        BuiltIn(
+            "subjectivity",
+            "transformers",
+            (Version("1.0.0", "1.0.0"),),
+            required=False,
+            options={"max_length": 128},
+        ),
         BuiltIn(
             "customer_segments",
             "sklearn",
@@ -135,7 +145,7 @@ def built_in_models() -> list[BuiltIn]:
 
 
 # --------------------------------------------------------------------------------------------
-# sentiment: tiny BERT text classifiers trained from scratch
+# sentiment, subjectivity: tiny BERT text classifiers trained from scratch
 # --------------------------------------------------------------------------------------------
 
 
@@ -144,6 +154,14 @@ def build_sentiment(out: Path, cache: Path, recipe: TinyBertRecipe) -> None:
     from sentiment_training import train_sentiment_model
 
     _build_tiny_bert(out, cache, recipe, "sentiment", train_sentiment_model)
+
+
+def build_subjectivity(out: Path, cache: Path, recipe: TinyBertRecipe) -> None:
+    """Train a 2-layer BERT subjectivity classifier (objective / subjective); see
+    subjectivity_training."""
+    from subjectivity_training import train_subjectivity_model
+
+    _build_tiny_bert(out, cache, recipe, "subjectivity", train_subjectivity_model)
 
 
 def _build_tiny_bert(
@@ -472,6 +490,8 @@ def builders() -> dict[str, Builder]:
     targets: dict[str, Builder] = {}
     for version, recipe in SENTIMENT_RECIPES.items():
         targets[f"sentiment@{version}"] = functools.partial(build_sentiment, recipe=recipe)
+    for version, recipe in SUBJECTIVITY_RECIPES.items():
+        targets[f"subjectivity@{version}"] = functools.partial(build_subjectivity, recipe=recipe)
     targets["customer_segments@1.0.0"] = build_customer_segments
     targets["co2_prophet@1.0.0"] = build_co2_prophet
     targets["sunspots_arima@1.0.0"] = build_sunspots_arima
