@@ -84,8 +84,8 @@ class BuiltIn:
 
 
 @dataclass(frozen=True)
-class SentimentRecipe:
-    """How one version of the tiny BERT sentiment model is trained."""
+class TinyBertRecipe:
+    """How one version of a tiny BERT text classifier (sentiment, subjectivity) is trained."""
 
     version: str
     seed: int
@@ -93,8 +93,11 @@ class SentimentRecipe:
 
 
 SENTIMENT_RECIPES = {
-    "1.0.0": SentimentRecipe(version="1.0.0", seed=0, epochs=2),
-    "1.1.0": SentimentRecipe(version="1.1.0", seed=1, epochs=3),
+    "1.0.0": TinyBertRecipe(version="1.0.0", seed=0, epochs=2),
+    "1.1.0": TinyBertRecipe(version="1.1.0", seed=1, epochs=3),
+}
+SUBJECTIVITY_RECIPES = {
+    "1.0.0": TinyBertRecipe(version="1.0.0", seed=0, epochs=6),
 }
 
 
@@ -110,6 +113,13 @@ def built_in_models() -> list[BuiltIn]:
             options={"max_length": 128},
         ),
         BuiltIn("textblob", "textblob", (Version(package_version("textblob")),), required=False),
+        BuiltIn(
+            "subjectivity",
+            "transformers",
+            (Version("1.0.0", "1.0.0"),),
+            required=False,
+            options={"max_length": 128},
+        ),
         BuiltIn(
             "customer_segments",
             "sklearn",
@@ -135,25 +145,42 @@ def built_in_models() -> list[BuiltIn]:
 
 
 # --------------------------------------------------------------------------------------------
-# sentiment: tiny BERT trained from scratch
+# sentiment, subjectivity: tiny BERT text classifiers trained from scratch
 # --------------------------------------------------------------------------------------------
 
 
-def build_sentiment(out: Path, cache: Path, recipe: SentimentRecipe) -> None:
-    """Train a 2-layer BERT classifier and save it as an HF model directory with a card."""
+def build_sentiment(out: Path, cache: Path, recipe: TinyBertRecipe) -> None:
+    """Train a 2-layer BERT sentiment classifier (negative / positive); see sentiment_training."""
     from sentiment_training import train_sentiment_model
 
-    target = out / "sentiment" / recipe.version
+    _build_tiny_bert(out, cache, recipe, "sentiment", train_sentiment_model)
+
+
+def build_subjectivity(out: Path, cache: Path, recipe: TinyBertRecipe) -> None:
+    """Train a 2-layer BERT subjectivity classifier (objective / subjective); see
+    subjectivity_training."""
+    from subjectivity_training import train_subjectivity_model
+
+    _build_tiny_bert(out, cache, recipe, "subjectivity", train_subjectivity_model)
+
+
+def _build_tiny_bert(
+    out: Path, cache: Path, recipe: TinyBertRecipe, name: str, train: Callable[..., Any]
+) -> None:
+    """Train one version with ``train`` and save it as an HF model directory with a card."""
+    target = out / name / recipe.version
     log.info(
-        "sentiment@%s: training (seed=%d, epochs=%d) -> %s",
+        "%s@%s: training (seed=%d, epochs=%d) -> %s",
+        name,
         recipe.version,
         recipe.seed,
         recipe.epochs,
         target,
     )
-    report = train_sentiment_model(target, cache, seed=recipe.seed, epochs=recipe.epochs)
+    report = train(target, cache, seed=recipe.seed, epochs=recipe.epochs)
     log.info(
-        "sentiment@%s: held-out accuracy %.4f on %d texts (train %d, %.0f s)",
+        "%s@%s: held-out accuracy %.4f on %d texts (train %d, %.0f s)",
+        name,
         recipe.version,
         report.accuracy,
         report.n_test,
@@ -463,6 +490,8 @@ def builders() -> dict[str, Builder]:
     targets: dict[str, Builder] = {}
     for version, recipe in SENTIMENT_RECIPES.items():
         targets[f"sentiment@{version}"] = functools.partial(build_sentiment, recipe=recipe)
+    for version, recipe in SUBJECTIVITY_RECIPES.items():
+        targets[f"subjectivity@{version}"] = functools.partial(build_subjectivity, recipe=recipe)
     targets["customer_segments@1.0.0"] = build_customer_segments
     targets["co2_prophet@1.0.0"] = build_co2_prophet
     targets["sunspots_arima@1.0.0"] = build_sunspots_arima
