@@ -12,13 +12,21 @@
     ├── ReloadRefused        a reload request was refused (unknown model/version, busy)
     ├── InvalidMessage       a queued message was refused before any task ran (shape, size)
     ├── PoisonTask           a task's deliveries killed its pool process too many times
-    └── InferenceError       a model raised (or broke its contract) while predicting
-        └── InferenceTimeout a prediction ran past the model's inference time limit
+    ├── InferenceError       a model raised (or broke its contract) while predicting
+    │   └── InferenceTimeout a prediction ran past the model's inference time limit
+    ├── TaskFailed           client side: a task failed with an error not listed here
+    ├── ResultTimeout        client side: no result within the wait (also a TimeoutError)
+    └── RedisUnavailable     client side: Redis unreachable, task not sent or result not read
+                             (also a ConnectionError)
 
 Errors travel through Celery's JSON result backend as ``exc_type`` + ``exc_message``. Each error
 keeps a single, human-readable message as its only positional argument so that a client in any
 language reads ``exc_message[0]`` and a Python client that imports this module rebuilds the same
 exception. The structured parts (model name, field, state) are attributes.
+
+The last three are raised by the Python client (``workers.client``), never by a worker: the
+client raises the class above named by a failed task's ``exc_type``, and ``TaskFailed`` for any
+other ``exc_type`` (Celery's own errors, a bug in a model).
 """
 
 from __future__ import annotations
@@ -131,3 +139,39 @@ class InferenceTimeout(InferenceError):
         super().__init__(
             model, version, f"no answer within its inference time limit of {seconds:g} s"
         )
+
+
+class TaskFailed(ModelWorkersError):
+    """A task failed with an ``exc_type`` that is not one of the errors above (Celery's
+    ``NotRegistered``, ``TimeLimitExceeded``, ``TaskRevokedError``, a bug's ``ValueError``...).
+    ``exc_type`` and ``message`` are what the worker stored; ``str()`` shows both."""
+
+    def __init__(self, message: str, exc_type: str = "", task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"{self.exc_type}: {self.message}" if self.exc_type else self.message
+
+
+class ResultTimeout(ModelWorkersError, TimeoutError):
+    """No result arrived within the client's wait. The task may still run (or wait in a queue no
+    worker consumes): its result can be read later by its ``task_id``."""
+
+    def __init__(self, task_id: str, seconds: float | None = None, state: str = "PENDING") -> None:
+        self.task_id = task_id
+        self.seconds = seconds
+        self.state = state
+        if seconds is None:  # rebuilt from a serialized message
+            super().__init__(task_id)
+            return
+        super().__init__(
+            f"no result for task {task_id} after waiting {seconds:g} s (state {state}); "
+            "it may still be queued or running"
+        )
+
+
+class RedisUnavailable(ModelWorkersError, ConnectionError):
+    """Redis could not be reached: the task was not sent, or its result or the registry not
+    read. Says what was being done and Redis' own error (passwords hidden)."""

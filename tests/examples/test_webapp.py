@@ -1,7 +1,7 @@
 """examples/webapp.py through FastAPI's TestClient, against a real prefork worker on real Redis.
 
 The app under test is built exactly as a deployment would build it: from a Redis URL, a key
-prefix and a queue name; it imports nothing from the project.
+prefix and a queue name. It talks to the workers through workers.client.AsyncModelClient.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery import Celery
 from fastapi.testclient import TestClient
 
 from examples.webapp import create_app
@@ -117,6 +118,19 @@ def test_bad_input_ends_in_failure_with_the_error_type_and_message(web: TestClie
     assert view["error"]["message"].startswith("text:"), view["error"]
 
 
+def test_a_failure_of_a_type_outside_shared_errors_keeps_its_exc_type(
+    web: TestClient, client: Celery
+) -> None:
+    task_id = str(uuid.uuid4())
+    client.backend.mark_as_failure(task_id, ValueError("a bug in a model"))  # as a worker does
+    view = web.get(f"/tasks/{task_id}").json()
+    assert view == {
+        "task_id": task_id,
+        "state": "FAILURE",
+        "error": {"type": "ValueError", "message": "a bug in a model"},
+    }
+
+
 def test_a_body_of_the_wrong_shape_is_rejected_before_anything_is_enqueued(
     web: TestClient,
 ) -> None:
@@ -137,6 +151,34 @@ def test_sync_sentiment_returns_the_result_or_422(web: TestClient) -> None:
     assert bad.status_code == 422, bad.text
     assert bad.json()["detail"]["type"] == "InvalidInput"
     assert bad.json()["detail"]["message"].startswith("text:")
+
+
+def test_predict_any_model_returns_the_prediction_404_or_422(web: TestClient) -> None:
+    ok = web.post(
+        "/models/sentiment/predict", params={"timeout": TIMEOUT}, json={"inputs": "superb acting"}
+    )
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert set(body) == {"model", "version", "fallback", "outputs"}
+    assert body["model"] == "sentiment" and body["outputs"]["label"] in {"positive", "negative"}
+    rows = web.post(
+        "/models/customer_segments/predict",
+        params={"timeout": TIMEOUT},
+        json={"inputs": [[12.0, 24.0, 1800.0, 40.0]], "version": "1.0.0"},
+    )
+    assert rows.status_code == 200, rows.text
+    assert len(rows.json()["outputs"]["labels"]) == 1
+    unknown = web.post("/models/ghost/predict", params={"timeout": TIMEOUT}, json={"inputs": "x"})
+    assert unknown.status_code == 404, unknown.text
+    assert unknown.json()["detail"]["type"] == "ModelNotFound"
+    bad = web.post(
+        "/models/customer_segments/predict", params={"timeout": TIMEOUT}, json={"inputs": [[1.0]]}
+    )
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["detail"] == {
+        "type": "InvalidInput",
+        "message": "inputs[0]: has 1 values, the model takes 4",
+    }
 
 
 def test_sync_sentiment_times_out_with_504_when_no_worker_listens(
