@@ -132,8 +132,8 @@ def _fit(rows: Sequence[Sequence[float]], n_clusters: int) -> Call[KMeansFit]:
     return Call("clustering.fit", (rows, n_clusters), KMeansFit.model_validate)
 
 
-def _predict(model: str, inputs: Any, version: str | None) -> Call[Prediction]:
-    extra = {"version": version} if version is not None else {}
+def _predict(model: str, inputs: Any, version: str | None, key: str | None) -> Call[Prediction]:
+    extra = {k: v for k, v in (("version", version), ("key", key)) if v is not None}
     return Call("models.predict", (model, inputs), Prediction.model_validate, extra)
 
 
@@ -431,10 +431,17 @@ class ModelClient:
         return self.call(_fit(rows, n_clusters), timeout)
 
     def predict(
-        self, model: str, inputs: Any, version: str | None = None, *, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Any,
+        version: str | None = None,
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
     ) -> Prediction:
-        """``models.predict``: any model of the repository; ``version`` pins the version."""
-        return self.call(_predict(model, inputs, version), timeout)
+        """``models.predict``: any model of the repository; ``version`` pins the version, and
+        ``key`` (e.g. a user id) always gets the same version while the model is split."""
+        return self.call(_predict(model, inputs, version, key), timeout)
 
 
 # ---- the asyncio client --------------------------------------------------------------------
@@ -633,7 +640,14 @@ class AsyncModelClient:
         return await self.call(_fit(rows, n_clusters), timeout)
 
     async def predict(
-        self, model: str, inputs: Any, version: str | None = None, *, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Any,
+        version: str | None = None,
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
     ) -> Prediction:
-        """``models.predict``: any model of the repository; ``version`` pins the version."""
-        return await self.call(_predict(model, inputs, version), timeout)
+        """``models.predict``: any model of the repository; ``version`` pins the version, and
+        ``key`` (e.g. a user id) always gets the same version while the model is split."""
+        return await self.call(_predict(model, inputs, version, key), timeout)

@@ -90,7 +90,35 @@ def test_analyze_batch_keeps_the_order_and_equals_single_calls(client: Any) -> N
         assert b["score"] == pytest.approx(s["score"], abs=1e-4)
 
 
+def test_a_second_classifier_is_served_beside_sentiment_by_the_repository_alone(
+    client: Any,
+) -> None:
+    """models/subjectivity/ is a second transformers classifier (other labels): no task and no
+    code names it; models.predict serves it, as the transformers pipeline would."""
+    from transformers import pipeline
+
+    spec = load_repository(REPOSITORY).get("subjectivity")
+    pipe = pipeline("text-classification", model=spec.location, tokenizer=spec.location)
+    texts = [
+        "a lonely sailor sets out across the pacific to find his brother.",
+        "a witty, moving and beautifully acted film.",
+    ]
+    got = client.send_task("models.predict", args=["subjectivity", texts]).get(timeout=30)
+    assert got["model"] == "subjectivity" and got["version"] == "1.0.0" and not got["fallback"]
+    assert [o["label"] for o in got["outputs"]] == ["objective", "subjective"]
+    for out, want in zip(got["outputs"], pipe(texts), strict=True):
+        assert out["label"] == want["label"] and out["score"] == pytest.approx(
+            want["score"], abs=1e-5
+        )
+    # beside it, sentiment answers as before
+    assert (
+        client.send_task("sentiment.analyze", args=[texts[1]]).get(timeout=30)["label"]
+        == "positive"
+    )
+
+
 def test_forecast_prophet_equals_prophet_fitted_in_process(client: Any) -> None:
+
     from shared.families.prophet_forecaster import fit_prophet
 
     series = co2_monthly()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from harness import ROOT, WorkerProcess, build_kmeans, wait_for
 from shared.errors import (
     InvalidInput,
     InvalidMessage,
@@ -30,8 +31,6 @@ from shared.errors import (
 from shared.repository import ModelFile, VersionEntry, write_model_file
 from shared.results import Clusters, Forecast, KMeansFit, Prediction, Sentiment
 from shared.settings import get_settings
-from tests.fixtures import build_kmeans
-from tests.harness import ROOT, WorkerProcess, wait_for
 from workers.client import AsyncModelClient, ModelClient
 from workers.embedded import free_port
 

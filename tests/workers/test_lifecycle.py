@@ -334,7 +334,12 @@ def test_splits_share_requests_by_weight_keys_stick_and_pins_are_honoured(
             wait_for(lambda: len(stream.answers) >= 50, 60, "tasks before the promote")
             promoted = cli(worker, "promote", "ridge", "2", "--json")
             after = time.monotonic()
-            wait_for(lambda: len(stream.answers) >= 200, 120, "200 tasks")
+
+            def enough() -> bool:
+                later = [a for sent_at, a in stream.answers if sent_at > after]
+                return len(stream.answers) >= 200 and len(later) >= 20
+
+            wait_for(enough, 120, "200 tasks, 20 of them sent after the promote")
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr
         assert stream.errors == []
         assert {a["version"] for sent_at, a in stream.answers if sent_at > after} == {"2"}
