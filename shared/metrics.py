@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -89,6 +90,12 @@ class Metrics:
             "Memory a loaded model version measured (0 once unloaded)",
             ["model", "version"],
             multiprocess_mode="liveall",
+        )
+        self.batch_size = Histogram(
+            "modelworkers_batch_inputs",
+            "Inputs per model call (requests that shared one forward pass)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
         )
         self.poison = Counter(
             "modelworkers_poison_tasks",
@@ -162,6 +169,12 @@ def record_call(model: str, version: str, seconds: float, ok: bool) -> None:
     m.latency.labels(model, version).observe(seconds)
     if not ok:
         m.failures.labels(model, version).inc()
+
+
+def record_batch(model: str, inputs: int) -> None:
+    """One model call that answered ``inputs`` inputs together."""
+    if _metrics is not None:
+        _metrics.batch_size.labels(model).observe(inputs)
 
 
 def record_inference_error(model: str, version: str, kind: str) -> None:

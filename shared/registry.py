@@ -941,6 +941,11 @@ class ModelRegistry:
         finally:
             self._uncounted -= 1
 
+    @property
+    def counting(self) -> bool:
+        """False while calls are not counted as served (see uncounted)."""
+        return not self._uncounted
+
     def observe(self, name: str, seconds: float, ok: bool, version: str | None = None) -> None:
         """Record one served call of ``name`` (``version``: the one that answered; default the
         serving one) in its counters and the call observers."""

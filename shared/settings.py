@@ -198,6 +198,13 @@ class Settings(BaseSettings):
         "sentiment.analyze waits to fill the next batch (0: batch only what is already queued).",
     )
     batch_max_size: int = Field(32, ge=1, description="Largest micro-batch for one forward pass.")
+    pool_batching: bool = Field(
+        True,
+        description="Prefork only: concurrent single requests for a model whose family batches "
+        "(sentiment.analyze, models.predict) that wait for a busy pool are sent to the next "
+        "free pool process together, up to BATCH_MAX_SIZE, and answered by one forward pass "
+        "(workers/poolbatch.py). Results and acknowledgements stay per request.",
+    )
     batch_lanes: int = Field(
         0,
         ge=0,

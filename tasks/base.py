@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -47,6 +50,9 @@ class ModelTask(Task):
     throws = (ModelWorkersError, InvalidInput, ModelNotFound, ModelNotReady, InferenceError)
     acks_late = True
     reject_on_worker_lost = True
+    #: Prefork: concurrent requests of this task may share a pool job and one forward pass
+    #: (workers/poolbatch.py); its body must reach the model through ``predict_one``.
+    pool_batches = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         check_arguments(self, args, kwargs)
@@ -136,6 +142,8 @@ def _run_model(
         time_limit(limit, lambda: InferenceTimeout(model.name, model.version, limit)),
     ):
         out = call(model)
+        if count is not None and registry.counting:
+            metrics.record_batch(model.name, count)
         if count is not None and (not isinstance(out, list) or len(out) != count):
             got = len(out) if isinstance(out, list) else type(out).__name__
             raise InferenceError(
@@ -246,6 +254,11 @@ def predict_one(
     micro-batcher when concurrent requests in this process can share a call, else alone.
     ``version`` pins the version that answers (alone, no fallback); ``key`` picks the same
     version for the same key when the model's requests are split among versions."""
+    planned = _BATCH.get()
+    if planned is not None:
+        found = planned.take(registry, name, inputs, version, key)
+        if found is not None:
+            return found
     if version is not None:
         return answer(registry, name, [inputs], version=version, pinned=True)[0]
     chosen = registry.choose(name, key)
@@ -276,3 +289,105 @@ def predict_many(registry: ModelRegistry, name: str, items: list[Any]) -> list[d
             )
             return results
     return answer(registry, name, items)
+
+
+# ---- batches formed by the consumer (prefork) ---------------------------------------------
+# A pool process that receives several requests at once (workers/poolbatch.py) runs each task
+# body twice: first *planning* (``predict_one`` records the call it would make and stops the
+# body), then, after one ``answer`` per model version for all the planned calls, for real
+# through Celery's tracer, where ``predict_one`` returns the answer already computed.
+
+
+class Planned(Exception):
+    """Raised by ``predict_one`` while a batch is planned: the call the task would make."""
+
+    def __init__(self, name: str, inputs: Any, version: str | None, pinned: bool) -> None:
+        super().__init__(name)
+        self.name = name
+        self.inputs = inputs
+        self.version = version
+        self.pinned = pinned
+
+
+@dataclass
+class BatchSlot:
+    """One request of a pool batch: planning it (``call`` is None), or its answer ready."""
+
+    call: Planned | None = None
+    outcome: Any = None  # the answer dict, or the exception that request raises
+    used: bool = field(default=False)
+
+    def take(
+        self,
+        registry: ModelRegistry,
+        name: str,
+        inputs: Any,
+        version: str | None,
+        key: str | None,
+    ) -> dict[str, Any] | None:
+        """Planning: raise :class:`Planned`. Answering: the answer computed for this exact call
+        (once), else None (the task computes it alone)."""
+        if self.call is None:
+            chosen = version if version is not None else registry.choose(name, key)
+            raise Planned(name, inputs, chosen, version is not None)
+        if self.used or self.call.name != name or self.call.inputs != inputs:
+            return None
+        self.used = True
+        if isinstance(self.outcome, BaseException):
+            raise copy.copy(self.outcome)
+        result: dict[str, Any] = self.outcome
+        return result
+
+
+_BATCH: ContextVar[BatchSlot | None] = ContextVar("modelworkers_batch_slot", default=None)
+
+
+def plan(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Planned | None:
+    """The model call that ``task(*args, **kwargs)`` would make, without making it; None when
+    the task fails before it (its error is raised when it runs for real) or calls no model."""
+    token = _BATCH.set(BatchSlot())
+    try:
+        check_arguments(task, args, kwargs)
+        task.run(*args, **kwargs)
+    except Planned as call:
+        return call
+    except Exception:
+        return None
+    finally:
+        _BATCH.reset(token)
+    return None
+
+
+def answer_planned(registry: ModelRegistry, calls: list[Planned | None]) -> list[BatchSlot | None]:
+    """One ``answer`` per (model, version) for the planned ``calls``; a slot per call with its
+    answer, or None where the request must run alone: not planned, or its group's call raised
+    anything but an inference timeout (so that one bad input fails only its own request; a
+    timeout is not retried request by request)."""
+    groups: dict[tuple[str, str | None, bool], list[int]] = {}
+    for index, call in enumerate(calls):
+        if call is not None:
+            groups.setdefault((call.name, call.version, call.pinned), []).append(index)
+    slots: list[BatchSlot | None] = [None] * len(calls)
+    for (name, version, pinned), members in groups.items():
+        planned = [c for c in (calls[i] for i in members) if c is not None]
+        try:
+            answers: list[Any] = answer(
+                registry, name, [c.inputs for c in planned], version=version, pinned=pinned
+            )
+        except InferenceTimeout as exc:
+            answers = [exc] * len(members)
+        except Exception:
+            continue
+        for index, call, outcome in zip(members, planned, answers, strict=True):
+            slots[index] = BatchSlot(call, outcome)
+    return slots
+
+
+@contextmanager
+def answering(slot: BatchSlot | None) -> Iterator[None]:
+    """Run one request of a pool batch with its answer ready (``slot``; None: alone)."""
+    token = _BATCH.set(slot)
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)

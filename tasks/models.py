@@ -10,7 +10,7 @@ from shared import schemas
 from tasks.base import ModelTask, predict_one
 
 
-@shared_task(name="models.predict", base=ModelTask, bind=True)
+@shared_task(name="models.predict", base=ModelTask, bind=True, pool_batches=True)
 def predict(
     self: ModelTask, model: Any, inputs: Any, version: Any = None, key: Any = None
 ) -> dict[str, Any]:

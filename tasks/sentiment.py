@@ -23,7 +23,7 @@ def classify(registry: ModelRegistry, texts: list[str]) -> list[dict[str, Any]]:
     return [_flat(a) for a in predict_many(registry, MODEL, texts)]
 
 
-@shared_task(name="sentiment.analyze", base=ModelTask, bind=True)
+@shared_task(name="sentiment.analyze", base=ModelTask, bind=True, pool_batches=True)
 def analyze(self: ModelTask, text: Any) -> dict[str, Any]:
     """Sentiment of one text: {"label", "score", "model", "version", "fallback"}."""
     text = schemas.sentiment_text(text, limits())

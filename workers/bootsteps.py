@@ -64,7 +64,12 @@ class RegistryStats(bootsteps.StartStopStep):
             self.server = None
 
     def info(self, worker: Any) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        batcher = getattr(worker.consumer, "_modelworkers_batcher", None)
+        if batcher is not None:  # prefork batching (workers/poolbatch.py)
+            info["pool_batching"] = batcher.stats()
         try:
-            return {"model_registry": node_registry(worker.hostname)}
+            info["model_registry"] = node_registry(worker.hostname)
         except Exception as exc:
-            return {"model_registry": {"error": redact(str(exc))}}
+            info["model_registry"] = {"error": redact(str(exc))}
+        return info

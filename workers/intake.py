@@ -47,6 +47,7 @@ from shared.urls import redact, redis_client
 
 log = logging.getLogger("modelworkers.intake")
 
+DEFAULT_STRATEGY = "celery.worker.strategy:default"
 DEFAULT_REQUEST = "celery.worker.request:Request"
 LOST_TTL = 86_400  # a lost-delivery count outlives any redelivery (visibility timeout)
 MAX_HEADER_BYTES = 64 * 1024  # headers + properties of a task message, as JSON text roughly
@@ -413,6 +414,9 @@ class GuardedConsumer(Consumer):
         for task in self.app.tasks.values():
             if task.Request == DEFAULT_REQUEST:
                 task.Request = "workers.intake:GuardedRequest"
+            # concurrent requests of these tasks share pool jobs (prefork; workers/poolbatch.py)
+            if getattr(task, "pool_batches", False) and task.Strategy == DEFAULT_STRATEGY:
+                task.Strategy = "workers.poolbatch:strategy"
         super().update_strategies()
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:

@@ -7,7 +7,10 @@ failure and that the next request is served.
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from shared.families.base import Model
@@ -52,6 +55,20 @@ class HangingClassifier(_Classifier):
         if any("hang" in t for t in texts):
             while True:
                 time.sleep(0.05)
+        return self.answer(texts)
+
+
+class RecordingClassifier(_Classifier):
+    """Appends one JSON line per call (its pid and texts) to the file named by its option
+    ``record`` before it answers, then takes ``delay`` seconds: requests meet while it works,
+    and a test sees which process runs which batch."""
+
+    def classify(self, texts: list[str]) -> list[tuple[str, float]]:
+        record = self.option("record", "")
+        if record:
+            with Path(record).open("a") as out:
+                out.write(json.dumps({"pid": os.getpid(), "texts": texts}) + "\n")
+        time.sleep(float(self.option("delay", 0.0)))
         return self.answer(texts)
 
 
