@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "canned inputs through Celery's tracer (not stored, not counted), so that its first real "
         "task is as fast as later ones.",
     )
+    rehearse_fit_tasks: bool = Field(
+        True,
+        description="The rehearsal also runs forecast.prophet, forecast.arima and clustering.fit "
+        "on small inputs, so that their first request does not pay for the libraries' first use "
+        "(a few MiB of private memory per process, docs/benchmarks.md).",
+    )
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="How often each process republishes its registry snapshot."
     )

@@ -10,12 +10,13 @@ with three differences: nothing is stored in the result backend, no event is sen
 are not counted as served (``ModelRegistry.uncounted``).
 
 Only models already READY are rehearsed (a lazy model stays unloaded), on the smallest inputs,
-and only the tasks that serve them: the tasks that fit a new model per request (forecast.prophet,
-forecast.arima, clustering.fit) are left out: rehearsing them cost private memory in every pool
-process for requests a deployment may never send (docs/benchmarks.md). It runs where the models
-are served, after fork: rehearsing in the copy-on-write parent only moved the pages it touched
-(docs/benchmarks.md), and torch must not compute there. A failed rehearsal is logged and never
-keeps a process from serving.
+with the tasks that serve them. The tasks that fit a new model per request (forecast.prophet,
+forecast.arima, clustering.fit) are rehearsed too, on small series and rows
+(``REHEARSE_FIT_TASKS``, default on): their first call otherwise pays for the libraries' lazy
+imports and thread-pool set-up (docs/benchmarks.md has the cost in memory per process). It runs
+where the models are served, after fork: rehearsing in the copy-on-write parent only moved the
+pages it touched (docs/benchmarks.md), and torch must not compute there. A failed rehearsal is
+logged and never keeps a process from serving.
 
 """
 
@@ -38,12 +39,32 @@ ROUNDS = 2  # the first run pays the one-time costs; the second runs on what the
 Job = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
-def rehearsal_jobs(registry: ModelRegistry) -> list[Job]:
+def fit_jobs() -> list[Job]:
+    """The fit-on-request tasks on small inputs (shapes a real request has: a daily series with
+    dates, a yearly one, rows of a few features)."""
+    days = 40
+    daily = {
+        "ds": [f"2024-{1 + i // 28:02d}-{1 + i % 28:02d}" for i in range(days)],
+        "y": [
+            10 + 0.05 * i + (2.0 if i % 7 in (5, 6) else 0.0) + (i % 3) * 0.1 for i in range(days)
+        ],
+    }
+    yearly = {"y": [900 + 150 * ((i * 37) % 11) / 11 + (i % 7) * 5 for i in range(days)]}
+    rows = [[(i * 7) % 10 / 10, (i * 3) % 10 / 10, (i % 4) / 4] for i in range(60)]
+    return [
+        ("forecast.prophet", (daily, 3), {"frequency": "D"}),
+        ("forecast.arima", (yearly, 3), {"order": [1, 1, 1]}),
+        ("clustering.fit", (rows, 3), {}),
+    ]
+
+
+def rehearsal_jobs(registry: ModelRegistry, *, fits: bool = False) -> list[Job]:
     """(task name, args, kwargs): the tasks that serve each READY model, on tiny inputs: the
     built-in shortcuts of the built-in families, and ``models.predict`` on the example inputs
-    of every model whose family gives one (``Model.example``)."""
+    of every model whose family gives one (``Model.example``); with ``fits``, the
+    fit-on-request tasks too."""
 
-    jobs: list[Job] = []
+    jobs: list[Job] = fit_jobs() if fits else []
     for name in registry.names():
         if registry.metadata(name).status is not ModelState.READY:
             continue  # loading, failed, or lazy and not yet used: never load for a rehearsal
@@ -61,11 +82,13 @@ def rehearsal_jobs(registry: ModelRegistry) -> list[Job]:
     return jobs
 
 
-def rehearse(registry: ModelRegistry, *, rounds: int = ROUNDS) -> tuple[int, int]:
+def rehearse(
+    registry: ModelRegistry, *, rounds: int = ROUNDS, fits: bool = False
+) -> tuple[int, int]:
     """Run the rehearsal jobs ``rounds`` times; returns (jobs, failed jobs)."""
     from celery import current_app
 
-    jobs = rehearsal_jobs(registry)
+    jobs = rehearsal_jobs(registry, fits=fits)
     if not jobs:
         return 0, 0
     trace_log = logging.getLogger("celery.app.trace")  # its "Task ... succeeded" lines

@@ -185,7 +185,7 @@ class ServingProcess:
         log.info("%s", summary_table(registry.snapshot()))
         warm_result_backend()
         if self.settings.rehearse_tasks:
-            rehearse(registry)
+            rehearse(registry, fits=self.settings.rehearse_fit_tasks)
         self.heartbeat = Heartbeat(
             self.settings, registry, self.read_manifest, self.fell_back, serves=self.serves
         )

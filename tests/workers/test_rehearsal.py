@@ -95,6 +95,16 @@ def test_rehearsal_runs_the_tasks_but_counts_no_call(registry: ModelRegistry) ->
     assert registry.metadata("seg").calls == 1
 
 
+def test_the_fit_tasks_are_rehearsed_on_inputs_they_accept(registry: ModelRegistry) -> None:
+    from workers.rehearsal import fit_jobs, rehearsal_jobs, rehearse
+
+    names = [job[0] for job in rehearsal_jobs(registry, fits=True)]
+    assert names[:3] == ["forecast.prophet", "forecast.arima", "clustering.fit"]
+    assert names[3:] == [job[0] for job in rehearsal_jobs(registry)]
+    assert rehearse(registry, rounds=1, fits=True) == (len(names), 0)  # each one succeeded
+    assert len(fit_jobs()) == 3
+
+
 def test_a_failing_rehearsal_is_logged_not_raised(
     registry: ModelRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -139,9 +149,10 @@ def test_every_pool_process_rehearses_before_ready_and_stores_nothing(
     )
     snaps = worker.wait_ready(2)
     log = worker.log()
-    child_lines = [line for line in log.splitlines() if "rehearsed 5 task(s) x 2 in" in line]
+    child_lines = [line for line in log.splitlines() if "rehearsed 8 task(s) x 2 in" in line]
     assert len(child_lines) == 2 and all("ForkPoolWorker" in line for line in child_lines)
-    assert all("sentiment.analyze_batch" in line for line in child_lines)
+    for task in ("sentiment.analyze_batch", "forecast.prophet", "forecast.arima", "clustering.fit"):
+        assert all(task in line for line in child_lines), task
     assert "rehearsal of" not in log  # no failure
     for snap in snaps:
         assert snap["models"]["later"]["status"] == "UNLOADED"
