@@ -9,13 +9,15 @@ from typing import Any as _Any
 
 from shared.settings import get_settings as _get_settings
 from shared.urls import redis_connection_url as _redis_connection_url
+from workers.results import backend_url as _backend_url
 
 _s = _get_settings()
 
 # Where REDIS_URL is unset and no `modelworkers up` started an embedded Redis, a plain
 # `celery -A workers.app worker` talks to a local Redis on the default port.
 broker_url = _redis_connection_url(_s)
-result_backend = broker_url
+# Celery's Redis backend, without its read-before-write for a first delivery (workers/results.py)
+result_backend = _backend_url(broker_url)
 
 # JSON only: a pickled message is rejected and never deserialized.
 task_serializer = "json"
