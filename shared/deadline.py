@@ -15,6 +15,7 @@ and callers that wait on another thread (the micro-batcher) stop waiting at the 
 
 from __future__ import annotations
 
+import _signal
 import ctypes
 import heapq
 import itertools
@@ -48,22 +49,27 @@ def time_limit(seconds: float | None, make_error: Callable[[], BaseException]) -
         raise make_error() from None
 
 
+_ARMED = [False]  # a main-thread block is running under the alarm
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    if _ARMED[0]:  # the block may have ended between the alarm and this handler
+        raise _Expired
+
+
 @contextmanager
 def _alarm(seconds: float) -> Iterator[None]:
-    armed = True
-
-    def on_alarm(signum: int, frame: object) -> None:
-        if armed:  # the block may have ended between the alarm and this handler
-            raise _Expired
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The handler is installed once and stays (an alarm outside a block is ignored); the C
+    # functions under ``signal`` skip its enum conversions: this runs once per inference.
+    if _signal.getsignal(signal.SIGALRM) is not _on_alarm:
+        _signal.signal(signal.SIGALRM, _on_alarm)
+    _ARMED[0] = True
+    _signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        _ARMED[0] = False
+        _signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _raise_in(thread_id: int, exc_type: type[BaseException] | None) -> int:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -335,7 +336,21 @@ _DECODE_ERRORS = (ValueError, TypeError, RecursionError, MemoryError)
 
 class GuardedRedisChannel(RedisChannel):
     """kombu's Redis channel; an envelope that does not decode is dropped (it is already off the
-    queue list) instead of raising out of the event loop."""
+    queue list) instead of raising out of the event loop. Its acknowledgements and unacked-index
+    writes share one client object over the channel's connection pool (kombu builds a new one
+    for each, twice per task)."""
+
+    _shared_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        shared = self._shared_client
+        if shared is None or shared.connection_pool is not self.pool:
+            shared = self._shared_client = self._create_client()
+        yield shared
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
