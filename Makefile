@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first (a plain `torch` from an index can be a multi-GB CUDA build).
 	$(BIN)/pip install -q $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0)
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,bench,tracing]'
 	@touch $@
 
 install: $(STAMP)

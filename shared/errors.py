@@ -14,6 +14,8 @@
     ├── PoisonTask           a task's deliveries killed its pool process too many times
     ├── InferenceError       a model raised (or broke its contract) while predicting
     │   └── InferenceTimeout a prediction ran past the model's inference time limit
+    ├── TracingUnavailable   TRACING is set but cannot be set up (a package, the exporter):
+    │                        the worker does not start
     ├── TaskFailed           client side: a task failed with an error not listed here
     ├── ResultTimeout        client side: no result within the wait (also a TimeoutError)
     └── RedisUnavailable     client side: Redis unreachable, task not sent or result not read
@@ -139,6 +141,17 @@ class InferenceTimeout(InferenceError):
         super().__init__(
             model, version, f"no answer within its inference time limit of {seconds:g} s"
         )
+
+
+class TracingUnavailable(ModelWorkersError):
+    """TRACING asks for traces that this installation cannot produce: a package is missing or
+    the exporter cannot be loaded. The message names the setting and what to install."""
+
+    def __init__(self, choice: str, problem: str | None = None) -> None:
+        if problem is None:  # rebuilt from a serialized message
+            super().__init__(choice)
+            return
+        super().__init__(f"TRACING={choice}: {problem}")
 
 
 class TaskFailed(ModelWorkersError):

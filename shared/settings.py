@@ -8,6 +8,7 @@ from the environment; ``Settings.ensure_dirs`` sets the few variables the ML lib
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# TRACING's named exporters; anything else is a module:callable that returns a SpanExporter
+TRACING_EXPORTERS = ("otlp", "otlp-grpc", "console")
+TRACING_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class Settings(BaseSettings):
@@ -280,6 +284,25 @@ class Settings(BaseSettings):
         None, description="Directory for multi-process metrics (set per worker node)."
     )
 
+    # --- tracing (OpenTelemetry, docs/operations.md#tracing) ------------------------------
+    tracing: str | None = Field(
+        None,
+        description="Trace each task run (a span `run/<task>`, child of the client's `send/<task>` "
+        "span) with OpenTelemetry; needs `pip install modelworkers[tracing]`. Unset or off: "
+        "nothing of OpenTelemetry is imported. otlp: OTLP over HTTP to "
+        "OTEL_EXPORTER_OTLP_ENDPOINT (the standard OTEL_EXPORTER_OTLP_* variables apply); "
+        "otlp-grpc: OTLP over gRPC (needs opentelemetry-exporter-otlp-proto-grpc); console: spans "
+        "printed on the worker's stdout; module:callable: that callable returns the "
+        "SpanExporter. The exporter is built once in the worker's main process to check it, "
+        "then in each serving process; a package or exporter that cannot be loaded or built "
+        "stops the worker at start.",
+    )
+    tracing_service_name: str | None = Field(
+        None,
+        description="service.name of the workers' spans; unset: OTEL_SERVICE_NAME, else "
+        "modelworkers.",
+    )
+
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> Settings:
         if self.task_time_limit_seconds >= self.visibility_timeout_seconds:
@@ -293,6 +316,21 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("tracing")
+    @classmethod
+    def _tracing_choice(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if value.lower() in ("", "off", "false", "0", "none"):
+            return None
+        if value.lower() in TRACING_EXPORTERS:
+            return value.lower()
+        if not TRACING_CALLABLE.match(value):
+            raise ValueError(
+                f"TRACING must be off, {', '.join(TRACING_EXPORTERS)} or module:callable "
+                f"(a function that returns a SpanExporter), not {value!r}"
+            )
+        return value
 
     def resolved_torch_threads(self, processes: int | None = None) -> int:
         """torch threads per serving process: the setting, or the cores split across the

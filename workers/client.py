@@ -17,6 +17,10 @@ never block the event loop. What they do, in order:
   in Redis (``ModelStatus.queue``, read again every ``routes_ttl`` seconds, and at most once a
   second while a model is in no snapshot), else TASK_QUEUE. Which model a task is for is
   ``workers.routing.model_of_task``, the rule the workers' own router uses.
+* **Trace.** Where the process has set an OpenTelemetry tracer provider, each send is a PRODUCER
+  span ``send/<task name>``, child of the caller's current span, whose context goes to the worker
+  in the message's headers (``workers.tracing``): a web request, its send and the task's run are
+  one trace. Otherwise nothing of OpenTelemetry is imported or called.
 * **Wait.** The client app has no Celery result backend, so it leaves no result subscription
   behind. It reads ``celery-task-meta-<task id>``, the key the workers' result backend writes, and
   waits on that key's pub/sub channel (the backend publishes every write there), re-reading the
@@ -58,6 +62,7 @@ from shared.results import Clusters, Forecast, KMeansFit, Prediction, Sentiment
 from shared.settings import Settings, get_settings
 from shared.state import read_snapshots
 from shared.urls import redact, redis_client, redis_connection_url
+from workers import tracing
 from workers.routing import model_of_task
 
 __all__ = ["AsyncModelClient", "ModelClient"]
@@ -326,14 +331,31 @@ class ModelClient:
             with self._lock:
                 _ = self.app.producer_pool  # lazy: connects on the first publish
                 self._producers_ready = True
+        tracer = tracing.client_tracer()
+        if tracer is None:
+            self._publish(task_name, args, kwargs, task_id, queue, None)
+        else:
+            with tracing.send_span(tracer, task_name, task_id, queue) as headers:
+                self._publish(task_name, args, kwargs, task_id, queue, headers)
+        return task_id
+
+    def _publish(
+        self,
+        task_name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task_id: str,
+        queue: str,
+        headers: dict[str, str] | None,
+    ) -> None:
+        extra = {"headers": headers} if headers else {}
         try:
             self.app.send_task(
-                task_name, args=list(args), kwargs=kwargs, task_id=task_id, queue=queue
+                task_name, args=list(args), kwargs=kwargs, task_id=task_id, queue=queue, **extra
             )
         except (OperationalError, RedisError, OSError) as exc:
             cause = exc.__cause__ or exc
             raise RedisUnavailable(f"cannot enqueue {task_name}: {redact(str(cause))}") from exc
-        return task_id
 
     def result(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait up to ``timeout`` s (default: the client's) for a task's JSON result; raise its

@@ -13,7 +13,9 @@ them instead:
 * In the pool process, each task body is first run to *plan* its model call (its input checks
   included), the planned calls are answered by one ``predict_batch`` per model version, then
   each request runs through Celery's own tracer with its answer ready (``tasks.base``): results,
-  errors, events, signals and the result backend are per request, as without batching.
+  errors, events, signals and the result backend are per request, as without batching. With
+  TRACING, the shared call is one ``pool_batch`` span linked to each request's send span, and
+  each request still has its own ``run`` span, child of its own send span.
 * Acknowledgements stay per request (``acks_late``): a pool process killed mid-batch leaves every
   request of the batch unacknowledged, and each is requeued (``reject_on_worker_lost``), then
   runs alone: a redelivered request is never batched, so a poison message cannot take innocent
@@ -30,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 from weakref import ref
 
@@ -65,9 +68,13 @@ def run_batch(items: list[tuple[Any, ...]]) -> list[Any]:
         except Exception:  # its own run reports the problem
             calls.append(None)
     from shared.registry import get_registry
+    from workers.serving import current
 
+    serving = current()
+    traced = serving.tracing if serving is not None else None
     try:
-        slots = answer_planned(get_registry(), calls)
+        with traced.batch_span([i[2] for i in items]) if traced is not None else nullcontext():
+            slots = answer_planned(get_registry(), calls)
     except Exception as exc:  # never lose the batch: each request runs alone
         log.warning("a pool batch could not be answered together: %r", exc)
         slots = [None] * len(items)

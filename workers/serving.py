@@ -12,6 +12,9 @@ it. Which process serves depends on the pool:
 * solo: ``worker_process_init`` fires in the main process, which serves.
 * threads: ``worker_process_init`` never fires; the main process serves from ``worker_init``,
   its threads share one registry, and concurrent requests are micro-batched.
+
+With TRACING, each serving process also starts its own tracing (``workers.tracing``) once it has
+rehearsed, and exports what is left of it when it stops.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from shared.urls import redact, redis_client
 from workers.heartbeat import ControlListener, Heartbeat, log_reload
 from workers.logs import configure_logging, log_model_event, summary_table
 from workers.rehearsal import rehearse
+from workers.tracing import ProcessTracing, TracingConfig
+from workers.tracing import start as start_tracing
 
 log = logging.getLogger("modelworkers.worker")
 POOLS = ("prefork", "solo", "threads")
@@ -55,9 +60,11 @@ class ServingProcess:
         pool: str,
         concurrency: int,
         queues: set[str] | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
         """``queues``: the queues this node consumes; it serves the models routed to them
-        (a model file's ``queue``, "" meaning TASK_QUEUE). None: every model."""
+        (a model file's ``queue``, "" meaning TASK_QUEUE). None: every model. ``tracing``:
+        TRACING as the main process resolved it (``workers.tracing.configure``); None: off."""
         if pool not in POOLS:
             raise RuntimeError(
                 f"modelworkers serves from the prefork, solo or threads pool, not {pool!r}"
@@ -74,6 +81,8 @@ class ServingProcess:
         self.registry: ModelRegistry | None = None
         self.heartbeat: Heartbeat | None = None
         self.listener: ControlListener | None = None
+        self.tracing_config = tracing
+        self.tracing: ProcessTracing | None = None  # this serving process's, once it serves
         # (model, version) that failed at start and were replaced by the active version: never
         # tried again by this process or (copy-on-write) by the children that inherit this
         self.fell_back: set[tuple[str, str]] = set()
@@ -186,6 +195,8 @@ class ServingProcess:
         warm_result_backend()
         if self.settings.rehearse_tasks:
             rehearse(registry, fits=self.settings.rehearse_fit_tasks)
+        if self.tracing_config is not None:  # after the rehearsal: no spans for its runs
+            self.tracing = start_tracing(self.tracing_config)
         self.heartbeat = Heartbeat(
             self.settings, registry, self.read_manifest, self.fell_back, serves=self.serves
         )
@@ -221,11 +232,15 @@ class ServingProcess:
         return registry
 
     def stop(self) -> None:
-        """Process shutdown: stop the threads, remove the snapshot key, unload every model."""
+        """Process shutdown: stop the threads, export the spans still queued, remove the
+        snapshot key, unload every model."""
         if self.listener is not None:
             self.listener.stopping.set()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.tracing is not None and self.tracing.pid == os.getpid():
+            traced, self.tracing = self.tracing, None  # once: worker_shutdown may follow
+            traced.stop()
         if self._serving_pid == os.getpid():
             get_registry().close()
         metrics.mark_process_dead(os.getpid())

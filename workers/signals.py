@@ -13,8 +13,9 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from shared.errors import TracingUnavailable
 from shared.settings import get_settings
-from workers import serving
+from workers import serving, tracing
 from workers.logs import configure_logging, drop_early_handler
 from workers.serving import ServingProcess
 
@@ -45,12 +46,22 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Main process, before the pool starts: imports (and parent-mode loads) happen here."""
     configure_logging(early=True)
     settings = get_settings()
+    try:
+        traced = tracing.configure(settings)
+    except TracingUnavailable as exc:  # Celery would log a handler's error and start anyway
+        log.critical("the worker does not start: %s", exc)
+        raise SystemExit(1) from exc
     pool = pool_kind(sender)
     concurrency = int(getattr(sender, "concurrency", 0) or settings.worker_concurrency)
     node = getattr(sender, "hostname", "") or ""
     process = serving.install(
         ServingProcess(
-            settings, node=node, pool=pool, concurrency=concurrency, queues=consumed_queues(sender)
+            settings,
+            node=node,
+            pool=pool,
+            concurrency=concurrency,
+            queues=consumed_queues(sender),
+            tracing=traced,
         )
     )
     process.prepare()
