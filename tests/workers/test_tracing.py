@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.util._once import Once
 
 from harness import WorkerProcess, close_app, wait_for, write_manifest
+from shared.errors import InvalidInput
 from tests.conftest import REPOSITORY
 from tests.support.spans import FILE_VARIABLE, read_spans
 from workers.client import AsyncModelClient, ModelClient
@@ -216,15 +217,21 @@ def test_the_solo_and_threads_pools_trace_in_their_main_process_and_flush_at_shu
     worker.wait_ready(1, timeout=90)
     with client_for(worker) as client, trace.get_tracer("webapp").start_as_current_span("job"):
         assert client.analyze("good").label == "positive"
+        with pytest.raises(InvalidInput):
+            client.analyze("")
     worker.stop()
 
-    (send,) = sends(web_spans).values()
+    sent = sends(web_spans)
     exported = read_spans(span_file)
-    assert [s["name"] for s in exported] == ["run/sentiment.analyze"]
-    (run,) = exported
-    assert (run["trace_id"], run["parent_id"]) == hex_ids(send)
-    assert run["pid"] == worker.pid  # no pool process: the main process ran it
-    assert run["resource"]["service.name"] == f"workers-{pool}"
+    assert [s["name"] for s in exported] == ["run/sentiment.analyze"] * 2
+    ran = runs(exported)
+    assert set(ran) == set(sent)
+    for task_id, run in ran.items():
+        assert (run["trace_id"], run["parent_id"]) == hex_ids(sent[task_id])
+        assert run["pid"] == worker.pid  # no pool process: the main process ran it
+        assert run["resource"]["service.name"] == f"workers-{pool}"
+    states = sorted((r["attributes"]["celery.state"], r["status"]) for r in ran.values())
+    assert states == [("FAILURE", "ERROR"), ("SUCCESS", "UNSET")]
 
 
 # ---- prefork batching ------------------------------------------------------------------------
