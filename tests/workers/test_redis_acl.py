@@ -4,6 +4,7 @@ an admin can do their jobs without a single denial."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -213,6 +214,8 @@ def check_the_roles(acl_redis: AclRedis, worker: WorkerProcess, worker_logs: Pat
             "clustering.assign", args=[[[0.0, 1.0, 2.0]]], kwargs={"model": "seg"}
         )
         assert answer.get(timeout=30)["labels"]
+        del answer
+        gc.collect()  # a collected AsyncResult unsubscribes: now, while this Redis still runs
     finally:
         close_app(app)
     as_client = {**worker.env, **role_env("client")}
