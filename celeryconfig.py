@@ -25,6 +25,13 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 event_serializer = "json"
+# MESSAGE_SIGNING: tasks and remote-control messages signed with Celery's auth serializer, and
+# only signed ones accepted (task_serializer "auth", accept_content ["auth"], security_*);
+# results and events stay JSON. workers.app registers the serializer (docs/security.md).
+if _s.message_signing:
+    from workers.signing import celery_options as _signing_options
+
+    globals().update(_signing_options(_s))
 
 # At-least-once: acknowledge after the task ran; requeue when the pool process dies mid-task.
 task_acks_late = True

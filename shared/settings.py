@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = Field(
         None, description="Password for Redis, if not already inside REDIS_URL."
     )
+    redis_username: str | None = Field(
+        None,
+        description="Redis ACL user (worker, client, admin: deploy/redis/users.acl), if not "
+        "already inside REDIS_URL. Unset: the default user, as with a plain requirepass.",
+    )
     redis_tls_ca_certs: str | None = Field(
         None, description="CA bundle for rediss:// URLs (passed to Celery and redis-py)."
     )
@@ -272,6 +277,29 @@ class Settings(BaseSettings):
         "option overrides it): a prediction past it fails as InferenceTimeout.",
     )
 
+    # --- signed task messages (Celery's auth serializer; docs/security.md) ---------------
+    message_signing: bool = Field(
+        False,
+        description="Sign task and remote-control messages (Celery's auth serializer), and "
+        "accept only signed ones: workers refuse unsigned or wrongly signed tasks. Needs "
+        "SIGNING_KEY, SIGNING_CERT and SIGNING_CERT_STORE in every process (workers, clients, "
+        "CLI, Flower).",
+    )
+    signing_key: Path | None = Field(
+        None, description="PEM private key (RSA) this process signs with (MESSAGE_SIGNING)."
+    )
+    signing_key_password: SecretStr | None = Field(
+        None, description="Password of SIGNING_KEY, if it is encrypted."
+    )
+    signing_cert: Path | None = Field(
+        None, description="PEM X.509 certificate of SIGNING_KEY, named in every signed message."
+    )
+    signing_cert_store: Path | None = Field(
+        None,
+        description="Folder (or file) of the PEM certificates whose signatures are accepted: "
+        "every client's, worker's and operator's.",
+    )
+
     # --- Flower / metrics -----------------------------------------------------------------
     flower_port: int = Field(5555, description="Flower's HTTP port.")
     flower_basic_auth: SecretStr | None = Field(
@@ -310,6 +338,18 @@ class Settings(BaseSettings):
                 "TASK_TIME_LIMIT_SECONDS must be below VISIBILITY_TIMEOUT_SECONDS, or a task still "
                 "running when the visibility timeout ends is delivered a second time"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _signing_is_complete(self) -> Settings:
+        if self.message_signing:
+            missing = [
+                name.upper()
+                for name in ("signing_key", "signing_cert", "signing_cert_store")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"MESSAGE_SIGNING is on but {', '.join(missing)} not set")
         return self
 
     @field_validator("redis_url")

@@ -10,15 +10,27 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redis_connection_url(settings: Any) -> str:
-    """REDIS_URL (or the local default), with REDIS_PASSWORD inserted when the URL has none."""
+    """REDIS_URL (or the local default), with REDIS_USERNAME and REDIS_PASSWORD inserted where
+    the URL has none (a Redis ACL user: docs/security.md)."""
     url: str = settings.redis_url or DEFAULT_REDIS_URL
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    username = getattr(settings, "redis_username", None)
     parts = urlsplit(url)
-    if password and parts.scheme in ("redis", "rediss") and not parts.password:
+    if parts.scheme not in ("redis", "rediss"):
+        return url
+    add_user = bool(username) and not parts.username
+    add_password = bool(password) and not parts.password
+    if add_user or add_password:
         host = parts.netloc.rsplit("@", 1)[-1]  # keeps [IPv6] brackets and the port
-        user = quote(parts.username, safe="") if parts.username else ""
-        netloc = f"{user}:{quote(password, safe='')}@{host}"
-        url = urlunsplit(parts._replace(netloc=netloc))
+        user = username if add_user else parts.username
+        user = quote(user, safe="") if user else ""
+        if add_password:
+            secret = f":{quote(password or '', safe='')}"
+        elif parts.password:
+            secret = ":" + parts.netloc.rsplit("@", 1)[0].partition(":")[2]  # as written
+        else:
+            secret = ""
+        url = urlunsplit(parts._replace(netloc=f"{user}{secret}@{host}"))
     return url
 
 

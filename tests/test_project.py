@@ -42,17 +42,24 @@ def test_env_example_documents_every_setting() -> None:
     assert names == {name.upper() for name in Settings.model_fields}
 
 
-def test_compose_file_has_password_redis_worker_replicas_with_health_checks_and_flower_auth() -> (
-    None
-):
+def test_compose_file_has_acl_redis_worker_replicas_with_health_checks_and_flower_auth() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"redis", "worker", "flower"} <= set(services)
-    assert "--requirepass" in services["redis"]["command"]
+    assert {"redis", "worker", "flower", "cli"} <= set(services)
+    redis = services["redis"]
+    assert "/etc/redis/start-redis.sh" in redis["command"]
+    assert "./deploy/redis:/etc/redis:ro" in redis["volumes"]
+    assert (ROOT / "deploy" / "redis" / "users.acl").exists()
+    for role in ("WORKER", "CLIENT", "ADMIN"):
+        assert redis["environment"][f"REDIS_{role}_PASSWORD"].startswith("${REDIS_")
+    users = {"worker": "worker", "flower": "admin", "cli": "admin"}
+    for service, user in users.items():
+        env = services[service]["environment"]
+        assert env["REDIS_USERNAME"] == user
+        assert env["REDIS_PASSWORD"].startswith(f"${{REDIS_{user.upper()}_PASSWORD:?")
     worker = services["worker"]
     assert worker["deploy"]["replicas"] >= 2
     assert "modelworkers health" in " ".join(worker["healthcheck"]["test"])
-    assert worker["environment"]["REDIS_PASSWORD"]
     assert "--basic-auth" in " ".join(services["flower"]["command"])
     assert services["flower"]["ports"][0].startswith("127.0.0.1:")
     assert (ROOT / services["worker"]["build"] / "Dockerfile").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.settings import get_settings
 from workers.intake import register_transport
+from workers.signing import setup as setup_signing
 
 # Redis envelopes are decoded under a guard in every process that uses this app (workers.intake).
 register_transport()
@@ -20,6 +22,8 @@ app = Celery(
     ],
 )
 app.config_from_object("celeryconfig")
+# MESSAGE_SIGNING: sign what this process sends, accept only signed tasks (workers.signing).
+setup_signing(app, get_settings())
 
 # Connect the signal handlers and remote-control commands (import for side effect).
 from workers import control, signals  # noqa: E402, F401

@@ -455,6 +455,8 @@ def run_request(
     """Send a control request (or a rollback of ``rollback``), wait for a reply from every
     process it reaches, print them; exit 0 when all succeeded, 1 when any failed or did not
     answer, 2 when it was refused or Redis could not be reached."""
+    from redis.exceptions import NoPermissionError
+
     from shared.errors import ModelWorkersError
     from shared.manifest import manifest_from_settings
     from shared.reload import collect_replies, send_request, send_rollback
@@ -478,6 +480,9 @@ def run_request(
             )
     except ModelWorkersError as exc:
         say(f"refused: {exc}")
+        raise typer.Exit(2) from None
+    except NoPermissionError as exc:  # an ACL user without the admin role's rights
+        say(f"refused by Redis, this Redis user may not send control requests: {exc}")
         raise typer.Exit(2) from None
     except Exception as exc:
         say(f"cannot reach Redis: {redact(str(exc))}")

@@ -11,7 +11,8 @@
 :class:`ModelClient` blocks; :class:`AsyncModelClient` has the same methods as coroutines that
 never block the event loop. What they do, in order:
 
-* **Send.** A Celery app of their own, JSON only, with ``task_default_queue`` set to TASK_QUEUE
+* **Send.** A Celery app of their own, JSON only (signed with SIGNING_KEY when MESSAGE_SIGNING
+  is on: ``workers.signing``), with ``task_default_queue`` set to TASK_QUEUE
   (a bare Celery client sends to ``celery``, a queue no worker consumes). A task for a model goes
   to that model's queue: from the ``queues`` mapping given, else from the live process snapshots
   in Redis (``ModelStatus.queue``, read again every ``routes_ttl`` seconds, and at most once a
@@ -64,6 +65,7 @@ from shared.state import read_snapshots
 from shared.urls import redact, redis_client, redis_connection_url
 from workers import tracing
 from workers.routing import model_of_task
+from workers.signing import setup as setup_signing
 
 __all__ = ["AsyncModelClient", "ModelClient"]
 
@@ -223,6 +225,8 @@ def _celery_app(settings: Settings, url: str, queue: str) -> Celery:
             "ssl_cert_reqs": reqs[settings.redis_tls_cert_reqs],
             "ssl_ca_certs": settings.redis_tls_ca_certs,
         }
+    # MESSAGE_SIGNING: tasks signed with SIGNING_KEY, as the workers then require.
+    setup_signing(app, settings)
     return app
 
 
@@ -231,8 +235,9 @@ class ModelClient:
     """Blocking client. Thread-safe: one per process is enough (a web app's worker threads can
     share it).
 
-    ``ModelClient()`` reads the settings the workers read (REDIS_URL + REDIS_PASSWORD, TLS,
-    TASK_QUEUE, KEY_PREFIX); ``redis_url`` (password inside it), ``queue`` (= the workers'
+    ``ModelClient()`` reads the settings the workers read (REDIS_URL + REDIS_USERNAME and
+    REDIS_PASSWORD, TLS, TASK_QUEUE, KEY_PREFIX, MESSAGE_SIGNING); ``redis_url`` (user and
+    password inside it), ``queue`` (= the workers'
     TASK_QUEUE) and ``key_prefix`` (= their KEY_PREFIX) override them. ``queues`` maps a model
     to the queue its tasks must go to, ahead of what the snapshots say. ``timeout`` is the
     default wait of the typed methods, in seconds.
@@ -251,7 +256,9 @@ class ModelClient:
     ) -> None:
         base = settings or get_settings()
         if redis_url is not None:
-            base = base.model_copy(update={"redis_url": redis_url, "redis_password": None})
+            base = base.model_copy(
+                update={"redis_url": redis_url, "redis_password": None, "redis_username": None}
+            )
         self.settings = base
         self.url = redis_connection_url(base)
         self.queue = queue or base.task_queue

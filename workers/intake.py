@@ -12,6 +12,9 @@ One message must never stop a node. A message is checked at each step that it co
    recursive touches it: a deep list is pickled recursively when handed to a prefork pool
    process, and the RecursionError stopped the node), the argument counts and the header types
    Celery reads. Then Celery dispatches it; if dispatching raises anyway, only that task ends.
+   With MESSAGE_SIGNING on, the body must be signed (``workers.signing``): its signed size is
+   checked, then its signature, and the size and depth checks run on the JSON that was signed,
+   all before anything decodes it.
 3. **The pool process dying.** :class:`GuardedRequest` counts, in Redis, the deliveries of a
    task whose pool process died under it (``WorkerLostError``). At ``POISON_LOST_DELIVERIES`` it
    fails the task as :class:`~shared.errors.PoisonTask` instead of requeueing it once more.
@@ -45,6 +48,7 @@ from shared import metrics
 from shared.errors import InvalidMessage, PoisonTask
 from shared.settings import Settings, get_settings
 from shared.urls import redact, redis_client
+from workers.signing import SIGNATURE_ROOM, SIGNED_CONTENT_TYPE, BadSignature, Opened, Verifier
 
 log = logging.getLogger("modelworkers.intake")
 
@@ -71,6 +75,7 @@ class MessageLimits:
     max_bytes: int
     max_depth: int
     max_args: int
+    signed: bool = False  # MESSAGE_SIGNING: task bodies come signed (workers.signing)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MessageLimits:
@@ -78,7 +83,16 @@ class MessageLimits:
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_message_depth,
             max_args=settings.max_message_args,
+            signed=settings.message_signing,
         )
+
+    @property
+    def body_bytes(self) -> int:
+        """Largest task body accepted as it arrives: MAX_MESSAGE_BYTES of JSON, or, signed,
+        that JSON base64-encoded behind its signer and signature."""
+        if not self.signed:
+            return self.max_bytes
+        return (self.max_bytes + SIGNATURE_ROOM) * 4 // 3 + 4
 
 
 class Refused(Exception):
@@ -163,11 +177,11 @@ def check_envelope(payload: Any, limits: MessageLimits) -> None:
     if headers and headers.get("compression"):
         raise Refused("compressed", "compressed message bodies are not accepted")
     body = payload.get("body") or ""
-    if len(body) > limits.max_bytes * 4 // 3 + 4:  # base64 of the largest accepted body
+    if len(body) > limits.body_bytes * 4 // 3 + 4:  # base64 of the largest accepted body
         raise Refused(
             "too_large",
             f"a body of about {len(body) * 3 // 4:,} bytes is more than the limit of "
-            f"{limits.max_bytes:,} (MAX_MESSAGE_BYTES)",
+            f"{limits.body_bytes:,} (MAX_MESSAGE_BYTES" + (", signed)" if limits.signed else ")"),
         )
     _check_meta("the envelope's headers", headers, limits)
     _check_meta("the envelope's properties", props, limits)
@@ -182,8 +196,12 @@ def task_identity(headers: Any) -> tuple[str, str | None]:
     return shown, task_id if isinstance(task_id, str) and TASK_ID.match(task_id) else None
 
 
-def check_task_message(message: Any, limits: MessageLimits) -> None:
-    """Everything Celery will read of a task message, checked before it reads it."""
+def check_task_message(
+    message: Any, limits: MessageLimits, verify: Callable[[bytes], Opened] | None = None
+) -> None:
+    """Everything Celery will read of a task message, checked before it reads it. ``verify``
+    (MESSAGE_SIGNING) opens a signed body: the size and depth checks then run on the JSON that
+    was signed."""
     headers = message.headers
     if not isinstance(headers, dict):
         raise Refused("bad_headers", "the headers are not an object")
@@ -218,7 +236,15 @@ def check_task_message(message: Any, limits: MessageLimits) -> None:
         raise Refused("bad_headers", "header 'timelimit' must be [soft, hard] seconds or null")
     if headers.get("compression"):
         raise Refused("compressed", "compressed message bodies are not accepted")
-    if message.content_type != "application/json":
+    if limits.signed:
+        if message.content_type != SIGNED_CONTENT_TYPE:
+            raise Refused(
+                "unsigned",
+                f"the message is not signed (content type {str(message.content_type)[:60]!r}): "
+                f"MESSAGE_SIGNING is on, and only messages signed with Celery's auth serializer "
+                f"({SIGNED_CONTENT_TYPE}) are accepted",
+            )
+    elif message.content_type != "application/json":
         raise Refused(
             "content_type",
             f"content type {str(message.content_type)[:60]!r} is not accepted: "
@@ -229,6 +255,19 @@ def check_task_message(message: Any, limits: MessageLimits) -> None:
         body = body.encode("utf-8", "surrogatepass")
     if not isinstance(body, bytes | bytearray | memoryview):
         raise Refused("bad_body", "the message has no body")
+    if limits.signed:
+        if len(body) > limits.body_bytes:
+            raise Refused(
+                "too_large",
+                f"a signed body of {len(body):,} bytes is more than the limit of "
+                f"{limits.body_bytes:,} (MAX_MESSAGE_BYTES of JSON, signed)",
+            )
+        if verify is None:
+            raise Refused("bad_signature", "bad signature: no certificates to verify against")
+        try:
+            body = verify(bytes(body)).body  # the JSON that was signed
+        except BadSignature as exc:
+            raise Refused("bad_signature", f"bad signature: {exc}") from None
     if len(body) > limits.max_bytes:
         raise Refused(
             "too_large",
@@ -247,7 +286,9 @@ def check_task_message(message: Any, limits: MessageLimits) -> None:
             "(MAX_MESSAGE_DEPTH)",
         )
     try:
-        payload = message.decode()  # kombu keeps it: Celery's dispatch does not decode again
+        # kombu keeps it: Celery's dispatch does not decode again (signed: Celery's serializer
+        # verifies the signature once more, then decodes the JSON checked above)
+        payload = message.decode()
     except Exception as exc:
         raise Refused("not_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
     if not (isinstance(payload, list | tuple) and len(payload) == 3):
@@ -285,6 +326,7 @@ class Intake:
         store_failure: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.limits = MessageLimits.from_settings(settings)
+        self.verifier = Verifier.from_settings(settings)
         self.poison_after = settings.poison_lost_deliveries
         self.prefix = settings.key_prefix
         self._settings = settings
@@ -437,11 +479,12 @@ class GuardedConsumer(Consumer):
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:
         dispatch = super().create_task_handler(promise)
         limits = self.intake.limits
+        verify = self.intake.verifier.open if self.intake.verifier is not None else None
         connection_errors = self.connection_errors
 
         def on_task_received(message: Any) -> None:
             try:
-                check_task_message(message, limits)
+                check_task_message(message, limits, verify)
             except Refused as exc:
                 return self.refuse(message, exc)
             except Exception as exc:  # a check that met something unforeseen

@@ -40,3 +40,22 @@ def test_the_password_setting_is_added_to_the_url_keeping_user_and_host(
 def test_redact_hides_passwords(text: str) -> None:
     assert "hunter2" not in redact(text) and "hunt/er2" not in redact(text)
     assert "***" in redact(text)
+
+
+@pytest.mark.parametrize(
+    ("url", "username", "password", "want"),
+    [
+        ("redis://cache:6379/0", "client", "p@ss", "redis://client:p%40ss@cache:6379/0"),
+        ("redis://cache:6379/0", "us er", None, "redis://us%20er@cache:6379/0"),
+        ("redis://app@cache:6379/0", "client", "pw", "redis://app:pw@cache:6379/0"),
+        ("redis://:in%2Furl@cache:6379/0", "admin", None, "redis://admin:in%2Furl@cache:6379/0"),
+        ("rediss://[::1]:6380/0", "worker", "pw", "rediss://worker:pw@[::1]:6380/0"),
+        ("unix:///tmp/redis.sock", "worker", "pw", "unix:///tmp/redis.sock"),
+    ],
+)
+def test_the_username_setting_is_added_where_the_url_names_no_user(
+    url: str, username: str, password: str | None, want: str
+) -> None:
+    given = settings(url, password)
+    given.redis_username = username
+    assert redis_connection_url(given) == want
