@@ -18,14 +18,23 @@ app or a notebook that uses the registry pays nothing.
     modelworkers_model_loads_total{model,version}            counter
     modelworkers_model_evictions_total{model,version}        counter (memory budget)
     modelworkers_model_memory_bytes{model,version}           gauge, per live process
+    modelworkers_queue_depth{queue}                          gauge, on scrape (QueueCollector)
+    modelworkers_queue_oldest_age_seconds{queue}             gauge, on scrape (QueueCollector)
 
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from shared.queues import PRIORITY_STEPS, queue_stats
+from shared.urls import redact
+
+log = logging.getLogger("modelworkers.metrics")
 
 STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -204,11 +213,75 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def serve(port: int, address: str = "0.0.0.0") -> Any:
-    """Serve every process's metrics on ``port`` (call in the worker's main process)."""
+def serve(port: int, address: str = "0.0.0.0", collectors: Iterable[Any] = ()) -> Any:
+    """Serve every process's metrics on ``port`` (call in the worker's main process), and what
+    ``collectors`` (e.g. a :class:`QueueCollector`) compute on each scrape."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
+    for collector in collectors:
+        registry.register(collector)
     return start_http_server(port, addr=address, registry=registry)
+
+
+class QueueCollector:
+    """Queue depth and oldest waiting message of the queues a node consumes, read from the Redis
+    broker on each scrape (shared.queues). ``client`` should have a short socket timeout: when
+    Redis cannot be read, the scrape still answers, without these two metrics."""
+
+    def __init__(
+        self,
+        client: Any,
+        queues: Iterable[str],
+        prefix: str,
+        *,
+        priority_steps: Sequence[int] = PRIORITY_STEPS,
+        global_keyprefix: str = "",
+    ) -> None:
+        self.client = client
+        self.queues = sorted(set(queues))
+        self.prefix = prefix
+        self.priority_steps = tuple(priority_steps)
+        self.global_keyprefix = global_keyprefix
+        self.failing = False
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to check at registration (and no Redis call then)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            stats = queue_stats(
+                self.client,
+                self.queues,
+                self.prefix,
+                priority_steps=self.priority_steps,
+                global_keyprefix=self.global_keyprefix,
+            )
+        except Exception as exc:
+            if not self.failing:
+                log.warning("queue metrics: cannot read the broker (%s)", redact(str(exc)))
+            self.failing = True
+            return
+        if self.failing:
+            log.info("queue metrics: the broker answers again")
+        self.failing = False
+        depth = GaugeMetricFamily(
+            "modelworkers_queue_depth",
+            "Messages waiting in the queue (every priority list), read from Redis on scrape",
+            labels=["queue"],
+        )
+        oldest = GaugeMetricFamily(
+            "modelworkers_queue_oldest_age_seconds",
+            "How long the oldest waiting message has been seen at the queue's tail (a lower "
+            "bound of its wait; 0 when the queue is empty)",
+            labels=["queue"],
+        )
+        for item in stats:
+            depth.add_metric([item.queue], item.depth)
+            oldest.add_metric([item.queue], round(item.oldest_age_seconds, 3))
+        yield depth
+        yield oldest
