@@ -20,7 +20,7 @@ TORCH_VERSION  = 2.13.0
 TORCH_VARIANT ?= cpu
 TORCH_WHEEL   ?= $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl)
 TORCH_INDEX_URL ?= $(if $(filter cuda,$(TORCH_VARIANT)),,https://download.pytorch.org/whl/cpu)
-HASH          := $(shell (sha256sum 2>/dev/null || shasum -a 256) < pyproject.toml | cut -c1-12)
+HASH          := $(shell (sha256sum 2>/dev/null || shasum -a 256 2>/dev/null) < pyproject.toml | cut -c1-12)
 STAMP          = $(VENV)/.installed-$(HASH)
 TORCH_STAMP    = $(VENV)/.torch-$(TORCH_VERSION)-$(TORCH_VARIANT)
 SUPPORTED      = import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))

@@ -8,6 +8,7 @@ app or a notebook that uses the registry pays nothing.
 
     modelworkers_model_load_seconds{model,version}           gauge, per live process
     modelworkers_model_ready{model,version,status}           gauge 1/0, per live process
+    modelworkers_model_required{model}                       gauge 1/0, per live process
     modelworkers_inference_total{model,version}              counter
     modelworkers_inference_failures_total{model,version}     counter
     modelworkers_inference_seconds{model,version}            histogram
@@ -57,6 +58,12 @@ class Metrics:
             "modelworkers_model_ready",
             "1 for the model's current status",
             ["model", "version", "status"],
+            multiprocess_mode="liveall",
+        )
+        self.required = Gauge(
+            "modelworkers_model_required",
+            "1 when the model is required (the process is not ready without it), 0 if optional",
+            ["model"],
             multiprocess_mode="liveall",
         )
         self.calls = Counter("modelworkers_inference", "Inference calls", ["model", "version"])
@@ -152,6 +159,7 @@ def record_state(meta: Any) -> None:
         m.model_state.labels(meta.name, meta.version, status).set(
             1 if str(meta.status) == status else 0
         )
+    m.required.labels(meta.name).set(1 if getattr(meta, "required", True) else 0)
     if meta.load_seconds is not None:
         m.load_seconds.labels(meta.name, meta.version).set(meta.load_seconds)
     loaded = str(meta.status) == "READY" and meta.memory_delta_mb is not None

@@ -520,7 +520,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
                 "summary": fleet_summary(snaps).model_dump(mode="json"),
                 "processes": [s.model_dump(mode="json") for s in snaps],
                 "queues": [
-                    {"queue": q.queue, "depth": q.depth, "oldest_age_seconds": q.oldest_age_seconds}
+                    {
+                        "queue": q.queue,
+                        "depth": q.depth,
+                        "oldest_age_seconds": round(q.oldest_age_seconds, 3),
+                    }
                     for q in queues or []
                 ],
             }
