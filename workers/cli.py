@@ -492,9 +492,9 @@ def fleet_queues(settings: Settings, snaps: list[ProcessSnapshot]) -> list[str]:
 
 def read_queues(settings: Settings, queues: list[str]) -> list[QueueStats] | None:
     """Depth and oldest waiting message of each queue (None when the broker cannot be read)."""
-    from workers.app import app
+    import celeryconfig  # the workers' transport options (priority steps, key prefix)
 
-    options = app.conf.broker_transport_options or {}
+    options = celeryconfig.broker_transport_options
     try:
         return queue_stats(
             redis_client(settings),
