@@ -8,6 +8,7 @@ app or a notebook that uses the registry pays nothing.
 
     modelworkers_model_load_seconds{model,version}           gauge, per live process
     modelworkers_model_ready{model,version,status}           gauge 1/0, per live process
+    modelworkers_model_required{model}                       gauge 1/0, per live process
     modelworkers_inference_total{model,version}              counter
     modelworkers_inference_failures_total{model,version}     counter
     modelworkers_inference_seconds{model,version}            histogram
@@ -18,14 +19,23 @@ app or a notebook that uses the registry pays nothing.
     modelworkers_model_loads_total{model,version}            counter
     modelworkers_model_evictions_total{model,version}        counter (memory budget)
     modelworkers_model_memory_bytes{model,version}           gauge, per live process
+    modelworkers_queue_depth{queue}                          gauge, on scrape (QueueCollector)
+    modelworkers_queue_oldest_age_seconds{queue}             gauge, on scrape (QueueCollector)
 
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from shared.queues import PRIORITY_STEPS, queue_stats
+from shared.urls import redact
+
+log = logging.getLogger("modelworkers.metrics")
 
 STATES = ("LOADING", "READY", "FAILED", "UNLOADED")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -48,6 +58,12 @@ class Metrics:
             "modelworkers_model_ready",
             "1 for the model's current status",
             ["model", "version", "status"],
+            multiprocess_mode="liveall",
+        )
+        self.required = Gauge(
+            "modelworkers_model_required",
+            "1 when the model is required (the process is not ready without it), 0 if optional",
+            ["model"],
             multiprocess_mode="liveall",
         )
         self.calls = Counter("modelworkers_inference", "Inference calls", ["model", "version"])
@@ -143,6 +159,7 @@ def record_state(meta: Any) -> None:
         m.model_state.labels(meta.name, meta.version, status).set(
             1 if str(meta.status) == status else 0
         )
+    m.required.labels(meta.name).set(1 if getattr(meta, "required", True) else 0)
     if meta.load_seconds is not None:
         m.load_seconds.labels(meta.name, meta.version).set(meta.load_seconds)
     loaded = str(meta.status) == "READY" and meta.memory_delta_mb is not None
@@ -204,11 +221,75 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def serve(port: int, address: str = "0.0.0.0") -> Any:
-    """Serve every process's metrics on ``port`` (call in the worker's main process)."""
+def serve(port: int, address: str = "0.0.0.0", collectors: Iterable[Any] = ()) -> Any:
+    """Serve every process's metrics on ``port`` (call in the worker's main process), and what
+    ``collectors`` (e.g. a :class:`QueueCollector`) compute on each scrape."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
+    for collector in collectors:
+        registry.register(collector)
     return start_http_server(port, addr=address, registry=registry)
+
+
+class QueueCollector:
+    """Queue depth and oldest waiting message of the queues a node consumes, read from the Redis
+    broker on each scrape (shared.queues). ``client`` should have a short socket timeout: when
+    Redis cannot be read, the scrape still answers, without these two metrics."""
+
+    def __init__(
+        self,
+        client: Any,
+        queues: Iterable[str],
+        prefix: str,
+        *,
+        priority_steps: Sequence[int] = PRIORITY_STEPS,
+        global_keyprefix: str = "",
+    ) -> None:
+        self.client = client
+        self.queues = sorted(set(queues))
+        self.prefix = prefix
+        self.priority_steps = tuple(priority_steps)
+        self.global_keyprefix = global_keyprefix
+        self.failing = False
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to check at registration (and no Redis call then)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            stats = queue_stats(
+                self.client,
+                self.queues,
+                self.prefix,
+                priority_steps=self.priority_steps,
+                global_keyprefix=self.global_keyprefix,
+            )
+        except Exception as exc:
+            if not self.failing:
+                log.warning("queue metrics: cannot read the broker (%s)", redact(str(exc)))
+            self.failing = True
+            return
+        if self.failing:
+            log.info("queue metrics: the broker answers again")
+        self.failing = False
+        depth = GaugeMetricFamily(
+            "modelworkers_queue_depth",
+            "Messages waiting in the queue (every priority list), read from Redis on scrape",
+            labels=["queue"],
+        )
+        oldest = GaugeMetricFamily(
+            "modelworkers_queue_oldest_age_seconds",
+            "How long the oldest waiting message has been seen at the queue's tail (a lower "
+            "bound of its wait; 0 when the queue is empty)",
+            labels=["queue"],
+        )
+        for item in stats:
+            depth.add_metric([item.queue], item.depth)
+            oldest.add_metric([item.queue], round(item.oldest_age_seconds, 3))
+        yield depth
+        yield oldest

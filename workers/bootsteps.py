@@ -1,4 +1,5 @@
-"""Worker bootsteps: the registry summary in `stats` (so Flower shows it) and the metrics port."""
+"""Worker bootsteps: the registry summary in `stats` (so Flower shows it, one row per model) and
+the metrics port (the pool processes' metrics, and the depth of the queues this node consumes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from shared.records import ProcessSnapshot
 from shared.settings import get_settings
 from shared.state import fleet_summary, read_snapshots
 from shared.urls import redact, redis_client
@@ -14,26 +16,53 @@ from shared.urls import redact, redis_client
 log = logging.getLogger("modelworkers.worker")
 
 
-def node_registry(node: str) -> dict[str, Any]:
-    """This node's pool processes and their models, compact, from the registry in Redis (the
-    JSON that Celery's ``stats`` reply carries)."""
+STATS_KEY = "model_registry"
+
+
+def node_snapshots(node: str) -> list[ProcessSnapshot]:
     settings = get_settings()
-    snaps = [
+    return [
         s for s in read_snapshots(redis_client(settings), settings.key_prefix) if s.node == node
     ]
+
+
+def model_rows(snaps: list[ProcessSnapshot]) -> dict[str, str]:
+    """One readable line per model of a node, for ``stats`` (Flower's worker page shows each
+    top-level entry of ``stats`` as a row of its own, and a dict as one string):
+
+        model_registry            READY: 2/2 processes ready, 5 models
+        model_registry.sentiment  READY 2/2 v1.0.0 calls 42 errors 0
+        model_registry.ghost      FAILED 0/2 v1.0.0 calls 0 errors 0 (FAILED in 2: ArtifactError...)
+    """
     summary = fleet_summary(snaps)
-    models = {}
-    for name, agg in summary.models.items():
-        versions = ", ".join(f"{v} x{n}" for v, n in sorted(agg.versions.items()))
-        models[name] = f"READY in {agg.ready_in}/{len(snaps)} ({versions})" + (
-            f", FAILED in {agg.failed_in}" if agg.failed_in else ""
-        )
-    return {
-        "ready": summary.ready,
-        "processes": len(snaps),
-        "models": models,
-        "not_ready": [p.model_dump(mode="json") for p in summary.not_ready],
+    total = len(snaps)
+    state = "READY" if summary.ready else "NOT READY"
+    rows = {
+        STATS_KEY: f"{state}: {summary.ready_processes}/{total} processes ready, "
+        f"{len(summary.models)} models"
     }
+    for name in sorted(summary.models):
+        agg = summary.models[name]
+        metas = [s.models[name] for s in snaps if name in s.models]
+        statuses = {m.status for m in metas}
+        status = statuses.pop() if len(statuses) == 1 else "MIXED"
+        versions = sorted(agg.versions) or sorted({m.version for m in metas})
+        calls = sum(sum(v.calls for v in m.versions.values()) or m.calls for m in metas)
+        errors = sum(sum(v.failures for v in m.versions.values()) or m.failures for m in metas)
+        row = (
+            f"{status} {agg.ready_in}/{total} "
+            + " ".join(f"v{v}" for v in versions)
+            + f" calls {calls} errors {errors}"
+        )
+        if agg.failed_in:
+            error = next((m.error for m in metas if m.error), None)
+            row += f" (FAILED in {agg.failed_in}" + (f": {error[:200]}" if error else "") + ")"
+        if not agg.required:
+            row += " optional"
+        rows[f"{STATS_KEY}.{name}"] = row
+    for problem in summary.not_ready:
+        rows[f"{STATS_KEY}.not_ready.{problem.pid}"] = "; ".join(problem.reasons) or "not ready"
+    return rows
 
 
 class RegistryStats(bootsteps.StartStopStep):
@@ -47,14 +76,15 @@ class RegistryStats(bootsteps.StartStopStep):
         self.server: Any = None
 
     def start(self, worker: Any) -> None:
-        port = get_settings().metrics_port
+        settings = get_settings()
+        port = settings.metrics_port
         if port and self.server is None:
             from shared import metrics
 
             if not metrics.enabled():
                 log.warning("METRICS_PORT is set but metrics were not enabled at start")
                 return
-            self.server = metrics.serve(port)
+            self.server = metrics.serve(port, collectors=[queue_collector(worker)])
             log.info("Prometheus metrics of every pool process on :%d/metrics", port)
 
     def stop(self, worker: Any) -> None:
@@ -69,7 +99,27 @@ class RegistryStats(bootsteps.StartStopStep):
         if batcher is not None:  # prefork batching (workers/poolbatch.py)
             info["pool_batching"] = batcher.stats()
         try:
-            info["model_registry"] = node_registry(worker.hostname)
+            info.update(model_rows(node_snapshots(worker.hostname)))
         except Exception as exc:
-            info["model_registry"] = {"error": redact(str(exc))}
+            info[STATS_KEY] = f"cannot read the registry: {redact(str(exc))}"
         return info
+
+
+def queue_collector(worker: Any) -> Any:
+    """The depth of the queues this node consumes, read from the broker on each scrape with a
+    short timeout (a scrape never waits long on Redis, nor fails because of it)."""
+    from shared.metrics import PRIORITY_STEPS, QueueCollector
+
+    settings = get_settings()
+    try:
+        queues = set(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+    except AttributeError:
+        queues = {settings.task_queue}
+    options = worker.app.conf.broker_transport_options or {}
+    return QueueCollector(
+        redis_client(settings, socket_timeout=1, socket_connect_timeout=1),
+        queues or {settings.task_queue},
+        settings.key_prefix,
+        priority_steps=options.get("priority_steps", PRIORITY_STEPS),
+        global_keyprefix=options.get("global_keyprefix", ""),
+    )

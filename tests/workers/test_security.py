@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for, write_manifest
-from workers.cli import flower_command
+from workers.cli import flower_command, flower_env
 from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration
@@ -74,9 +74,9 @@ def test_password_redis_works_for_worker_cli_and_flower_and_never_leaks(
     port = free_port()
     log = (worker_logs / "flower-secure.log").open("wb")
     flower = subprocess.Popen(
-        flower_command(port, "ops:flower-pw"),
+        flower_command(port),
         cwd=ROOT,
-        env=worker.env,
+        env=flower_env(worker.env, "ops:flower-pw"),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
