@@ -489,6 +489,8 @@ class GuardedConsumer(Consumer):
                 return self.refuse(message, exc)
             except Exception as exc:  # a check that met something unforeseen
                 return self.refuse(message, Refused("bad_message", f"{type(exc).__name__}: {exc}"))
+            if self.already_succeeded(message):
+                return None
             try:
                 dispatch(message)
             except connection_errors:
@@ -504,6 +506,25 @@ class GuardedConsumer(Consumer):
             return None
 
         return on_task_received
+
+    def already_succeeded(self, message: Any) -> bool:
+        """A redelivered task whose result is already stored as SUCCESS (it ran to the end, then
+        its pool process died before the acknowledgement, e.g. in the middle of a pool batch):
+        acknowledged without running it again. Only redelivered messages cost the lookup."""
+        if not message.delivery_info.get("redelivered"):
+            return False
+        name, task_id = task_identity(message.headers)
+        if task_id is None:
+            return False
+        try:
+            done: bool = self.app.backend.get_task_meta(task_id).get("status") == "SUCCESS"
+        except Exception as exc:  # cannot tell: run it (at-least-once)
+            log.warning("could not read the result of redelivered %s[%s]: %s", name, task_id, exc)
+            return False
+        if done:
+            log.info("Task %s[%s] redelivered after it had succeeded: acknowledged", name, task_id)
+            message.ack_log_error(log, self.connection_errors)
+        return done
 
     def refuse(self, message: Any, exc: Refused) -> None:
         """End this one message: FAILURE stored (when its id is usable), acknowledged, logged."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,5 +149,43 @@ def test_a_pool_process_killed_mid_batch_loses_none_of_its_requests(
         snapshots = worker.wait_ready(2)
         assert batch["pid"] not in {s["pid"] for s in snapshots}
         assert "SIGKILL" in worker.log()
+    finally:
+        close_app(app)
+
+
+def test_a_redelivered_task_that_already_succeeded_is_acknowledged_without_running_again(
+    start_worker: Start, tmp_path: Path
+) -> None:
+    """Its pool process died after it stored its result and before the acknowledgement (as the
+    requests of a batch whose process dies late can): the redelivery must not run it again."""
+    from tests.reliability.hostile import body, envelope, push, task_headers
+
+    worker = start_recording_worker(start_worker, tmp_path, delay=0.0)
+    app = worker.app()
+    try:
+        done_id, fresh_id = str(uuid.uuid4()), str(uuid.uuid4())
+        app.backend.store_result(done_id, {"label": "stored before"}, "SUCCESS")
+        for task_id, text in ((done_id, "text done good"), (fresh_id, "text fresh good")):
+            raw = json.loads(
+                envelope(
+                    body([text]),
+                    task_headers("sentiment.analyze", task_id, redelivered=True),
+                    worker.queue,
+                )
+            )
+            raw["properties"]["delivery_info"]["redelivered"] = True
+            push(worker.client, worker.queue, json.dumps(raw).encode())
+        assert app.AsyncResult(fresh_id).get(timeout=30)["label"] == "positive"
+        assert app.AsyncResult(done_id).get(timeout=5) == {"label": "stored before"}
+        texts = [t for c in calls(tmp_path) for t in c["texts"]]
+        assert "text fresh good" in texts and "text done good" not in texts
+        log = worker.log()
+        assert f"Task sentiment.analyze[{done_id}] redelivered after it had succeeded" in log
+        assert f"sentiment.analyze[{done_id}] received" not in log
+        wait_for(
+            lambda: worker.client.llen(worker.queue) == 0 and not worker.client.hlen("unacked"),
+            10,
+            "nothing left unacknowledged",
+        )
     finally:
         close_app(app)
