@@ -251,6 +251,7 @@ class ServingProcess:
             option_defaults={
                 "pad_ratio": settings.batch_pad_ratio,
                 "small_forward_mflop": settings.torch_small_forward_mflop,
+                "backend": settings.transformers_backend,
             },
             batching=BatchPolicy(
                 max_size=settings.batch_max_size,
