@@ -6,8 +6,9 @@ a session on it with the serving process's threads.
 onnxscript; opset 17, dynamic batch and sequence axes, inputs ``input_ids``,
 ``attention_mask`` and ``token_type_ids`` when the model takes them, output ``logits``), then
 runs the file with ONNX Runtime beside torch and refuses it if a logit differs by more than
-``atol``. It needs torch, transformers and the ``onnx`` package; serving needs only
-``onnxruntime``. Nothing is imported until a function is called.
+``atol``. It needs torch, transformers and the ``onnx`` package; serving needs
+``onnxruntime`` (and ``onnx`` to share the weights among pool processes, ``weights``). Nothing
+is imported until a function is called.
 """
 
 from __future__ import annotations
@@ -55,9 +56,31 @@ def onnxruntime_error() -> str | None:
     return None
 
 
-def session(path: Path, threads: int) -> Any:
+def weights(path: Path) -> dict[str, Any]:
+    """The graph's initializers (its weights) of ``path`` as ONNX Runtime values, to give every
+    session made from the file (``session(..., shared=)``): read once in the copy-on-write
+    parent, they are shared by every pool process instead of copied into each one's session.
+    {} when the ``onnx`` package (which reads the file) is not installed: each session then
+    holds its own copy."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return {}
+    import onnxruntime as ort
+
+    graph = onnx.load(str(path)).graph
+    return {
+        tensor.name: ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor))
+        for tensor in graph.initializer
+    }
+
+
+def session(path: Path, threads: int, shared: dict[str, Any] | None = None) -> Any:
     """An ONNX Runtime CPU session on ``path``: ``threads`` intra-op threads (the serving
-    process's budget), one inter-op thread, nodes run one after the other.
+    process's budget), one inter-op thread, nodes run one after the other. ``shared``: its
+    weights (``weights(path)``), used in place (no pre-packed copies of them); the values must
+    outlive the session. No memory arena: what a forward pass allocates goes back after it.
 
     Create it in the process that runs it: ORT's thread pools do not survive fork."""
     import onnxruntime as ort
@@ -67,7 +90,12 @@ def session(path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # errors only: its warnings are about graph fusions
+    if shared:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in shared.items():
+            options.add_initializer(name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from shared.batching import pad_groups
 from shared.errors import ArtifactError, ManifestError
 from shared.families.text import TextClassifier
-from shared.families.transformers_onnx import ONNX_FILE, onnxruntime_error, session
+from shared.families.transformers_onnx import ONNX_FILE, onnxruntime_error, session, weights
 from shared.manifest import verify_artifact
 
 # Labels a 2- or 3-class checkpoint may use, mapped onto the contract's labels.
@@ -83,6 +83,7 @@ class TransformersSentiment(TextClassifier):
     _tokenizer: Any = None
     _session: Any = None
     _session_pid: int | None = None
+    _weights: dict[str, Any] | None = None
     backend = "torch"
     family = "transformers"
     uses_device = True
@@ -162,6 +163,8 @@ class TransformersSentiment(TextClassifier):
         self._np = numpy
         self._onnx_path = folder / ONNX_FILE
         self._session_lock = threading.Lock()
+        # read once: in the copy-on-write parent, shared by the sessions of every pool process
+        self._weights = weights(self._onnx_path)
         self._ort()  # opened here, so that a file ONNX Runtime refuses fails the load
         self.small_forward_mflop = 0.0  # a torch thread switch: not for ONNX Runtime
         self.flop_per_token = 0
@@ -179,7 +182,7 @@ class TransformersSentiment(TextClassifier):
                 self._inherited_session = self._session
                 self._session = None
             if self._session is None:
-                opened = session(self._onnx_path, self.context.threads)
+                opened = session(self._onnx_path, self.context.threads, self._weights)
                 self._onnx_inputs = [i.name for i in opened.get_inputs()]
                 self._session, self._session_pid = opened, os.getpid()
             return self._session
@@ -302,8 +305,11 @@ class TransformersSentiment(TextClassifier):
         return [(self.labels[i], float(s)) for i, s in pairs]
 
     def memory_bytes(self) -> int | None:
-        """Weights and buffers of the network (the tokenizer's few MiB are not counted); None
-        on ONNX Runtime, whose session's size the registry measures as the process's growth."""
+        """Weights and buffers of the network (the tokenizer's few MiB are not counted); on
+        ONNX Runtime its weights, or None when its session holds them (the registry then
+        measures the process's growth)."""
+        if self.backend == "onnx" and self._weights:
+            return int(sum(v.numpy().nbytes for v in self._weights.values()))
         if self._model is None:
             return None
         tensors = [*self._model.parameters(), *self._model.buffers()]
@@ -315,6 +321,7 @@ class TransformersSentiment(TextClassifier):
         self._tokenizer = None
         if self._session_pid == os.getpid():
             self._session = None
+        self._weights = None  # after the session: it used them
         if model is not None and self.device.startswith("cuda"):
             del model
             self._torch.cuda.empty_cache()
