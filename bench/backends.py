@@ -2,7 +2,8 @@
 
 Speed, in this process, no worker: the family's own ``classify`` (tokenizer, length-sorted passes,
 softmax) on bench.data.texts() (512 English sentences), one text per call (p50, 1 thread) and
-batches of 32 (texts/s, 1 and 2 threads). Each figure is the median of ``--rounds`` rounds,
+batches of 32 (texts/s, 1 and 2 threads); ONNX Runtime with shared weights (the default) and
+with option onnx_prepack. Each figure is the median of ``--rounds`` rounds,
 backends alternating; a round first waits (up to 10 s) for the rest of the machine to be quiet
 and runs again (up to 3 times) while other processes used more than 0.3 of a core; the most
 they used during a kept round is reported (``foreign_cores``).
@@ -55,7 +56,7 @@ def loaded(folder: Path, backend: str, threads: int) -> Any:
     from shared.families.transformers_sentiment import TransformersSentiment
     from shared.manifest import ModelSpec, artifact_sha256
 
-    options = {"backend": backend, "max_length": 128}
+    options = {"backend": backend.split("+")[0], "onnx_prepack": backend.endswith("+prepack")}
     spec = ModelSpec(name="bench", family="transformers", path=folder.name, options=options)
     spec = spec.model_copy(update={"sha256": artifact_sha256(folder), "location": str(folder)})
     torch.set_num_threads(threads)  # what a serving process does with its thread budget
@@ -83,7 +84,7 @@ def speed(folder: Path, rounds: int) -> dict[str, Any]:
         return len(corpus) / (time.perf_counter() - t0)
 
     for threads in (1, 2):
-        models = {b: loaded(folder, b, threads) for b in ("torch", "onnx")}
+        models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
         runs: dict[str, dict[str, list[float]]] = {b: {} for b in models}
         for _ in range(rounds):
             for backend, model in models.items():

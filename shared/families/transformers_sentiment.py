@@ -76,7 +76,9 @@ class TransformersSentiment(TextClassifier):
     ONNX Runtime on the folder's ``model.onnx`` (CPU only; ``auto``: ONNX Runtime on a CPU when
     the file exists and onnxruntime imports). An ONNX Runtime session has the process's thread
     budget as intra-op threads and is created in the process that runs it: the copy-on-write
-    parent drops its own before fork (``before_fork``), and a pool process opens its own.
+    parent drops its own before fork (``before_fork``), and a pool process opens its own. The
+    sessions share the weights read at load (copy-on-write across pool processes) unless option
+    ``onnx_prepack`` is true: each session then pre-packs a copy of its own.
     """
 
     _model: Any = None
@@ -163,8 +165,10 @@ class TransformersSentiment(TextClassifier):
         self._np = numpy
         self._onnx_path = folder / ONNX_FILE
         self._session_lock = threading.Lock()
-        # read once: in the copy-on-write parent, shared by the sessions of every pool process
-        self._weights = weights(self._onnx_path)
+        # read once: in the copy-on-write parent, shared by the sessions of every pool process;
+        # option onnx_prepack: each session pre-packs its own copy instead (faster small passes)
+        self.prepack = bool(self.option("onnx_prepack", False))
+        self._weights = {} if self.prepack else weights(self._onnx_path)
         self._ort()  # opened here, so that a file ONNX Runtime refuses fails the load
         self.small_forward_mflop = 0.0  # a torch thread switch: not for ONNX Runtime
         self.flop_per_token = 0
@@ -335,6 +339,7 @@ class TransformersSentiment(TextClassifier):
         }
         if self.backend == "onnx":
             facts["onnx_threads"] = max(1, self.context.threads)
+            facts["onnx_shared_weights"] = bool(self._weights)
             return facts
         params = sum(p.numel() for p in self._model.parameters()) if self._model else 0
         return {**facts, "parameters": params, "small_forward_mflop": self.small_forward_mflop}

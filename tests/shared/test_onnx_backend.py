@@ -121,6 +121,10 @@ def test_describe_names_the_backend_and_its_threads(pair: tuple[Any, Any]) -> No
     assert torch_model.describe()["backend"] == "torch"
     facts = onnx_model.describe()
     assert facts["backend"] == "onnx" and facts["onnx_threads"] == 1
+    assert facts["onnx_shared_weights"] is True
+    assert onnx_model.memory_bytes() == pytest.approx(
+        (Path(onnx_model.spec.location) / ONNX_FILE).stat().st_size, rel=0.05
+    )
     assert facts["labels"] == torch_model.describe()["labels"]
 
 
@@ -136,6 +140,13 @@ def test_auto_runs_onnx_on_a_cpu_when_the_folder_has_model_onnx_else_torch(
     assert loaded(plain, "auto").backend == "torch"
     # on CUDA auto is torch whatever the folder holds (no GPU needed to decide)
     assert choose_backend("auto", "cuda", Path(spec.location)) == "torch"
+
+
+def test_onnx_prepack_gives_each_session_its_own_weights_and_the_same_answers() -> None:
+    spec = load_repository(REPOSITORY).get("sentiment")
+    shared, own = loaded(spec, "onnx"), loaded(spec, "onnx", onnx_prepack=True)
+    assert own.describe()["onnx_shared_weights"] is False and own.memory_bytes() is None
+    assert_alike(own.classify(CONTRACT + EDGES), shared.classify(CONTRACT + EDGES))
 
 
 def test_a_deployment_default_applies_unless_the_model_file_says() -> None:

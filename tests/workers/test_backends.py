@@ -58,6 +58,7 @@ def test_onnx_without_model_onnx_fails_that_version_and_the_worker_serves_the_re
         assert served["status"] == "READY"
         assert served["details"]["backend"] == "onnx"
         assert served["details"]["onnx_threads"] == threads
+        assert served["details"]["onnx_shared_weights"] is True
     log = worker.log()
     assert "model subjectivity@1.0.0 FAILED: ArtifactError: backend 'onnx' needs" in log
     assert "model sentiment@1.0.0 READY" in log and "on cpu/onnx" in log
