@@ -1,16 +1,10 @@
-"""CPU backends of the transformers models, torch vs ONNX Runtime.
+"""CPU backends of the transformers models, torch vs ONNX Runtime (docs/benchmarks.md).
 
-Speed, in this process, no worker: the family's own ``classify`` (tokenizer, length-sorted passes,
-softmax) on bench.data.texts() (512 English sentences), one text per call (p50, 1 thread) and
-batches of 32 (texts/s, 1 and 2 threads); ONNX Runtime with shared weights (the default) and
-with option onnx_prepack. Each figure is the median of ``--rounds`` rounds,
-backends alternating; a round first waits (up to 10 s) for the rest of the machine to be quiet
-and runs again (up to 3 times) while other processes used more than 0.3 of a core; the most
-they used during a kept round is reported (``foreign_cores``).
-
-Memory (``--memory``): total PSS of prefork workers of 1, 2 and 4 processes (copy-on-write
-parent, the default on a CPU) per backend, after each process served sentiment tasks; on the
-shipped repository and on a copy whose sentiment model is the MiniLM-L6 classifier.
+Speed, in this process: the family's ``classify`` on bench.data.texts(), one text per call (p50,
+1 thread) and batches of 32 (texts/s, 1 and 2 threads), ONNX Runtime with and without option
+onnx_prepack; medians of ``--rounds`` rounds, each after a quiet gate and run again while other
+processes used over 0.3 of a core (``foreign_cores``: the most they used in a kept round).
+Memory (``--memory``): bench.memory.backend_memory.
 
     .venv/bin/python -m bench.backends [--rounds 3] [--models sentiment,minilm] [--memory]
 """
