@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 from bench.context import Ctx, med, rnd
@@ -229,3 +230,86 @@ def run(ctx: Ctx) -> dict[str, Any]:
             "distinct resident = unique page frames (pagemap)",
         },
     }
+
+
+# ---- transformers backends (python -m bench.backends --memory) ---------------------------------
+def backend_pss(
+    repository: Any, backend: str, processes: int, logs: Any, redis_url: str
+) -> dict[str, Any]:
+    """Total PSS (MiB) of a prefork worker (default PRELOAD_MODE: copy-on-write on a CPU) on
+    ``repository`` with TRANSFORMERS_BACKEND=``backend``, after every pool process answered
+    sentiment tasks (bursts of single texts and batches of 32, until each served 6 calls)."""
+    from harness import WorkerProcess, close_app, wait_for
+
+    env = {"MODEL_REPOSITORY": str(repository), "TRANSFORMERS_BACKEND": backend}
+    worker = WorkerProcess(redis_url, concurrency=processes, env=env, log_dir=logs).start()
+    try:
+        snaps = worker.wait_ready(processes, timeout=300)
+        client, corpus = worker.app(), texts()
+        try:
+
+            def served() -> bool:  # bursts, so that every pool process gets some
+                sent = [
+                    client.send_task("sentiment.analyze", args=[corpus[i]])
+                    for i in range(4 * processes)
+                ] + [
+                    client.send_task("sentiment.analyze_batch", args=[corpus[i : i + 32]])
+                    for i in range(0, 64 * processes, 32)
+                ]
+                for result in sent:
+                    result.get(timeout=120)
+                time.sleep(1.2)  # a heartbeat: fresh counters
+                calls = [s["models"]["sentiment"]["calls"] for s in worker.snapshots()]
+                return len(calls) >= processes and min(calls) >= 6
+
+            wait_for(served, 600, "every pool process to serve sentiment", interval=0)
+        finally:
+            close_app(client)
+        mem = tree_memory(worker.pid)
+        children = [p for p in mem["processes"] if p["role"] == "child"]
+        return {
+            "total_pss_mib": mem["total_pss_mib"],
+            "unique_resident_mib": mem["unique_resident_mib"],
+            "main_pss_mib": next(p["pss_mib"] for p in mem["processes"] if p["role"] == "main"),
+            "child_private_mib": [p["private_mib"] for p in children],
+            "backend": {s["models"]["sentiment"]["details"]["backend"] for s in snaps}.pop(),
+        }
+    finally:
+        worker.stop()
+
+
+def backend_memory(minilm: Path) -> dict[str, Any]:
+    """backend_pss of 1, 2 and 4 processes per backend, on the shipped repository and on a
+    copy of it whose sentiment model is the MiniLM classifier (its folder ``minilm``)."""
+    import shutil
+    import tempfile
+
+    from bench.data import CACHE, ROOT
+    from shared.repository import update_sha256
+    from workers.embedded import EmbeddedRedis
+
+    repo = CACHE / "memory-minilm"  # the shipped models, sentiment = MiniLM
+    if not (repo / "sentiment" / "minilm" / "model.onnx").exists():
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.copytree(ROOT / "models", repo, ignore=shutil.ignore_patterns("cache"))
+        shutil.rmtree(repo / "sentiment")
+        shutil.copytree(minilm, repo / "sentiment" / "minilm")
+        (repo / "sentiment" / "model.toml").write_text(
+            'family = "transformers"\nrequired = false\nfallback = "textblob"\n\n'
+            '[[versions]]\nversion = "minilm"\npath = "minilm"\nsha256 = ""\n'
+        )
+        update_sha256(repo, repo / "sentiment" / "minilm")
+    from celery.result import AsyncResult
+
+    # results left for the last garbage collection would try to unsubscribe from a Redis that
+    # is gone, retrying for ever (tests/conftest.py does the same)
+    AsyncResult.__del__ = lambda self: None  # type: ignore[method-assign]
+    out: dict[str, Any] = {}
+    with EmbeddedRedis() as redis, tempfile.TemporaryDirectory() as logs:
+        for label, folder in (("shipped", ROOT / "models"), ("minilm", repo)):
+            for n in (1, 2, 4):
+                for backend in ("torch", "onnx"):
+                    key = f"{label}, {n} process(es), {backend}"
+                    out[key] = backend_pss(folder, backend, n, Path(logs), redis.url)
+                    print(key, out[key], flush=True)
+    return out

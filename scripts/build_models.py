@@ -5,9 +5,13 @@ Run from the project root::
     .venv/bin/python scripts/build_models.py                      # build everything
     .venv/bin/python scripts/build_models.py --only co2_prophet   # rebuild one
     .venv/bin/python scripts/build_models.py --only sentiment@1.1.0 --out models
+    .venv/bin/python scripts/build_models.py --onnx-only          # model.onnx, no training
 
 Each built-in model gets its folder and its ``model.toml`` (``models/NAME/model.toml``), with the
-sha256 of every artifact recomputed from disk (``shared.manifest.artifact_sha256``). The script
+sha256 of every artifact recomputed from disk (``shared.manifest.artifact_sha256``). Each
+transformers version folder also gets ``model.onnx``, exported from the trained model and
+checked against it (``shared.families.transformers_onnx.export_onnx``); ``--onnx-only`` exports
+it into the folders already built, without training again. The script
 writes only the folders of its own models: the other folders of the repository (your models)
 are never touched, listed or removed.
 
@@ -189,6 +193,24 @@ def _build_tiny_bert(
     )
     (target / "README.md").write_text(
         report.model_card(recipe.version, REBUILD_COMMAND), encoding="utf-8"
+    )
+    export_onnx_into(target, f"{name}@{recipe.version}")
+
+
+def export_onnx_into(folder: Path, key: str) -> None:
+    """Write ``folder/model.onnx`` from the transformers model in ``folder`` (checked against
+    torch by the export)."""
+    from shared.families.transformers_onnx import export_onnx
+
+    done = export_onnx(folder)
+    log.info(
+        "%s: exported %s (opset %d, inputs %s; max |logit diff| vs torch %.1e) in %.1f s",
+        key,
+        done.path.name,
+        done.opset,
+        ", ".join(done.inputs),
+        done.max_abs_diff,
+        done.seconds,
     )
 
 
@@ -536,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         "built-in models are rewritten with the sha256 of their artifacts on disk",
     )
     parser.add_argument(
+        "--onnx-only",
+        action="store_true",
+        help="no training: export model.onnx into the transformers versions already built "
+        "(all, or those of --only) and rewrite their model files",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "models", help="output folder (default: models/)"
     )
     parser.add_argument(
@@ -557,14 +585,20 @@ def main(argv: list[str] | None = None) -> int:
     targets = builders()
     chosen = select(targets, args.only)
     started = time.perf_counter()
-    for key in chosen:
-        step = time.perf_counter()
-        log.info("building %s", key)
-        targets[key](out, cache)
-        log.info("built %s in %.1f s", key, time.perf_counter() - step)
+    if args.onnx_only:
+        transformers = {m.name for m in built_in_models() if m.family == "transformers"}
+        chosen = [key for key in chosen if key.split("@")[0] in transformers]
+        for key in chosen:
+            export_onnx_into(out / key.replace("@", "/"), key)
+    else:
+        for key in chosen:
+            step = time.perf_counter()
+            log.info("building %s", key)
+            targets[key](out, cache)
+            log.info("built %s in %.1f s", key, time.perf_counter() - step)
 
     built = {key.split("@")[0] for key in chosen}
-    if not args.only:
+    if not args.only and not args.onnx_only:
         built |= {m.name for m in built_in_models()}  # textblob has nothing to build
     # the models built now, and the built-in ones already in this repository (re-hashed)
 

@@ -38,7 +38,7 @@ from shared.errors import ArtifactError, ManifestError
 
 log = logging.getLogger("modelworkers.manifest")
 
-ARTIFACT_SUFFIXES = (".joblib", ".pkl", ".pickle", ".json", ".safetensors", ".bin")
+ARTIFACT_SUFFIXES = (".joblib", ".pkl", ".pickle", ".json", ".safetensors", ".bin", ".onnx")
 
 
 class ModelSpec(BaseModel):

@@ -671,6 +671,19 @@ class ModelRegistry:
                 version.abandoned = False
                 version.in_flight = 0
 
+    def before_fork(self) -> None:
+        """In the copy-on-write parent, right before the pool forks: every loaded model drops
+        what must not cross a fork (``Model.before_fork``: ONNX Runtime sessions)."""
+        with self._lock:
+            models = [
+                v.model for e in self._entries.values() for v in e.versions.values() if v.model
+            ]
+        for model in models:
+            try:
+                model.before_fork()
+            except Exception:
+                log.exception("before_fork of %s failed", model.name)
+
     def warm_all(self, *, before_fork: bool = False) -> list[str]:
         """Run each loaded model's warm-up; returns the names warmed.
 

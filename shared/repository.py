@@ -55,7 +55,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ManifestError
-from shared.manifest import ARTIFACT_SUFFIXES, Manifest, ModelSpec, apply_overrides
+from shared.manifest import (
+    ARTIFACT_SUFFIXES,
+    Manifest,
+    ModelSpec,
+    apply_overrides,
+    artifact_sha256,
+)
 
 MODEL_FILE = "model.toml"
 SKIPPED_FOLDERS = {"cache", "__pycache__"}
@@ -255,3 +261,33 @@ def write_model_file(folder: Path, model: ModelFile, *, header: str = "") -> Pat
     path.write_text(dump_model_file(model, header=header), encoding="utf-8")
     read_model_file(folder)  # what we wrote must be what a worker reads
     return path
+
+
+def update_sha256(root: Path, artifact: Path) -> list[str]:
+    """Give every version of the repository at ``root`` whose path is ``artifact`` the
+    artifact's sha256 as it is now (after a file was added to a version's folder); returns
+    ``NAME@VERSION`` of each version updated. Only the old hash is replaced in the model file's
+    text, so its comments stay (a version listed without a hash: the file is rewritten)."""
+    target, updated = artifact.resolve(), []
+    for folder in model_folders(root):
+        try:
+            model = read_model_file(folder)
+        except ManifestError:
+            continue
+        for entry in model.versions:
+            if not entry.path or (folder / entry.path).resolve() != target:
+                continue
+            digest = artifact_sha256(target)
+            path = folder / MODEL_FILE
+            text = path.read_text(encoding="utf-8")
+            if entry.sha256 and text.count(entry.sha256) == 1:
+                path.write_text(text.replace(entry.sha256, digest), encoding="utf-8")
+                read_model_file(folder)
+            else:
+                versions = [
+                    v if v is not entry else v.model_copy(update={"sha256": digest})
+                    for v in model.versions
+                ]
+                write_model_file(folder, model.model_copy(update={"versions": versions}))
+            updated.append(f"{model.name or folder.name}@{entry.version}")
+    return updated

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         "the process has more: after a pause, waking the other threads costs more than they "
         "save on a small pass. 0: always every thread.",
     )
+    transformers_backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto",
+        description="Where transformers models run, unless their model file's option `backend` "
+        "says: auto = ONNX Runtime on a CPU when the version's folder has model.onnx and "
+        "onnxruntime imports, else torch (always torch on CUDA); onnx; torch.",
+    )
     load_timeout_seconds: float = Field(
         60.0,
         gt=0,

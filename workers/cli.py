@@ -920,6 +920,52 @@ def models_hash(path: Path = typer.Argument(..., help="An artifact: a file or a 
         raise typer.Exit(2) from None
 
 
+@models_cli.command("export-onnx")
+def models_export_onnx(
+    path: Path = typer.Argument(
+        ..., help="A transformers classifier folder (config, weights, tokenizer)."
+    ),
+    opset: int = typer.Option(17, help="The ONNX opset."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead."),
+) -> None:
+    """Export a transformers classifier folder to PATH/model.onnx for backend "onnx" (or
+    "auto"), checked against torch; a version of the repository whose path is PATH gets the
+    folder's new sha256 in its model file. Exit 1 when the export fails."""
+    from shared.errors import ManifestError
+    from shared.families.transformers_onnx import export_onnx
+    from shared.repository import update_sha256
+
+    if not (path / "config.json").is_file():
+        say(f"{path} is not a transformers model folder (no config.json)")
+        raise typer.Exit(2)
+    try:
+        done = export_onnx(path, opset=opset)
+    except Exception as exc:
+        say(f"export of {path} failed: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    try:
+        updated = update_sha256(Path(get_settings().model_repository), path)
+    except ManifestError:  # no repository here: nothing lists the folder
+        updated = []
+    if as_json:
+        print_json(
+            {
+                "path": str(done.path),
+                "inputs": list(done.inputs),
+                "opset": done.opset,
+                "max_abs_diff": done.max_abs_diff,
+                "updated": updated,
+            }
+        )
+        return
+    typer.echo(
+        f"wrote {done.path} (opset {done.opset}, inputs {', '.join(done.inputs)}; "
+        f"largest logit difference from torch {done.max_abs_diff:.1e})"
+    )
+    for key in updated:
+        typer.echo(f"updated the sha256 of {key} in its model file")
+
+
 def _option_value(text: str) -> Any:
     try:
         return json.loads(text)

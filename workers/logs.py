@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from shared.records import ProcessSnapshot
 from shared.registry import ModelMetadata, ModelState
@@ -39,6 +40,12 @@ def drop_early_handler() -> None:
         _early = None
 
 
+def runs_on(device: str, details: dict[str, Any]) -> str:
+    """``cpu``, or ``cpu/onnx`` where the family names the runtime it chose (``backend``)."""
+    backend = details.get("backend")
+    return f"{device}/{backend}" if backend else device
+
+
 def log_model_event(meta: ModelMetadata) -> None:
     """Registry listener: one line per model state change."""
     pid = os.getpid()
@@ -50,7 +57,7 @@ def log_model_event(meta: ModelMetadata) -> None:
             "model %s READY in %.2f s on %s (%+.1f MB) [pid %d]",
             name,
             meta.load_seconds or 0.0,
-            meta.device,
+            runs_on(meta.device, meta.details),
             meta.memory_delta_mb or 0.0,
             pid,
         )
@@ -70,7 +77,9 @@ def summary_table(snapshot: ProcessSnapshot) -> str:
     for name, m in snapshot.models.items():
         note = m.error or ("lazy" if m.lazy and m.status == "UNLOADED" else "")
         load = f"{m.load_seconds:.2f}" if m.load_seconds is not None else "-"
-        rows.append((name, m.family, m.version, m.status, load, m.device, note[:60]))
+        rows.append(
+            (name, m.family, m.version, m.status, load, runs_on(m.device, m.details), note[:60])
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     state = "READY" if snapshot.ready else "NOT READY: " + "; ".join(snapshot.not_ready_reasons)

@@ -155,6 +155,7 @@ class ServingProcess:
         metrics.mark_process_dead(os.getpid())  # the children report these models, not the parent
         t0 = time.perf_counter()
         warmed = registry.warm_all(before_fork=True) if self.settings.warm_before_fork else []
+        registry.before_fork()  # ONNX Runtime sessions: each pool process opens its own
         gc.collect()
         gc.freeze()  # keep object headers of the shared models from being copied on refcount writes
         log.info(
@@ -265,6 +266,7 @@ class ServingProcess:
             option_defaults={
                 "pad_ratio": settings.batch_pad_ratio,
                 "small_forward_mflop": settings.torch_small_forward_mflop,
+                "backend": settings.transformers_backend,
             },
             batching=BatchPolicy(
                 max_size=settings.batch_max_size,

@@ -9,6 +9,7 @@ Life of an instance, all in the serving process that owns it::
     model.warmup()                   # once, before the process says READY
     model.validate(inputs)           # per request, before the model is called
     model.predict(inputs)            # per request (or predict_batch for several at once)
+    model.before_fork()              # copy-on-write parent only: drop what cannot cross a fork
     model.unload()                   # on reload (the old instance), unload, shutdown
 
 What a family may rely on:
@@ -130,6 +131,11 @@ class Model:
         """The loaded model's memory, if the family can tell exactly (e.g. its tensors); None:
         the registry measures the process's growth over the load instead."""
         return None
+
+    def before_fork(self) -> None:
+        """Drop what must not cross a fork (a runtime's thread pool or session): called in the
+        copy-on-write parent after its loads; the pool process opens its own on first use
+        (its warm-up runs before it serves)."""
 
     def unload(self) -> None:
         """Drop references to the model so that its memory can be freed."""

@@ -16,17 +16,24 @@ def specs() -> dict[str, ModelSpec]:
     return {s.name: s for s in load_repository(REPOSITORY).active()}
 
 
-def loaded(spec: ModelSpec):  # type: ignore[no-untyped-def]
+def loaded(spec: ModelSpec, backend: str | None = None):  # type: ignore[no-untyped-def]
+    """``backend``: the transformers option (torch or onnx); None: as the model file says."""
+    if backend is not None:
+        spec = spec.model_copy(update={"options": {**spec.options, "backend": backend}})
     model = family_class(spec.family)(spec, device="cpu")
     model.load()
     return model
 
 
-def test_transformers_family_equals_the_transformers_pipeline(specs: dict[str, ModelSpec]) -> None:
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_transformers_family_equals_the_transformers_pipeline(
+    specs: dict[str, ModelSpec], backend: str
+) -> None:
     from transformers import pipeline
 
     spec = specs["sentiment"]
-    model = loaded(spec)
+    model = loaded(spec, backend)
+    assert model.backend == backend
     pipe = pipeline("text-classification", model=spec.location, tokenizer=spec.location)
     texts = ["a joyous, beautiful film", "boring and far too long", "ok"]
     for (label, score), want in zip(model.classify(texts), pipe(texts), strict=True):
@@ -41,7 +48,7 @@ def test_small_forward_passes_run_on_one_torch_thread(specs: dict[str, ModelSpec
     0 turns it off."""
     import torch
 
-    model = loaded(specs["sentiment"])
+    model = loaded(specs["sentiment"], "torch")
     seen: list[int] = []
     hook = model._model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
@@ -75,12 +82,13 @@ def test_small_forward_passes_run_on_one_torch_thread(specs: dict[str, ModelSpec
         model.unload()
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_length_sorted_forward_passes_answer_like_one_padded_batch(
-    specs: dict[str, ModelSpec],
+    specs: dict[str, ModelSpec], backend: str
 ) -> None:
     """BATCH_PAD_RATIO splits a mixed-length batch into tighter forward passes (CPU); the
     answers, in the caller's order, are those of one padded pass and of one text at a time."""
-    model = loaded(specs["sentiment"])
+    model = loaded(specs["sentiment"], backend)
     texts = [
         "ok",
         "an utterly wonderful, moving and beautifully acted film that I would watch again " * 3,
@@ -138,18 +146,20 @@ def test_forecasters_continue_their_series(specs: dict[str, ModelSpec], name: st
     assert model.forecast(4) == out  # deterministic: same call, same answer
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_forward_passes_run_side_by_side_in_threads_each_on_its_own_torch_threads(
-    specs: dict[str, ModelSpec],
+    specs: dict[str, ModelSpec], backend: str
 ) -> None:
     """The threads pool's lanes: classify from two threads at once answers as one at a time
-    does, and torch threads set in one thread (a lane's) leave the others' count alone (OpenMP
-    keeps it per calling thread, which the lanes rely on)."""
+    does (on ONNX Runtime: two runs of one session at once), and torch threads set in one
+    thread (a lane's) leave the others' count alone (OpenMP keeps it per calling thread, which
+    the lanes rely on)."""
     import os
     import threading
 
     import torch
 
-    model = loaded(specs["sentiment"])
+    model = loaded(specs["sentiment"], backend)
     texts = [f"{w} film, {'great' if i % 2 else 'awful'} acting" for i, w in enumerate("abcdefgh")]
     alone = model.classify(texts)
     before = torch.get_num_threads()

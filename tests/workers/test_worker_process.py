@@ -175,15 +175,19 @@ def test_a_pickled_message_is_refused_and_never_run(serving_worker: WorkerProces
     close_app(client)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
-    start_worker: Start,
+    start_worker: Start, backend: str
 ) -> None:
+    """On either backend of the transformers models (TRANSFORMERS_BACKEND): torch computes
+    after fork without hanging; ONNX Runtime's sessions, dropped by the parent, are opened
+    again in each child."""
     from transformers import pipeline
 
-    worker = start_worker(
-        concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY), "PRELOAD_MODE": "parent"}
-    )
+    env = {"PRELOAD_MODE": "parent", "TRANSFORMERS_BACKEND": backend}
+    worker = start_worker(concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY), **env})
     snaps = worker.wait_ready(2)
+    assert {s["models"]["sentiment"]["details"]["backend"] for s in snaps} == {backend}
     assert "models loaded in the parent (copy-on-write mode)" in worker.log()
     loaded = {s["pid"]: s["models"]["sentiment"]["loaded_at"] for s in snaps}
     assert len(set(loaded.values())) == 1  # one load, inherited by both children
@@ -192,7 +196,7 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
     pipe = pipeline("text-classification", model=spec.location, tokenizer=spec.location)
     client = worker.app()
     for text in ["a wonderful, moving film", "a dull and tiresome mess"]:
-        # children run torch after fork without hanging, and answer like the library
+        # children run their backend after fork without hanging, and answer like the library
         got = client.send_task("sentiment.analyze", args=[text]).get(timeout=30)
         want = pipe(text)[0]
         assert got["label"] == want["label"].lower()
