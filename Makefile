@@ -30,7 +30,7 @@ EXTRAS_run   = embedded
 EXTRAS_test  = embedded,flower,dev,tracing
 EXTRAS_bench = embedded,bench
 
-.PHONY: install install-dev run up test test-unit lint bench bench-quick models clean
+.PHONY: install install-dev run up test test-unit lint bench bench-quick chaos models clean
 
 # A virtual environment from a supported Python.
 $(BIN)/python:
@@ -118,6 +118,9 @@ bench: $(STAMP)-bench
 
 bench-quick: $(STAMP)-bench
 	$(BIN)/python -m bench.run --quick
+
+chaos: install-dev    ## every fault at once under a mixed load (about 5 minutes); exit 1 if a task is lost
+	$(BIN)/python -m harness.chaos
 
 models: install-dev   ## rebuild every model artifact and the manifest from packaged data
 	$(BIN)/python scripts/build_models.py

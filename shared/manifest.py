@@ -159,6 +159,20 @@ def verify_artifact(spec: ModelSpec) -> Path:
     return path
 
 
+def read_joblib(spec: ModelSpec, path: Path) -> Any:
+    """``joblib.load`` of a verified artifact; one that does not unpickle raises ArtifactError
+    naming the model and the file (the library's own error is often a bare IndexError)."""
+    import joblib
+
+    try:
+        return joblib.load(path)
+    except Exception as exc:
+        raise ArtifactError(
+            f"model {spec.name!r}: {spec.path} could not be read as a joblib artifact "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def load_manifest(
     path: Path, *, overrides: dict[str, str] | None = None, default_version: str = "1.0.0"
 ) -> Manifest:

@@ -7,7 +7,7 @@ from typing import Any
 
 from shared import schemas
 from shared.families.base import Model
-from shared.manifest import verify_artifact
+from shared.manifest import read_joblib, verify_artifact
 
 ALPHA = 0.2  # 80% interval, as Prophet's default interval_width
 
@@ -42,10 +42,8 @@ class ArimaForecaster(Model):
         import statsmodels.tsa.arima.model  # noqa: F401
 
     def load(self) -> None:
-        import joblib
-
         path = verify_artifact(self.spec)  # never unpickle an unverified file
-        self._results = joblib.load(path)
+        self._results = read_joblib(self.spec, path)
 
     def warmup(self) -> None:
         self.forecast(1)

@@ -6,7 +6,7 @@ from typing import Any
 
 from shared import schemas
 from shared.families.base import Model
-from shared.manifest import verify_artifact
+from shared.manifest import read_joblib, verify_artifact
 
 
 class SklearnPipeline(Model):
@@ -25,14 +25,13 @@ class SklearnPipeline(Model):
     def load(self) -> None:
         import warnings
 
-        import joblib
         import numpy as np
 
         # Pipelines fitted on a DataFrame warn on every plain-array call; rows are positional.
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
 
         path = verify_artifact(self.spec)  # never unpickle an unverified file
-        self._estimator = joblib.load(path)
+        self._estimator = read_joblib(self.spec, path)
         self._np = np
         self.n_features = int(getattr(self._estimator, "n_features_in_", 0)) or len(
             self.spec.options.get("features", [])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from shared.errors import ArtifactError
 from shared.families import family_class
 from shared.families.textblob_sentiment import polarity_to_label
-from shared.manifest import ModelSpec
+from shared.manifest import ModelSpec, artifact_sha256
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
 
@@ -191,3 +194,22 @@ def test_forward_passes_run_side_by_side_in_threads_each_on_its_own_torch_thread
     finally:
         torch.set_num_threads(before)
         model.unload()
+
+
+@pytest.mark.parametrize("family", ["sklearn", "arima"])
+def test_an_artifact_that_does_not_unpickle_fails_naming_the_model_and_file(
+    tmp_path: Path, family: str
+) -> None:
+    """Its hash matches (it is the file the model file lists), its content is not a model."""
+    artifact = tmp_path / "2.0.0.joblib"
+    artifact.write_bytes(b"this is not a joblib file")
+    spec = ModelSpec(
+        name="broken",
+        family=family,
+        path=artifact.name,
+        sha256=artifact_sha256(artifact),
+        location=str(artifact),
+    )
+    model = family_class(family)(spec)
+    with pytest.raises(ArtifactError, match=r"'broken': 2\.0\.0\.joblib could not be read as a"):
+        model.load()
