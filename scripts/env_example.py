@@ -9,12 +9,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.settings import PROJECT_ROOT, Settings  # noqa: E402
+from shared.settings import ENV_PREFIX, PROJECT_ROOT, Settings  # noqa: E402
 
 
 def main() -> None:
     lines = [
-        "# Every setting of modelworkers (shared/settings.py), with its default.",
+        "# Every setting of modelworkers (shared/settings.py), with its default. Each name is",
+        "# MODELWORKERS_ + the setting; the name without the prefix is still read, with a",
+        "# deprecation warning, for one release.",
         "# Copy to .env and edit; environment variables override .env. Empty = unset.",
         "# Regenerate: .venv/bin/python scripts/env_example.py",
         "",
@@ -26,7 +28,7 @@ def main() -> None:
         elif isinstance(default, Path):
             default = default.relative_to(PROJECT_ROOT) if default.is_absolute() else default
         lines += [f"# {line}" for line in textwrap.wrap(field.description or "", 96)]
-        lines += [f"{name.upper()}={default}", ""]
+        lines += [f"{ENV_PREFIX}{name.upper()}={default}", ""]
     (ROOT / ".env.example").write_text("\n".join(lines))
 
 

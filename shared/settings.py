@@ -7,14 +7,22 @@ from the environment; ``Settings.ensure_dirs`` sets the few variables the ML lib
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # TRACING's named exporters; anything else is a module:callable that returns a SpanExporter
@@ -22,16 +30,98 @@ TRACING_EXPORTERS = ("otlp", "otlp-grpc", "console")
 TRACING_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
+ENV_PREFIX = "MODELWORKERS_"
+log = logging.getLogger("modelworkers.settings")
+
+
+class LegacyNames(PydanticBaseSettingsSource):
+    """The settings' names before ``MODELWORKERS_`` (``REDIS_URL`` for
+    ``MODELWORKERS_REDIS_URL``), from the environment and ``.env``: still read for one release,
+    below the new names, each with a deprecation warning."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        config = settings_cls.model_config
+        self.sources: list[PydanticBaseSettingsSource] = [
+            EnvSettingsSource(settings_cls, env_prefix="", env_ignore_empty=True),
+            DotEnvSettingsSource(
+                settings_cls,
+                env_file=config.get("env_file"),
+                env_file_encoding=config.get("env_file_encoding"),
+                env_prefix="",
+                env_ignore_empty=True,
+            ),
+        ]
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every field at once
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for source in self.sources:  # the environment first, then .env
+            for key, value in source().items():
+                found.setdefault(key, value)
+        new = {**EnvSettingsSource(self.settings_cls)(), **_prefixed_dotenv(self.settings_cls)}
+        used = {key: value for key, value in found.items() if key not in new}
+        for key in sorted(found):
+            _warn_legacy(key, ignored=key in new)
+        return used
+
+
+def _prefixed_dotenv(settings_cls: type[BaseSettings]) -> dict[str, Any]:
+    config = settings_cls.model_config
+    return DotEnvSettingsSource(
+        settings_cls,
+        env_file=config.get("env_file"),
+        env_file_encoding=config.get("env_file_encoding"),
+    )()
+
+
+@cache
+def _warn_legacy(field_name: str, ignored: bool = False) -> None:
+    old, new = field_name.upper(), ENV_PREFIX + field_name.upper()
+    if ignored:
+        log.warning("setting %s is ignored: %s is set (the old name is deprecated)", old, new)
+    else:
+        log.warning(
+            "setting %s is deprecated: use %s (the old name is read until the next release)",
+            old,
+            new,
+        )
+
+
 class Settings(BaseSettings):
-    """modelworkers settings; each field is the environment variable of its name, upper-cased."""
+    """modelworkers settings; each field is the environment variable ``MODELWORKERS_`` + its
+    name, upper-cased (the name without the prefix is still read, with a warning, for one
+    release)."""
 
     model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
         env_file=".env",
         env_file_encoding="utf-8",
         env_ignore_empty=True,
         extra="ignore",
         protected_namespaces=(),
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Highest first: arguments, MODELWORKERS_* from the environment, then from .env, then
+        the old names (LegacyNames), then secrets files."""
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            LegacyNames(settings_cls),
+            file_secret_settings,
+        )
 
     # --- Redis / Celery -------------------------------------------------------------------
     redis_url: str | None = Field(

@@ -40,7 +40,7 @@ def test_env_example_documents_every_setting() -> None:
         for line in text.splitlines()
         if "=" in line and not line.startswith("#")
     }
-    assert names == {name.upper() for name in Settings.model_fields}
+    assert names == {"MODELWORKERS_" + name.upper() for name in Settings.model_fields}
 
 
 def test_compose_file_has_acl_redis_worker_replicas_with_health_checks_and_flower_auth() -> None:

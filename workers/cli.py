@@ -26,7 +26,7 @@ from rich.text import Text
 
 from shared.queues import QueueStats, queue_stats
 from shared.records import ProcessSnapshot
-from shared.settings import Settings, get_settings
+from shared.settings import ENV_PREFIX, Settings, get_settings
 from shared.state import fleet_summary, read_snapshots
 from shared.urls import redact, redis_client, redis_connection_url
 from workers.embedded import EmbeddedRedis
@@ -104,9 +104,11 @@ def child_env(settings: Settings) -> dict[str, str]:
     command decided (an embedded Redis's URL, the demo's prefix and queue)."""
     env = dict(os.environ)
     if settings.redis_url:
-        env["REDIS_URL"] = settings.redis_url
-    env["KEY_PREFIX"] = settings.key_prefix
-    env["TASK_QUEUE"] = settings.task_queue
+        env[ENV_PREFIX + "REDIS_URL"] = settings.redis_url
+    env[ENV_PREFIX + "KEY_PREFIX"] = settings.key_prefix
+    env[ENV_PREFIX + "TASK_QUEUE"] = settings.task_queue
+    for name in ("REDIS_URL", "KEY_PREFIX", "TASK_QUEUE"):
+        env.pop(name, None)  # read already (with its warning); the children get the new names
     return env
 
 
