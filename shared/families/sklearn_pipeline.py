@@ -60,11 +60,54 @@ class SklearnPipeline(Model):
     def example(self) -> Any:
         return [[0.0] * self.n_features] if self.n_features else None
 
+    def memory_bytes(self) -> int | None:
+        """The fitted estimator's size: its arrays and Python objects, counted once each (a
+        measure that other threads' allocations during the load cannot skew). None, so the
+        registry measures the load's growth instead, for a graph too large to walk."""
+        return None if self._estimator is None else deep_size(self._estimator)
+
     def unload(self) -> None:
         self._estimator = None
 
     def describe(self) -> dict[str, Any]:
         return {"n_features": self.n_features, "features": self.features}
+
+
+def deep_size(root: Any, limit: int = 200_000) -> int | None:
+    """Bytes held by ``root``: numpy arrays by their buffers (a view counts its base once), other
+    objects by ``sys.getsizeof`` and their contents; None past ``limit`` objects."""
+    import sys
+    import types
+
+    import numpy as np
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    seen: set[int] = set()
+    stack, total = [root], 0
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, np.ndarray):
+            while isinstance(obj.base, np.ndarray):
+                obj = obj.base
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if len(seen) > limit:
+            return None
+        if isinstance(obj, np.ndarray):
+            total += obj.nbytes + sys.getsizeof(np.empty(0))
+            if obj.dtype == object:
+                stack.extend(obj.ravel().tolist())
+            continue
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.append(vars(obj))
+    return total
 
 
 def fit_kmeans(rows: list[list[float]], n_clusters: int, *, seed: int = 0) -> dict[str, Any]:

@@ -213,3 +213,15 @@ def test_an_artifact_that_does_not_unpickle_fails_naming_the_model_and_file(
     model = family_class(family)(spec)
     with pytest.raises(ArtifactError, match=r"'broken': 2\.0\.0\.joblib could not be read as a"):
         model.load()
+
+
+def test_sklearn_deep_size_counts_each_buffer_once_and_gives_up_on_huge_graphs() -> None:
+    import numpy as np
+
+    from shared.families.sklearn_pipeline import deep_size
+
+    x = np.zeros((1000, 8))
+    shared_view = {"a": x, "b": x[10:], "c": [x.T, "label"]}
+    size = deep_size(shared_view)
+    assert size is not None and x.nbytes <= size < x.nbytes + 4096
+    assert deep_size([[i] for i in range(50)], limit=20) is None

@@ -402,7 +402,8 @@ def test_async_calls_run_concurrently_without_blocking_the_event_loop(
     assert [(r.label, r.score, r.model) for r in results] == [
         (e.label, e.score, e.model) for e in expected
     ]
-    assert len(gaps) > 5, gaps
+    # The ticker kept its 10 ms rhythm (with room for a busy machine) for as long as the calls ran.
+    assert len(gaps) >= max(1, int(elapsed / 0.05)), (elapsed, gaps)
     print(f"20 async analyze calls in {elapsed:.2f} s; longest loop gap {max(gaps) * 1000:.0f} ms")
     assert max(gaps) < 0.2, sorted(gaps)[-5:]
 

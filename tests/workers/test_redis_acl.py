@@ -28,7 +28,7 @@ from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for, writ
 from shared.settings import Settings
 from shared.state import read_snapshots
 from shared.urls import redis_connection_url
-from workers.cli import flower_command
+from workers.cli import flower_command, flower_env
 from workers.client import ModelClient
 from workers.embedded import free_port
 
@@ -248,9 +248,9 @@ def check_the_roles(acl_redis: AclRedis, worker: WorkerProcess, worker_logs: Pat
     port = free_port()
     log = (worker_logs / "flower-acl.log").open("wb")
     flower = subprocess.Popen(
-        flower_command(port, "ops:flower-pw"),
+        flower_command(port),
         cwd=ROOT,
-        env=as_admin,
+        env=flower_env(as_admin, "ops:flower-pw"),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

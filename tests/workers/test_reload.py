@@ -26,15 +26,17 @@ Start = Callable[..., WorkerProcess]
 
 
 def versioned_manifest(folder: Path) -> Path:
-    """sentiment 1.0.0 (active), 1.1.0 (real, trained) and 9.9.9-broken (garbage weights whose
+    """sentiment 1.0.0 (active), 1.1.0 (real, trained) and 9.9.9-broken (truncated weights whose
     sha256 matches the manifest: the checksum passes, the load fails)."""
     real = load_repository(REPOSITORY)
     for version in ("1.0.0", "1.1.0"):
         shutil.copytree(real.get("sentiment", version).location, folder / f"s-{version}")
     broken = folder / "s-9.9.9-broken"
     shutil.copytree(folder / "s-1.0.0", broken)
-    weights = next(broken.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:1000])
+    weights = [*broken.glob("*.safetensors"), *broken.glob("*.onnx")]
+    assert weights, f"no weights in {broken}"
+    for file in weights:  # each backend (torch, ONNX Runtime) reads its own file
+        file.write_bytes(file.read_bytes()[:1000])
     build_kmeans(folder / "seg.joblib")
     return write_manifest(
         folder,
