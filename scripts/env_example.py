@@ -9,14 +9,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.settings import ENV_PREFIX, PROJECT_ROOT, Settings  # noqa: E402
+from shared.settings import ENV_PREFIX, PROJECT_ROOT, UNPREFIXED, Settings  # noqa: E402
 
 
 def main() -> None:
     lines = [
         "# Every setting of modelworkers (shared/settings.py), with its default. Each name is",
         "# MODELWORKERS_ + the setting; the name without the prefix is still read, with a",
-        "# deprecation warning, for one release.",
+        "# deprecation warning, for one release. FLOWER_BASIC_AUTH and PROMETHEUS_MULTIPROC_DIR",
+        "# keep the names Flower and prometheus_client read themselves.",
         "# Copy to .env and edit; environment variables override .env. Empty = unset.",
         "# Regenerate: .venv/bin/python scripts/env_example.py",
         "",
@@ -28,7 +29,8 @@ def main() -> None:
         elif isinstance(default, Path):
             default = default.relative_to(PROJECT_ROOT) if default.is_absolute() else default
         lines += [f"# {line}" for line in textwrap.wrap(field.description or "", 96)]
-        lines += [f"{ENV_PREFIX}{name.upper()}={default}", ""]
+        prefix = "" if name in UNPREFIXED else ENV_PREFIX
+        lines += [f"{prefix}{name.upper()}={default}", ""]
     (ROOT / ".env.example").write_text("\n".join(lines))
 
 

@@ -31,6 +31,9 @@ TRACING_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 ENV_PREFIX = "MODELWORKERS_"
+# Settings that are another tool's own variable (Flower, prometheus_client read them from the
+# environment themselves): read under that name too, with no deprecation warning.
+UNPREFIXED = frozenset({"flower_basic_auth", "prometheus_multiproc_dir"})
 log = logging.getLogger("modelworkers.settings")
 
 
@@ -64,7 +67,8 @@ class LegacyNames(PydanticBaseSettingsSource):
         new = {**EnvSettingsSource(self.settings_cls)(), **_prefixed_dotenv(self.settings_cls)}
         used = {key: value for key, value in found.items() if key not in new}
         for key in sorted(found):
-            _warn_legacy(key, ignored=key in new)
+            if key not in UNPREFIXED:
+                _warn_legacy(key, ignored=key in new)
         return used
 
 

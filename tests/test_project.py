@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from harness import ROOT
-from shared.settings import Settings
+from shared.settings import UNPREFIXED, Settings
 
 
 def test_shared_imports_neither_celery_nor_tasks_nor_workers() -> None:
@@ -40,7 +40,10 @@ def test_env_example_documents_every_setting() -> None:
         for line in text.splitlines()
         if "=" in line and not line.startswith("#")
     }
-    assert names == {"MODELWORKERS_" + name.upper() for name in Settings.model_fields}
+    assert names == {
+        ("" if name in UNPREFIXED else "MODELWORKERS_") + name.upper()
+        for name in Settings.model_fields
+    }
 
 
 def test_compose_file_has_acl_redis_worker_replicas_with_health_checks_and_flower_auth() -> None:

@@ -86,3 +86,15 @@ def test_each_old_name_warns_once_per_process(
         Settings()
         Settings()
     assert len(warnings_of(caplog)) == 1
+
+
+def test_another_tools_own_variables_are_read_under_their_names_without_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:pw")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        s = Settings()
+    assert s.flower_basic_auth is not None and s.flower_basic_auth.get_secret_value() == "ops:pw"
+    assert s.prometheus_multiproc_dir == tmp_path
+    assert warnings_of(caplog) == []
