@@ -53,7 +53,7 @@ from workers.embedded import free_port
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 SUCCEEDED = re.compile(r"Task [\w.]+\[([0-9a-f-]{36})\] succeeded")
 REFUSED = re.compile(
-    r"refused \S+ (?:by the consumer|at the transport): InvalidMessage|unregistered task"
+    r"refused \S*\[[^\]]*\] (?:by the consumer|at the transport): InvalidMessage|unregistered task"
 )
 TEXTS = [
     "the service was quick and the staff were lovely",

@@ -402,7 +402,7 @@ def demo(
             with suppress(Exception):
                 bad.get(timeout=30, propagate=False)
             console.print(Text(f"bad input -> {bad.state}: {bad.result!r}"))
-            print_status(counted_snapshots(client, settings, len(demo_jobs())))
+            print_status(counted_snapshots(client, settings, time.time()))
         finally:
             stop_process(worker, "worker")
             log_file.close()
@@ -411,14 +411,15 @@ def demo(
             app.close()
 
 
-def counted_snapshots(client: Any, settings: Settings, calls: int) -> list[ProcessSnapshot]:
-    """The snapshots once the processes have published the calls just made (they publish on
-    their heartbeat): read until they count ``calls`` calls, for at most two heartbeats."""
+def counted_snapshots(client: Any, settings: Settings, since: float) -> list[ProcessSnapshot]:
+    """The snapshots once every process has published the calls made before ``since`` (a
+    wall-clock time; they publish on their heartbeat): read until each one's heartbeat is later,
+    for at most two heartbeats."""
     deadline = time.monotonic() + 2 * settings.heartbeat_seconds + 1
     while True:
         snaps = read_snapshots(client, settings.key_prefix)
-        counted = sum(m.calls for s in snaps for m in s.models.values())
-        if counted >= calls or time.monotonic() > deadline:
+        fresh = all(s.heartbeat is not None and s.heartbeat > since for s in snaps)
+        if (snaps and fresh) or time.monotonic() > deadline:
             return snaps
         time.sleep(0.2)
 
