@@ -29,6 +29,7 @@ from celery import Celery
 from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for
 from shared.repository import ModelFile, VersionEntry, write_model_file
 from tests.workers.test_plugins import FAMILY, build_ridge, rows
+from workers.client import ModelClient
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
@@ -319,6 +320,11 @@ def test_splits_share_requests_by_weight_keys_stick_and_pins_are_honoured(
                 for _ in range(5)
             }
             assert len(got) == 1, (user, got)
+            if user in ("user-0", "user-1", "user-2"):  # the client's key= routes the same
+                with ModelClient(
+                    worker.redis_url, queue=worker.queue, key_prefix=worker.prefix, timeout=30
+                ) as mc:
+                    assert mc.predict("ridge", x, key=user).version in got, user
         # pins: answered by that version, or a clear error naming it
         pinned = app.send_task("models.predict", args=["ridge", x], kwargs={"version": "2"})
         answer = pinned.get(timeout=30)
