@@ -14,8 +14,9 @@ FROM python:${PYTHON_VERSION}-slim
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
-# The extras in the image: Flower runs from the same image (docker-compose.yml, Kubernetes).
-ARG EXTRAS=flower
+# The extras in the image: ONNX Runtime (the CPU backend of transformers models), and Flower,
+# which runs from the same image (docker-compose.yml, Kubernetes).
+ARG EXTRAS=onnx,flower
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

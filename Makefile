@@ -26,9 +26,9 @@ TORCH_STAMP    = $(VENV)/.torch-$(TORCH_VERSION)-$(TORCH_VARIANT)
 SUPPORTED      = import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))
 
 # What each entry point installs (pip extras of pyproject.toml).
-EXTRAS_run   = embedded
-EXTRAS_test  = embedded,flower,dev,tracing
-EXTRAS_bench = embedded,bench
+EXTRAS_run   = embedded,onnx
+EXTRAS_test  = embedded,onnx,flower,dev,tracing
+EXTRAS_bench = embedded,onnx,bench
 
 .PHONY: install install-dev run up test test-unit lint bench bench-quick chaos models clean
 

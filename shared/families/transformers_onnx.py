@@ -56,6 +56,12 @@ def onnxruntime_error() -> str | None:
     return None
 
 
+def _import_error(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
 def weights(path: Path) -> dict[str, Any]:
     """The graph's initializers (its weights) of ``path`` as ONNX Runtime values, to give every
     session made from the file (``session(..., shared=)``): read once in the copy-on-write
@@ -112,6 +118,12 @@ def export_onnx(
 ) -> OnnxExport:
     """Write ``folder/model.onnx`` (or ``output``) from the transformers classifier in
     ``folder``, checked against torch; raises ArtifactError when it does not answer alike."""
+    missing = [m for m in ("onnx", "onnxruntime") if _import_error(m)]
+    if missing:
+        raise ImportError(
+            f"exporting to ONNX needs {' and '.join(missing)}, not installed: pip install "
+            "'modelworkers[onnx]'"
+        )
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

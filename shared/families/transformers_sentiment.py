@@ -58,7 +58,8 @@ def choose_backend(requested: str, device: str, folder: Path) -> str:
         missing = onnxruntime_error()
         if missing is not None:
             raise ImportError(
-                f"backend 'onnx' needs the onnxruntime package (pip install onnxruntime): {missing}"
+                f"backend 'onnx' needs onnxruntime, which is not installed: pip install "
+                f"'modelworkers[onnx]' ({missing})"
             )
     return requested
 

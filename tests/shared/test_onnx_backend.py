@@ -169,6 +169,17 @@ def test_backend_choices_that_cannot_run_fail_with_what_is_missing(tmp_path: Pat
         choose_backend("onnx", "cpu", tmp_path)
 
 
+def test_without_the_onnx_extra_auto_runs_torch_and_onnx_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ONNX_FILE).write_bytes(b"a graph")
+    assert choose_backend("auto", "cpu", tmp_path) == "onnx"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime: ImportError
+    assert choose_backend("auto", "cpu", tmp_path) == "torch"
+    with pytest.raises(ImportError, match=r"pip install 'modelworkers\[onnx\]'"):
+        choose_backend("onnx", "cpu", tmp_path)
+
+
 def test_explicit_onnx_without_model_onnx_fails_that_version_and_the_others_load(
     tmp_path: Path,
 ) -> None:
