@@ -61,6 +61,15 @@ def test_verbose_logs_what_the_command_reads_on_stderr() -> None:
     assert "DEBUG" not in quiet.stderr
 
 
+def test_reload_dash_v_still_means_version_with_a_deprecation_line() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    done = cli("reload", "sentiment", "-v", "1.0.0", env={"MODELWORKERS_REDIS_URL": dead})
+    assert "-v is deprecated for reload: use --version" in done.stderr
+    assert done.returncode == 2  # then the request, which needs the (unreachable) Redis
+    plain = cli("reload", "sentiment", "--version", "1.0.0", env={"MODELWORKERS_REDIS_URL": dead})
+    assert plain.returncode == 2 and "deprecated" not in plain.stderr
+
+
 def test_choices_are_validated_before_anything_starts() -> None:
     pool = cli("up", "--pool", "gevent")
     assert pool.returncode == 2 and "'gevent' is not one of 'prefork', 'solo', 'threads'" in (
