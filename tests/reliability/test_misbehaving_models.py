@@ -116,14 +116,21 @@ def test_a_model_that_raises_without_a_fallback_fails_with_an_error_naming_it(
         close_app(app)
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_a_batch_with_the_wrong_count_fails_at_once_and_the_next_batch_succeeds(
-    start_worker: Start, tmp_path: Path
+    start_worker: Start, tmp_path: Path, pool: str
 ) -> None:
-    """Threads pool: concurrent texts share micro-batches. A batch answered with one result too
-    many fails its requests within a second; the lanes live on and serve the next batch."""
+    """Concurrent texts share batches (the threads pool's micro-batcher; prefork's pool
+    batches). A batch answered with one result too many fails its requests within a second;
+    the worker lives on and serves the next batch."""
     manifest = sentiment_manifest(tmp_path, "MiscountingClassifier", fallback=False)
-    worker = start_worker(pool="threads", concurrency=16, env={"MODEL_MANIFEST": str(manifest)})
-    worker.wait_ready(1)
+    port = free_port()
+    worker = start_worker(
+        pool=pool,
+        concurrency=16 if pool == "threads" else 2,
+        env={"MODEL_MANIFEST": str(manifest), "METRICS_PORT": str(port)},
+    )
+    worker.wait_ready(1 if pool == "threads" else 2)
     app = worker.app()
     try:
         bad = [app.send_task("sentiment.analyze", args=[f"miscount {i}"]) for i in range(8)]
@@ -144,6 +151,16 @@ def test_a_batch_with_the_wrong_count_fails_at_once_and_the_next_batch_succeeds(
         assert state == "SUCCESS" and len(answers) == 2
     finally:
         close_app(app)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    bad_batches = metric(
+        text, "modelworkers_inference_errors_total", model="sentiment", kind="bad_batch"
+    )
+    # threads: one per failed micro-batch; prefork: a failed pool batch reruns each of its
+    # requests alone (one bad input fails only its own request), and each of those fails too
+    assert (1 <= bad_batches <= 8) if pool == "threads" else (8 <= bad_batches <= 16), bad_batches
+    assert worker.alive()
+    if pool == "prefork":
+        return
     snapshot = wait_for(
         lambda: [s for s in worker.snapshots() if "sentiment_batching" in s["stats"]],
         10,
@@ -160,8 +177,11 @@ def test_a_hung_inference_fails_at_its_time_limit_and_the_next_request_is_served
     manifest = sentiment_manifest(
         tmp_path, "HangingClassifier", fallback=False, inference_timeout_s=1.0
     )
+    port = free_port()
     worker = start_worker(
-        pool=pool, concurrency=2 if pool != "solo" else 1, env={"MODEL_MANIFEST": str(manifest)}
+        pool=pool,
+        concurrency=2 if pool != "solo" else 1,
+        env={"MODEL_MANIFEST": str(manifest), "METRICS_PORT": str(port)},
     )
     worker.wait_ready(2 if pool == "prefork" else 1)
     app = worker.app()
@@ -178,3 +198,8 @@ def test_a_hung_inference_fails_at_its_time_limit_and_the_next_request_is_served
     finally:
         close_app(app)
     assert worker.alive()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    timeouts = metric(
+        text, "modelworkers_inference_errors_total", model="sentiment", kind="timeout"
+    )
+    assert timeouts == 1
