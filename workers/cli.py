@@ -28,7 +28,7 @@ from shared.queues import QueueStats, queue_stats
 from shared.records import ProcessSnapshot
 from shared.settings import ENV_PREFIX, Settings, get_settings
 from shared.state import fleet_summary, read_snapshots
-from shared.urls import redact, redis_client, redis_connection_url
+from shared.urls import broker_connection_url, redact, redis_client, redis_connection_url
 from workers.embedded import EmbeddedRedis
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -248,7 +248,11 @@ def up(
     if flower:
         require_extra("flower", "flower", "modelworkers up --flower")
     with redis_for_run(get_settings()) as settings:
-        console.print(f"broker and registry: {redact(redis_connection_url(settings))}")
+        broker, redis_url = broker_connection_url(settings), redis_connection_url(settings)
+        if broker == redis_url:
+            console.print(f"broker and registry: {redact(redis_url)}")
+        else:
+            console.print(f"broker: {redact(broker)}; results and registry: {redact(redis_url)}")
         env = child_env(settings)
         procs: list[tuple[str, subprocess.Popen[Any]]] = []
         command = worker_command(concurrency, pool, loglevel, node, settings.task_queue, flower)
@@ -361,7 +365,8 @@ def demo(
     with redis_for_run(base) as settings:
         from workers.app import app
 
-        app.conf.broker_url = app.conf.result_backend = redis_connection_url(settings)
+        app.conf.broker_url = broker_connection_url(settings)
+        app.conf.result_backend = redis_connection_url(settings)
         app.conf.task_default_queue = demo_id
         client = redis_client(settings)
         url = redact(redis_connection_url(settings))
@@ -1082,8 +1087,15 @@ def models_add(
 
 
 def main() -> None:
+    from pydantic import ValidationError
 
-    cli()
+    try:
+        cli()
+    except ValidationError as exc:  # the settings: one line per problem, not a traceback
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ())) or "settings"
+            say(f"invalid settings ({where}): {error['msg']}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
