@@ -15,13 +15,15 @@ refuses the declaration (``PRECONDITION_FAILED - inequivalent arg``): the worker
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from celery.app.amqp import AMQP, Queues
 
+from shared.queues import QueueStats, amqp_queue_stats, queue_stats
 from shared.settings import Settings
-from shared.urls import broker_connection_url, is_amqp
+from shared.urls import broker_connection_url, is_amqp, redis_client
 
 QUEUE_ARGUMENTS_KEY = "modelworkers_queue_arguments"  # our key in Celery's configuration
 
@@ -70,3 +72,37 @@ class BrokerAMQP(AMQP):
     def queues_cls(self) -> Any:
         extra = self.app.conf.get(QUEUE_ARGUMENTS_KEY)
         return partial(BrokerQueues, extra_arguments=extra)
+
+
+def queue_reader(
+    settings: Settings, *, timeout: float = 5.0, transport_options: dict[str, Any] | None = None
+) -> Callable[[list[str]], list[QueueStats]]:
+    """A function that reads the depth (and, on Redis, the oldest age) of the named queues
+    from this deployment's broker (shared.queues), each call on a fresh, short connection to
+    RabbitMQ or through one Redis client."""
+    url = broker_connection_url(settings)
+    if is_amqp(url):
+        from kombu import Connection
+
+        def read_amqp(queues: list[str]) -> list[QueueStats]:
+            with Connection(url, connect_timeout=timeout) as conn:
+                conn.ensure_connection(max_retries=1)
+                return amqp_queue_stats(conn, queues)
+
+        return read_amqp
+    options = transport_options or {}
+    client = redis_client(
+        settings.model_copy(update={"redis_url": url}) if settings.broker_url else settings,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+
+    def read_redis(queues: list[str]) -> list[QueueStats]:
+        return queue_stats(
+            client,
+            queues,
+            settings.key_prefix,
+            **{k: options[k] for k in ("priority_steps", "global_keyprefix") if k in options},
+        )
+
+    return read_redis

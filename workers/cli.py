@@ -24,11 +24,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from shared.queues import QueueStats, queue_stats
+from shared.queues import QueueStats
 from shared.records import ProcessSnapshot
 from shared.settings import ENV_PREFIX, Settings, get_settings
 from shared.state import fleet_summary, read_snapshots
 from shared.urls import broker_connection_url, redact, redis_client, redis_connection_url
+from workers.broker import queue_reader
 from workers.embedded import EmbeddedRedis
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -503,14 +504,9 @@ def read_queues(settings: Settings, queues: list[str]) -> list[QueueStats] | Non
 
     options = celeryconfig.broker_transport_options
     try:
-        return queue_stats(
-            redis_client(settings),
-            queues,
-            settings.key_prefix,
-            **{k: options[k] for k in ("priority_steps", "global_keyprefix") if k in options},
-        )
+        return queue_reader(settings, transport_options=options)(queues)
     except Exception as exc:
-        say(f"cannot read the queues from Redis: {redact(str(exc))}")
+        say(f"cannot read the queues from the broker: {redact(str(exc))}")
         return None
 
 
@@ -530,7 +526,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
                     {
                         "queue": q.queue,
                         "depth": q.depth,
-                        "oldest_age_seconds": round(q.oldest_age_seconds, 3),
+                        "oldest_age_seconds": None
+                        if q.oldest_age_seconds is None
+                        else round(q.oldest_age_seconds, 3),
                     }
                     for q in queues or []
                 ],
@@ -542,12 +540,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     else:
         print_status(snaps)
     for q in queues or []:
-        console.print(
-            Text(
-                f"queue {q.queue}: {q.depth} waiting, oldest waiting "
-                f"{q.oldest_age_seconds:.1f} s (at least)"
-            )
+        age = (
+            "oldest waiting not known (RabbitMQ)"
+            if q.oldest_age_seconds is None
+            else f"oldest waiting {q.oldest_age_seconds:.1f} s (at least)"
         )
+        console.print(Text(f"queue {q.queue}: {q.depth} waiting, {age}"))
 
 
 @cli.command()
