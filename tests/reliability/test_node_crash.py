@@ -187,8 +187,9 @@ def test_a_running_node_takes_over_a_dead_nodes_tasks_within_the_visibility_time
     start_worker: Start, private_redis: EmbeddedRedis, tmp_path: Path, broker: Broker
 ) -> None:
     """Two nodes on one queue; one dies with tasks in flight. The survivor must receive them
-    within the visibility timeout plus a small sweep delay (here: VISIBILITY + 15 s); on
-    RabbitMQ, which returns them when the dead node's connection closes, within 15 s."""
+    within the visibility timeout plus a small sweep delay (here: VISIBILITY + 15 s). RabbitMQ
+    returns them as soon as the dead node's connection closes; the survivor takes them once a
+    pool process of its own is free (bound: 30 s on this loaded 2-core machine)."""
     url = private_redis.url
     client = redis.Redis.from_url(url)
     env = node_env(seg_manifest(tmp_path))
@@ -208,7 +209,7 @@ def test_a_running_node_takes_over_a_dead_nodes_tasks_within_the_visibility_time
     ids = send_slow_tasks(app, TASKS)
     held_ids, killed_at = kill_with_tasks_in_flight(node_a, client, ids)
     assert 1 <= len(held_ids) <= 2  # the precondition: the dead node held tasks
-    bound = VISIBILITY + 15 if broker.vhost is None else 15
+    bound = VISIBILITY + 15 if broker.vhost is None else 30
     try:
         # the dead node's tasks must reach the survivor within the bound (delivery, not
         # completion: how fast the survivor then works through the queue is another matter)
@@ -233,7 +234,7 @@ def test_a_running_node_takes_over_a_dead_nodes_tasks_within_the_visibility_time
             held_by_dead_node=len(held_ids),
             waited_s=round(time.time() - killed_at, 1),
             bound_s=bound,
-            visibility_timeout_s=VISIBILITY,
+            visibility_timeout_s=VISIBILITY if broker.vhost is None else None,
         )
         tally.report()
         close_app(app)
