@@ -300,3 +300,22 @@ def test_results_are_plain_json_in_redis(client: Any, serving_worker: WorkerProc
     raw = serving_worker.client.get(f"celery-task-meta-{result.id}")
     stored = json.loads(raw)
     assert stored["status"] == "SUCCESS" and len(stored["result"]["labels"]) == 3
+
+
+def test_the_python_client_gets_the_same_answers_as_a_client_of_task_names_and_json(
+    client: Any, serving_worker: WorkerProcess
+) -> None:
+    """ModelClient with this run's broker (BROKER_URL when it is RabbitMQ) and Redis."""
+    from workers.client import ModelClient
+
+    with ModelClient(
+        serving_worker.redis_url,
+        broker_url=serving_worker.broker_url,
+        queue=serving_worker.queue,
+        key_prefix=serving_worker.prefix,
+    ) as typed:
+        text = "Wonderful service, would come again."
+        assert typed.analyze(text).model_dump() == run(client, "sentiment.analyze", text)
+        rows = [[0.1, 0.2, 0.3, 0.4]]
+        got = typed.assign(rows).model_dump()
+        assert got == run(client, "clustering.assign", rows)
