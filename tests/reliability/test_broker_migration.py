@@ -4,6 +4,7 @@ while tasks keep coming, the old queue drained, then the old node stopped. No ta
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import redis
 from harness import WorkerProcess, close_app, wait_for
 from harness.brokers import Broker, RabbitVhost
 from tests.reliability.tools import (
+    Tally,
     client_app,
     log_counts,
     queue_drained,
@@ -39,6 +41,7 @@ def test_a_fleet_moves_from_redis_to_rabbitmq_without_losing_a_task(
     on_redis = client_app(url, old.queue)
     on_rabbit = client_app(url, old.queue, rabbit)
     ids: list[str] = []
+    t0 = time.monotonic()
 
     def send(app: object, n: int) -> None:
         for i in range(n):
@@ -73,6 +76,14 @@ def test_a_fleet_moves_from_redis_to_rabbitmq_without_losing_a_task(
     finally:
         close_app(on_redis)
         close_app(on_rabbit)
+    tally = Tally.count(
+        "broker move Redis -> RabbitMQ, old node drained then stopped",
+        ids,
+        read_results(client, ids),
+        [old, new],
+        t0,
+    ).report()
+    assert tally.lost == 0 and tally.failed == 0
     statuses = [results[i]["status"] for i in ids]
     assert statuses.count("SUCCESS") == len(ids) == 4 * PER_PHASE
     assert sorted(read_results(client, ids)) == sorted(ids)
