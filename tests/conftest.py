@@ -78,8 +78,14 @@ def start_worker(redis_url: str, worker_logs: Path) -> Iterator[Callable[..., Wo
 
 
 @pytest.fixture(scope="session")
-def serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
+def serving_worker(redis_serving_worker: WorkerProcess) -> WorkerProcess:
     """One prefork worker (concurrency 2) with the project's real models, for contract tests."""
+    return redis_serving_worker
+
+
+@pytest.fixture(scope="session")
+def redis_serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
+    """``serving_worker`` under a name no test module overrides (``broker_serving_worker``)."""
     worker = WorkerProcess(
         redis_url, concurrency=2, log_dir=worker_logs, env={"MODEL_REPOSITORY": str(REPOSITORY)}
     ).start()
@@ -96,7 +102,7 @@ def broker_serving_worker(
 ) -> Iterator[WorkerProcess]:
     """``serving_worker`` on each broker (the Redis one is that same worker)."""
     if broker.vhost is None:
-        yield request.getfixturevalue("serving_worker")
+        yield request.getfixturevalue("redis_serving_worker")
         return
     worker = WorkerProcess(
         redis_url,
