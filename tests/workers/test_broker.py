@@ -146,3 +146,30 @@ def test_a_message_returned_more_often_than_the_delivery_limit_is_dropped(
         wait_for(lambda: rabbitmq_vhost.messages(queue) == 0, 20, "the queue to be empty")
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", "1 error"), ("", "1 skipped")])
+def test_without_rabbitmq_the_amqp_tests_fail_in_ci_and_are_skipped_elsewhere(
+    ci: str, outcome: str
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rsE",
+            "-p",
+            "no:cacheprovider",
+            "tests/workers/test_broker.py::test_a_message_returned_more_often_than_the_delivery_limit_is_dropped",
+        ],
+        cwd=ROOT,
+        env={**env_without_celery(), "CI": ci, "RABBITMQ_PORT": "1"},  # nothing listens there
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert outcome in done.stdout, done.stdout[-2000:]
+    assert "RabbitMQ is not reachable at 127.0.0.1:1" in done.stdout
+    if ci:
+        assert "the RabbitMQ tests must run in CI" in done.stdout
