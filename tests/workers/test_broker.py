@@ -53,6 +53,7 @@ def test_celery_broker_url_naming_another_broker_is_refused_with_both_named(
         Settings(redis_url=REDIS)
 
 
+@pytest.mark.integration
 def test_the_worker_and_the_cli_refuse_to_start_on_a_diverging_celery_broker_url() -> None:
     env = env_without_celery(CELERY_BROKER_URL=OTHER)
     worker = subprocess.run(
@@ -114,6 +115,7 @@ def test_on_rabbitmq_the_workers_use_quorum_queues_with_celerys_documented_setti
     assert default == gpu == QUEUE_ARGUMENTS
 
 
+@pytest.mark.integration
 def test_a_message_returned_more_often_than_the_delivery_limit_is_dropped(
     rabbitmq_vhost: RabbitVhost,
 ) -> None:
@@ -148,6 +150,7 @@ def test_a_message_returned_more_often_than_the_delivery_limit_is_dropped(
         client.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("ci", "outcome"), [("true", "1 error"), ("", "1 skipped")])
 def test_without_rabbitmq_the_amqp_tests_fail_in_ci_and_are_skipped_elsewhere(
     ci: str, outcome: str
