@@ -8,16 +8,21 @@ from __future__ import annotations
 from typing import Any as _Any
 
 from shared.settings import get_settings as _get_settings
+from shared.urls import is_amqp as _is_amqp
 from shared.urls import redis_connection_url as _redis_connection_url
+from workers.broker import celery_options as _broker_options
 from workers.results import backend_url as _backend_url
 
 _s = _get_settings()
 
 # Where REDIS_URL is unset and no `modelworkers up` started an embedded Redis, a plain
 # `celery -A workers.app worker` talks to a local Redis on the default port.
-broker_url = _redis_connection_url(_s)
+_redis_url = _redis_connection_url(_s)
 # Celery's Redis backend, without its read-before-write for a first delivery (workers/results.py)
-result_backend = _backend_url(broker_url)
+result_backend = _backend_url(_redis_url)
+# The task broker: BROKER_URL (Redis or RabbitMQ), else REDIS_URL (workers/broker.py)
+_broker = _broker_options(_s)
+broker_url: str = _broker.pop("broker_url")
 
 # JSON only: a pickled message is rejected and never deserialized.
 task_serializer = "json"
@@ -44,6 +49,11 @@ broker_transport_options: dict[str, _Any] = {
     "unacked_restore_interval": max(1, min(10, _s.visibility_timeout_seconds // 10)),
     "unacked_restore_throttle": 1,
 }
+if _is_amqp(broker_url):
+    # RabbitMQ returns a dead consumer's unacknowledged messages itself: no visibility timeout.
+    # Quorum queues with a delivery limit, confirmed publishes (workers/broker.py).
+    broker_transport_options = _broker.pop("broker_transport_options")
+    globals().update(_broker)
 # A result write that meets a Redis blip is retried instead of failing the task.
 result_backend_always_retry = True
 result_backend_max_retries = 10
@@ -79,7 +89,7 @@ worker_redirect_stdouts = False
 worker_consumer = "workers.intake:GuardedConsumer"
 worker_cancel_long_running_tasks_on_connection_loss = False
 
-if broker_url.startswith("rediss://"):
+if "rediss://" in (_redis_url[:9], broker_url[:9]):
     import ssl as _ssl
 
     _reqs = {
@@ -87,5 +97,8 @@ if broker_url.startswith("rediss://"):
         "optional": _ssl.CERT_OPTIONAL,
         "none": _ssl.CERT_NONE,
     }[_s.redis_tls_cert_reqs]
-    broker_use_ssl = {"ssl_cert_reqs": _reqs, "ssl_ca_certs": _s.redis_tls_ca_certs}
-    redis_backend_use_ssl = broker_use_ssl
+    _tls = {"ssl_cert_reqs": _reqs, "ssl_ca_certs": _s.redis_tls_ca_certs}
+    if _redis_url.startswith("rediss://"):
+        redis_backend_use_ssl = _tls
+    if broker_url.startswith("rediss://"):
+        broker_use_ssl = _tls

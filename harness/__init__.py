@@ -61,8 +61,10 @@ class WorkerProcess:
         log_dir: Path,
         prefix: str | None = None,
         node: str | None = None,
+        broker_url: str | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.broker_url = broker_url or redis_url  # BROKER_URL (e.g. RabbitMQ), else Redis
         self.prefix = prefix or f"mwtest-{uuid.uuid4().hex[:8]}"
         self.queue = self.prefix
         self.node = node or f"{self.prefix}@testhost"
@@ -76,6 +78,7 @@ class WorkerProcess:
             "HEARTBEAT_SECONDS": "0.5",
             "STATE_TTL_SECONDS": "5",
             "PYTHONUNBUFFERED": "1",
+            **({"BROKER_URL": broker_url} if broker_url else {}),
             **(env or {}),
         }
         self.args = [
@@ -170,8 +173,18 @@ class WorkerProcess:
             raise TimeoutError(f"{exc}; not-ready reasons: {seen}") from None
 
     def app(self) -> Celery:
-        """A client that knows only the broker, the queue and task names."""
-        app = Celery(broker=self.redis_url, backend=self.redis_url)
+        """A client that knows only the broker, the queue and task names (on RabbitMQ, also
+        the arguments the workers declare their queues with: harness.brokers)."""
+        from harness.brokers import QUEUE_ARGUMENTS
+
+        app = Celery(broker=self.broker_url, backend=self.redis_url)
+        if self.broker_url.startswith("amqp"):
+            from kombu import Exchange, Queue
+
+            q = self.queue
+            app.conf.task_queues = [
+                Queue(q, Exchange(q), routing_key=q, queue_arguments=QUEUE_ARGUMENTS)
+            ]
         app.conf.update(
             task_default_queue=self.queue,
             task_serializer="json",

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.queues import PRIORITY_STEPS, queue_stats
+from shared.queues import PRIORITY_STEPS, QueueStats, queue_stats
 from shared.urls import redact
 
 log = logging.getLogger("modelworkers.metrics")
@@ -235,9 +235,11 @@ def serve(port: int, address: str = "0.0.0.0", collectors: Iterable[Any] = ()) -
 
 
 class QueueCollector:
-    """Queue depth and oldest waiting message of the queues a node consumes, read from the Redis
-    broker on each scrape (shared.queues). ``client`` should have a short socket timeout: when
-    Redis cannot be read, the scrape still answers, without these two metrics."""
+    """Queue depth and oldest waiting message of the queues a node consumes, read from the
+    broker on each scrape (shared.queues): from Redis with ``client``, or by ``read`` (a
+    function of the queue names, e.g. RabbitMQ's :func:`~shared.queues.amqp_queue_stats`).
+    They should answer fast (a short socket timeout): when the broker cannot be read, the
+    scrape still answers, without these two metrics."""
 
     def __init__(
         self,
@@ -247,28 +249,35 @@ class QueueCollector:
         *,
         priority_steps: Sequence[int] = PRIORITY_STEPS,
         global_keyprefix: str = "",
+        read: Callable[[list[str]], list[QueueStats]] | None = None,
     ) -> None:
         self.client = client
         self.queues = sorted(set(queues))
         self.prefix = prefix
         self.priority_steps = tuple(priority_steps)
         self.global_keyprefix = global_keyprefix
+        self.read = read
         self.failing = False
 
     def describe(self) -> list[Any]:
-        return []  # nothing to check at registration (and no Redis call then)
+        return []  # nothing to check at registration (and no broker call then)
+
+    def stats(self) -> list[QueueStats]:
+        if self.read is not None:
+            return self.read(self.queues)
+        return queue_stats(
+            self.client,
+            self.queues,
+            self.prefix,
+            priority_steps=self.priority_steps,
+            global_keyprefix=self.global_keyprefix,
+        )
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            stats = queue_stats(
-                self.client,
-                self.queues,
-                self.prefix,
-                priority_steps=self.priority_steps,
-                global_keyprefix=self.global_keyprefix,
-            )
+            stats = self.stats()
         except Exception as exc:
             if not self.failing:
                 log.warning("queue metrics: cannot read the broker (%s)", redact(str(exc)))
@@ -279,17 +288,19 @@ class QueueCollector:
         self.failing = False
         depth = GaugeMetricFamily(
             "modelworkers_queue_depth",
-            "Messages waiting in the queue (every priority list), read from Redis on scrape",
+            "Messages waiting in the queue (on Redis: every priority list), read from the broker "
+            "on scrape",
             labels=["queue"],
         )
         oldest = GaugeMetricFamily(
             "modelworkers_queue_oldest_age_seconds",
             "How long the oldest waiting message has been seen at the queue's tail (a lower "
-            "bound of its wait; 0 when the queue is empty)",
+            "bound of its wait; 0 when the queue is empty). Redis only: RabbitMQ cannot tell",
             labels=["queue"],
         )
         for item in stats:
             depth.add_metric([item.queue], item.depth)
-            oldest.add_metric([item.queue], round(item.oldest_age_seconds, 3))
+            if item.oldest_age_seconds is not None:
+                oldest.add_metric([item.queue], round(item.oldest_age_seconds, 3))
         yield depth
         yield oldest

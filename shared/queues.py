@@ -1,4 +1,4 @@
-"""Queue depth and the age of the oldest waiting message, read from the Redis broker.
+"""Queue depth and the age of the oldest waiting message, read from the broker (Redis or RabbitMQ).
 
 kombu's Redis transport keeps a queue as a Redis list named after it: a producer LPUSHes a message
 at the head, a worker takes the oldest one from the tail (RPOP end). With message priorities the
@@ -13,7 +13,15 @@ keeps the time it first saw it in one Redis hash, ``PREFIX:queue-tails`` (field:
 value: ``ID TIME``), so that every reader reports the same figure, on Redis's clock. A queue
 whose tail never changes (nobody consumes it) therefore shows its true wait from the first read
 on; one that moves shows how long its current tail has been waiting since it became the oldest.
-Only redis-py is used here, no Celery.
+
+On RabbitMQ (:func:`amqp_queue_stats`) the depth is the ``message_count`` of a passive
+``queue.declare``: the messages ready for delivery, not those delivered and not yet acknowledged
+(as on Redis, where a delivered message has left the list). AMQP offers no way to look at the
+head message without taking it: ``basic.get`` and a requeue would move it, count one delivery
+against the queue's delivery limit and mark it redelivered. So the oldest age is not reported
+there (None).
+
+Only redis-py (or a kombu connection, for RabbitMQ) is used here, no Celery.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +41,12 @@ TAILS_TTL_SECONDS = 86_400
 
 @dataclass(frozen=True)
 class QueueStats:
-    """One queue: messages waiting, and how long its oldest one has waited (a lower bound)."""
+    """One queue: messages waiting, and how long its oldest one has waited (a lower bound;
+    None where the broker cannot tell: RabbitMQ)."""
 
     queue: str
     depth: int
-    oldest_age_seconds: float
+    oldest_age_seconds: float | None
 
 
 def queue_lists(queue: str, priority_steps: Sequence[int] = PRIORITY_STEPS) -> list[str]:
@@ -130,3 +140,21 @@ def queue_stats(
         )
         for q in names
     ]
+
+
+def amqp_queue_stats(connection: Any, queues: Iterable[str]) -> list[QueueStats]:
+    """Depth of each queue on RabbitMQ (``connection``: a kombu Connection), by a passive
+    ``queue.declare`` each: it reads the queue and changes nothing. A queue that does not exist
+    (yet) has depth 0. Raises what kombu raises when the broker cannot be reached."""
+    found = []
+    for name in sorted(dict.fromkeys(queues)):
+        channel = connection.channel()
+        try:
+            _, depth, _consumers = channel.queue_declare(queue=name, passive=True)
+        except connection.channel_errors:  # NOT_FOUND: RabbitMQ closed this channel
+            depth = 0
+        finally:
+            with suppress(Exception):
+                channel.close()
+        found.append(QueueStats(queue=name, depth=int(depth), oldest_age_seconds=None))
+    return found

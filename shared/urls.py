@@ -34,6 +34,45 @@ def redis_connection_url(settings: Any) -> str:
     return url
 
 
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def broker_connection_url(settings: Any) -> str:
+    """The task broker: BROKER_URL, else the Redis of REDIS_URL (``redis_connection_url``)."""
+    return getattr(settings, "broker_url", None) or redis_connection_url(settings)
+
+
+def is_amqp(url: str) -> bool:
+    """Whether a broker URL names RabbitMQ (AMQP 0-9-1) rather than Redis."""
+    return url.partition("://")[0].lower() in AMQP_SCHEMES
+
+
+def check_celery_environment(settings: Any, environ: Any) -> None:
+    """Celery reads CELERY_BROKER_URL (and _READ_URL, _WRITE_URL) and CELERY_RESULT_BACKEND from
+    the environment ahead of its configuration. Set to anything but what the settings name, the
+    process would send or take tasks on one server while the registry and reload use another:
+    raise ValueError naming both instead."""
+    broker = broker_connection_url(settings)
+    allowed = {broker, getattr(settings, "broker_url", None) or settings.redis_url or broker}
+    for name in ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"):
+        value = environ.get(name)
+        if value and value not in allowed:
+            source = "MODELWORKERS_BROKER_URL" if settings.broker_url else "MODELWORKERS_REDIS_URL"
+            raise ValueError(
+                f"{name}={redact(value)} names another broker than {source}={redact(broker)}: "
+                f"unset {name} (Celery's own variable) and set MODELWORKERS_BROKER_URL for the "
+                "task broker; results, the registry and reload stay on MODELWORKERS_REDIS_URL"
+            )
+    backend = environ.get("CELERY_RESULT_BACKEND")
+    redis = redis_connection_url(settings)
+    if backend and backend not in {redis, settings.redis_url or redis}:
+        raise ValueError(
+            f"CELERY_RESULT_BACKEND={redact(backend)} is not MODELWORKERS_REDIS_URL="
+            f"{redact(redis)}: unset CELERY_RESULT_BACKEND (Celery's own variable); results, "
+            "the registry and reload all live on MODELWORKERS_REDIS_URL"
+        )
+
+
 _SECRET = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]+)@")
 _QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s]+", re.IGNORECASE)
 

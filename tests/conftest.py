@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from harness import ROOT, WorkerProcess, close_app
+from harness.brokers import Broker, RabbitVhost, rabbitmq_problem
 from workers.embedded import EmbeddedRedis
 
 REPOSITORY = ROOT / "models"
@@ -28,6 +29,31 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost() -> Iterator[RabbitVhost]:
+    """A RabbitMQ vhost of this test run (deleted at the end). No RabbitMQ: the test fails in
+    CI (CI=true), and is skipped elsewhere, with the reason."""
+    problem = rabbitmq_problem()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{problem}: the RabbitMQ tests must run in CI", pytrace=False)
+        pytest.skip(problem)
+    vhost = RabbitVhost.create()
+    try:
+        yield vhost
+    finally:
+        vhost.delete()
+
+
+@pytest.fixture(scope="session", params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """The task broker of a test that runs on both: Redis (REDIS_URL) and RabbitMQ (BROKER_URL,
+    a vhost of this run's own). Results and the registry stay on Redis either way."""
+    if request.param == "amqp":
+        return Broker("amqp", request.getfixturevalue("rabbitmq_vhost"))
+    return Broker("redis")
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +78,38 @@ def start_worker(redis_url: str, worker_logs: Path) -> Iterator[Callable[..., Wo
 
 
 @pytest.fixture(scope="session")
-def serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
+def serving_worker(redis_serving_worker: WorkerProcess) -> WorkerProcess:
     """One prefork worker (concurrency 2) with the project's real models, for contract tests."""
+    return redis_serving_worker
+
+
+@pytest.fixture(scope="session")
+def redis_serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
+    """``serving_worker`` under a name no test module overrides (``broker_serving_worker``)."""
     worker = WorkerProcess(
         redis_url, concurrency=2, log_dir=worker_logs, env={"MODEL_REPOSITORY": str(REPOSITORY)}
+    ).start()
+    try:
+        worker.wait_ready(2, timeout=120)
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_serving_worker(
+    request: pytest.FixtureRequest, broker: Broker, redis_url: str, worker_logs: Path
+) -> Iterator[WorkerProcess]:
+    """``serving_worker`` on each broker (the Redis one is that same worker)."""
+    if broker.vhost is None:
+        yield request.getfixturevalue("redis_serving_worker")
+        return
+    worker = WorkerProcess(
+        redis_url,
+        broker_url=broker.url(redis_url),
+        concurrency=2,
+        log_dir=worker_logs,
+        env={"MODEL_REPOSITORY": str(REPOSITORY)},
     ).start()
     try:
         worker.wait_ready(2, timeout=120)

@@ -348,3 +348,59 @@ def test_the_hpa_scales_the_workers_on_the_exported_queue_depth() -> None:
     assert metric["external"]["metric"]["selector"]["matchLabels"] == {
         "queue": config["TASK_QUEUE"]
     }
+
+
+# ---- docker-compose.yml -----------------------------------------------------------------------
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def args_of(build: Any) -> dict[str, str]:
+    return dict(build.get("args") or {}) if isinstance(build, dict) else {}
+
+
+def test_compose_runs_a_gpu_worker_on_queue_gpu_beside_the_cpu_workers() -> None:
+    services = compose()["services"]
+    cpu, gpu = services["worker"], services["worker-gpu"]
+    # the CPU workers run by default and consume TASK_QUEUE, not gpu
+    assert "profiles" not in cpu and "-Q" not in cpu["command"]
+    assert args_of(cpu.get("build")).get("TORCH_VARIANT", "cpu") == "cpu"
+    # the GPU worker: only with the gpu profile, a CUDA torch image, queue gpu, the device
+    assert gpu["profiles"] == ["gpu"]
+    assert args_of(gpu["build"])["TORCH_VARIANT"] == "cuda"
+    assert any(v.startswith("TORCH_VARIANT=") for k, v in dockerfile() if k == "ARG")
+    command = gpu["command"]
+    assert command[command.index("-Q") + 1] == "gpu"
+    assert gpu["image"] != cpu["image"]  # the CUDA image does not replace the CPU one
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert gpu["environment"]["MODEL_DEVICE"] == "cuda"
+    # one pool process per GPU; node names differ, so each node's health check finds itself
+    concurrency = command[command.index("--concurrency") + 1]
+    assert concurrency == gpu["environment"]["WORKER_CONCURRENCY"] == "1"
+    assert "gpu@" in " ".join(gpu["healthcheck"]["test"])
+    assert "-n" in command and command[command.index("-n") + 1].startswith("gpu@")
+
+
+def test_compose_offers_rabbitmq_as_broker_with_results_and_registry_on_redis() -> None:
+    spec = compose()
+    services = spec["services"]
+    rabbit = services["rabbitmq"]
+    assert rabbit["profiles"] == ["rabbitmq"]
+    assert rabbit["image"].startswith("rabbitmq:")
+    # queued tasks survive a broker restart: its data directory is a named volume
+    [volume] = rabbit["volumes"]
+    name, _, path = volume.partition(":")
+    assert path == "/var/lib/rabbitmq" and name in spec["volumes"]
+    assert "healthcheck" in rabbit
+    # every process that sends, takes or watches tasks gets the same BROKER_URL, and REDIS_URL
+    for service in ("worker", "worker-gpu", "flower", "cli"):
+        env = services[service]["environment"]
+        assert env["BROKER_URL"] == "${BROKER_URL:-}", service
+        assert env["REDIS_URL"].startswith("redis://redis:"), service
+    assert {"broker_url", "redis_url"} <= set(Settings.model_fields)
+    # the workers wait for RabbitMQ when its profile is on, and start without it otherwise
+    for service in ("worker", "worker-gpu"):
+        dependency = services[service]["depends_on"]["rabbitmq"]
+        assert dependency == {"condition": "service_healthy", "required": False}

@@ -13,6 +13,7 @@ register_transport()
 
 app = Celery(
     "modelworkers",
+    amqp="workers.broker:BrokerAMQP",  # RabbitMQ: every quorum queue with its delivery limit
     include=[
         "tasks.sentiment",
         "tasks.forecasting",

@@ -106,9 +106,11 @@ class RegistryStats(bootsteps.StartStopStep):
 
 
 def queue_collector(worker: Any) -> Any:
-    """The depth of the queues this node consumes, read from the broker on each scrape with a
-    short timeout (a scrape never waits long on Redis, nor fails because of it)."""
-    from shared.metrics import PRIORITY_STEPS, QueueCollector
+    """The depth of the queues this node consumes, read from the broker (Redis or RabbitMQ) on
+    each scrape with a short timeout (a scrape never waits long on it, nor fails because of
+    it)."""
+    from shared.metrics import QueueCollector
+    from workers.broker import queue_reader
 
     settings = get_settings()
     try:
@@ -117,9 +119,8 @@ def queue_collector(worker: Any) -> Any:
         queues = {settings.task_queue}
     options = worker.app.conf.broker_transport_options or {}
     return QueueCollector(
-        redis_client(settings, socket_timeout=1, socket_connect_timeout=1),
+        None,
         queues or {settings.task_queue},
         settings.key_prefix,
-        priority_steps=options.get("priority_steps", PRIORITY_STEPS),
-        global_keyprefix=options.get("global_keyprefix", ""),
+        read=queue_reader(settings, timeout=1, transport_options=options),
     )

@@ -24,11 +24,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from shared.queues import QueueStats, queue_stats
+from shared.queues import QueueStats
 from shared.records import ProcessSnapshot
 from shared.settings import ENV_PREFIX, Settings, get_settings
 from shared.state import fleet_summary, read_snapshots
-from shared.urls import redact, redis_client, redis_connection_url
+from shared.urls import broker_connection_url, redact, redis_client, redis_connection_url
+from workers.broker import queue_reader
 from workers.embedded import EmbeddedRedis
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -248,7 +249,11 @@ def up(
     if flower:
         require_extra("flower", "flower", "modelworkers up --flower")
     with redis_for_run(get_settings()) as settings:
-        console.print(f"broker and registry: {redact(redis_connection_url(settings))}")
+        broker, redis_url = broker_connection_url(settings), redis_connection_url(settings)
+        if broker == redis_url:
+            console.print(f"broker and registry: {redact(redis_url)}")
+        else:
+            console.print(f"broker: {redact(broker)}; results and registry: {redact(redis_url)}")
         env = child_env(settings)
         procs: list[tuple[str, subprocess.Popen[Any]]] = []
         command = worker_command(concurrency, pool, loglevel, node, settings.task_queue, flower)
@@ -361,7 +366,8 @@ def demo(
     with redis_for_run(base) as settings:
         from workers.app import app
 
-        app.conf.broker_url = app.conf.result_backend = redis_connection_url(settings)
+        app.conf.broker_url = broker_connection_url(settings)
+        app.conf.result_backend = redis_connection_url(settings)
         app.conf.task_default_queue = demo_id
         client = redis_client(settings)
         url = redact(redis_connection_url(settings))
@@ -499,14 +505,9 @@ def read_queues(settings: Settings, queues: list[str]) -> list[QueueStats] | Non
 
     options = celeryconfig.broker_transport_options
     try:
-        return queue_stats(
-            redis_client(settings),
-            queues,
-            settings.key_prefix,
-            **{k: options[k] for k in ("priority_steps", "global_keyprefix") if k in options},
-        )
+        return queue_reader(settings, transport_options=options)(queues)
     except Exception as exc:
-        say(f"cannot read the queues from Redis: {redact(str(exc))}")
+        say(f"cannot read the queues from the broker: {redact(str(exc))}")
         return None
 
 
@@ -526,7 +527,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
                     {
                         "queue": q.queue,
                         "depth": q.depth,
-                        "oldest_age_seconds": round(q.oldest_age_seconds, 3),
+                        "oldest_age_seconds": None
+                        if q.oldest_age_seconds is None
+                        else round(q.oldest_age_seconds, 3),
                     }
                     for q in queues or []
                 ],
@@ -538,12 +541,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     else:
         print_status(snaps)
     for q in queues or []:
-        console.print(
-            Text(
-                f"queue {q.queue}: {q.depth} waiting, oldest waiting "
-                f"{q.oldest_age_seconds:.1f} s (at least)"
-            )
+        age = (
+            "oldest waiting not known (RabbitMQ)"
+            if q.oldest_age_seconds is None
+            else f"oldest waiting {q.oldest_age_seconds:.1f} s (at least)"
         )
+        console.print(Text(f"queue {q.queue}: {q.depth} waiting, {age}"))
 
 
 @cli.command()
@@ -1083,8 +1086,15 @@ def models_add(
 
 
 def main() -> None:
+    from pydantic import ValidationError
 
-    cli()
+    try:
+        cli()
+    except ValidationError as exc:  # the settings: one line per problem, not a traceback
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ())) or "settings"
+            say(f"invalid settings ({where}): {error['msg']}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ from shared.records import ProcessSnapshot
 from shared.results import Clusters, Forecast, KMeansFit, Prediction, Sentiment
 from shared.settings import Settings, get_settings
 from shared.state import read_snapshots
-from shared.urls import redact, redis_client, redis_connection_url
+from shared.urls import broker_connection_url, redact, redis_client, redis_connection_url
 from workers import tracing
+from workers.broker import celery_options as broker_options
 from workers.routing import model_of_task
 from workers.signing import setup as setup_signing
 
@@ -203,9 +204,13 @@ def _redis_retry() -> dict[str, Any]:
 
 
 def _celery_app(settings: Settings, url: str, queue: str) -> Celery:
-    """A send-only Celery app: JSON, the default queue preset, bounded connection attempts, and
-    no result backend (the client reads results from Redis itself)."""
-    app = Celery("modelworkers-client", broker=url, set_as_current=False)
+    """A send-only Celery app on the broker at ``url`` (Redis or RabbitMQ, declaring its queues
+    as the workers do: workers.broker): JSON, the default queue preset, bounded connection
+    attempts, and no result backend (the client reads results from Redis itself)."""
+    app = Celery(
+        "modelworkers-client", broker=url, set_as_current=False, amqp="workers.broker:BrokerAMQP"
+    )
+    app.conf.update(broker_options(settings, url))
     app.conf.update(
         task_default_queue=queue,
         task_serializer="json",
@@ -236,8 +241,9 @@ class ModelClient:
     share it).
 
     ``ModelClient()`` reads the settings the workers read (REDIS_URL + REDIS_USERNAME and
-    REDIS_PASSWORD, TLS, TASK_QUEUE, KEY_PREFIX, MESSAGE_SIGNING); ``redis_url`` (user and
-    password inside it), ``queue`` (= the workers'
+    REDIS_PASSWORD, BROKER_URL, TLS, TASK_QUEUE, KEY_PREFIX, MESSAGE_SIGNING); ``redis_url``
+    (user and password inside it), ``broker_url`` (= the workers' BROKER_URL, when tasks go to
+    another broker than Redis, e.g. RabbitMQ), ``queue`` (= the workers'
     TASK_QUEUE) and ``key_prefix`` (= their KEY_PREFIX) override them. ``queues`` maps a model
     to the queue its tasks must go to, ahead of what the snapshots say. ``timeout`` is the
     default wait of the typed methods, in seconds.
@@ -247,6 +253,7 @@ class ModelClient:
         self,
         redis_url: str | None = None,
         *,
+        broker_url: str | None = None,
         queue: str | None = None,
         key_prefix: str | None = None,
         queues: Mapping[str, str] | None = None,
@@ -259,23 +266,27 @@ class ModelClient:
             base = base.model_copy(
                 update={"redis_url": redis_url, "redis_password": None, "redis_username": None}
             )
+        if broker_url is not None:
+            base = base.model_copy(update={"broker_url": broker_url or None})
         self.settings = base
         self.url = redis_connection_url(base)
+        self.broker_url = broker_connection_url(base)
         self.queue = queue or base.task_queue
         self.key_prefix = key_prefix or base.key_prefix
         self.queues = dict(queues or {})
         self.timeout = timeout
         self.routes_ttl = routes_ttl
         self.redis: Any = redis_client(base, **_redis_retry())  # connects on first use
-        self.app = _celery_app(base, self.url, self.queue)
+        self.app = _celery_app(base, self.broker_url, self.queue)
         self._routes: dict[str, str] = {}
         self._routes_at = -float("inf")
         self._lock = threading.Lock()
         self._producers_ready = False
 
     def __repr__(self) -> str:
+        broker = f", broker_url={redact(self.broker_url)!r}" if self.broker_url != self.url else ""
         return (
-            f"{type(self).__name__}({redact(self.url)!r}, queue={self.queue!r}, "
+            f"{type(self).__name__}({redact(self.url)!r}{broker}, queue={self.queue!r}, "
             f"key_prefix={self.key_prefix!r})"
         )
 
@@ -487,6 +498,7 @@ class AsyncModelClient:
         self,
         redis_url: str | None = None,
         *,
+        broker_url: str | None = None,
         queue: str | None = None,
         key_prefix: str | None = None,
         queues: Mapping[str, str] | None = None,
@@ -496,6 +508,7 @@ class AsyncModelClient:
     ) -> None:
         self.sync = ModelClient(
             redis_url,
+            broker_url=broker_url,
             queue=queue,
             key_prefix=key_prefix,
             queues=queues,

@@ -533,6 +533,11 @@ class GuardedConsumer(Consumer):
             message.ack_log_error(log, self.connection_errors)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        if headers.get("compression"):  # kombu tried to decompress it (AMQP: no envelope check)
+            refusal = Refused("compressed", "compressed message bodies are not accepted")
+            self.refuse(message, refusal)
+            return
         self.refuse(message, Refused("not_json", f"the body could not be decoded: {exc}"))
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:

@@ -22,7 +22,11 @@ them instead:
   requests down with it more than once.
 * Prefetch: while batches form, the consumer holds ``BATCH_MAX_SIZE`` more messages than
   ``worker_prefetch_multiplier`` allows, and a batch in a pool process counts as one message,
-  as a single task does. With no batch running, the prefetch is Celery's.
+  as a single task does. With no batch running, the prefetch is Celery's. On RabbitMQ's quorum
+  queues the prefetch is per consumer and fixed once the consumer exists (a later
+  ``basic.qos`` applies to new consumers only, and quorum queues have no global QoS): there
+  the batcher leaves it alone, and a batch gathers at most the messages the prefetch holds
+  (PREFETCH_MULTIPLIER x concurrency).
 
 ``POOL_BATCHING=false`` turns it off (every request is a pool job of its own).
 """
@@ -145,6 +149,7 @@ class PoolBatcher:
         self.jobs: set[_Job] = set()
         self.held = 0  # prefetch added to Celery's (see the module docstring)
         self._qos: Any = None
+        self.static_prefetch = False  # RabbitMQ quorum queues: the prefetch cannot grow
         self.batches_sent = 0
         self.batched_requests = 0
 
@@ -235,7 +240,7 @@ class PoolBatcher:
         the next requests can wait here), and one less per request beyond the first of each
         job (a job counts as one message)."""
         qos = getattr(self.consumer, "qos", None)
-        if qos is None:
+        if qos is None or self.static_prefetch:
             return
         if qos is not self._qos:  # a new connection: Celery's prefetch again
             self._qos, self.held = qos, 0
@@ -283,6 +288,16 @@ def batching_models() -> set[str]:
     return found
 
 
+def quorum_queues(consumer: Any) -> bool:
+    """Whether this consumer takes from RabbitMQ quorum queues (Celery's own detection)."""
+    from celery.utils.quorum_queues import detect_quorum_queues
+
+    from shared.urls import is_amqp
+
+    driver = "amqp" if is_amqp(str(consumer.app.conf.broker_url or "")) else "redis"
+    return bool(detect_quorum_queues(consumer.app, driver)[0])
+
+
 def batcher_for(consumer: Any) -> PoolBatcher | None:
     """The consumer's batcher (one per consumer), or None: not prefork, or turned off."""
     found: PoolBatcher | None = getattr(consumer, "_modelworkers_batcher", None)
@@ -299,7 +314,13 @@ def batcher_for(consumer: Any) -> PoolBatcher | None:
         processes=processes,
         batching_models=batching_models(),
     )
+    found.static_prefetch = quorum_queues(consumer)
     consumer._modelworkers_batcher = found
+    if found.static_prefetch:
+        log.info(
+            "prefork batching: the prefetch is fixed on RabbitMQ quorum queues: a batch gathers "
+            "at most the PREFETCH_MULTIPLIER x concurrency messages this node holds"
+        )
     log.info(
         "prefork batching: up to %d requests per pool job for %s",
         found.max_size,

@@ -31,6 +31,7 @@ import redis
 from celery import Celery
 
 from harness import WorkerProcess, build_kmeans, wait_for, write_manifest
+from harness.brokers import Broker
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LOG_LINE = re.compile(r"Task ([\w.]+)\[([0-9a-f-]{36})\] (received|succeeded)")
@@ -61,12 +62,14 @@ def seg_manifest(folder: Path) -> Path:
     return write_manifest(folder, [{"name": "seg", "family": "sklearn", "path": "seg.joblib"}])
 
 
-def client_app(redis_url: str, queue: str) -> Celery:
+def client_app(redis_url: str, queue: str, broker: Broker | None = None) -> Celery:
     """A publisher that knows only the broker, the queue and task names (no result backend:
-    results are read from Redis directly, as a web app in any language would)."""
-    app = Celery(broker=redis_url, backend="disabled://")
+    results are read from Redis directly, as a web app in any language would). ``broker``:
+    the test's broker (RabbitMQ, or by default the Redis at ``redis_url``)."""
+    broker = broker or Broker("redis")
+    app = Celery(broker=broker.url(redis_url), backend="disabled://")
+    app.conf.update(broker.client_conf(queue))
     app.conf.update(
-        task_default_queue=queue,
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
@@ -123,9 +126,9 @@ def wait_final(
     return done
 
 
-def queue_drained(client: redis.Redis, queue: str) -> bool:
+def queue_drained(client: redis.Redis, queue: str, broker: Broker | None = None) -> bool:
     """No message left in the queue and none delivered but unacknowledged."""
-    return client.llen(queue) == 0 and client.hlen("unacked") == 0
+    return (broker or Broker("redis")).queue_empty(client, queue)
 
 
 def log_counts(workers: Iterable[WorkerProcess], ids: Iterable[str]) -> tuple[Counter[str], ...]:

@@ -1,18 +1,22 @@
-"""The public task contract, through a real `celery worker` (prefork, 2 processes) on real Redis.
+"""The public task contract, through a real `celery worker` (prefork, 2 processes) on real Redis,
+with Redis and then RabbitMQ (BROKER_URL=amqp://..., a vhost of this run's own) as the broker:
+the ``broker`` parameter (tests/conftest.py).
 
 The client here knows only task names and JSON arguments (see WorkerProcess.app); results are
-compared with the same library call made in-process on the same input.
+compared with the same library call made in-process on the same input, so the answers through
+RabbitMQ are the same as through Redis.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from harness import WorkerProcess
+from harness import WorkerProcess, close_app
 from shared.registry import ModelRegistry
 from shared.repository import load_repository
 from tests.conftest import REPOSITORY
@@ -38,6 +42,19 @@ def stored_error(result: Any) -> tuple[str, str]:
     raw = result.backend.client.get(result.backend.get_key_for_task(result.id))
     exc = json.loads(raw)["result"]
     return exc["exc_type"], exc["exc_message"][0]
+
+
+@pytest.fixture(scope="module")
+def serving_worker(broker_serving_worker: WorkerProcess) -> WorkerProcess:
+    """The project's real models served by one node, on the ``broker`` of this run."""
+    return broker_serving_worker
+
+
+@pytest.fixture(scope="module")
+def client(serving_worker: WorkerProcess) -> Iterator[Any]:
+    app = serving_worker.app()
+    yield app
+    close_app(app)
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +300,22 @@ def test_results_are_plain_json_in_redis(client: Any, serving_worker: WorkerProc
     raw = serving_worker.client.get(f"celery-task-meta-{result.id}")
     stored = json.loads(raw)
     assert stored["status"] == "SUCCESS" and len(stored["result"]["labels"]) == 3
+
+
+def test_the_python_client_gets_the_same_answers_as_a_client_of_task_names_and_json(
+    client: Any, serving_worker: WorkerProcess
+) -> None:
+    """ModelClient with this run's broker (BROKER_URL when it is RabbitMQ) and Redis."""
+    from workers.client import ModelClient
+
+    with ModelClient(
+        serving_worker.redis_url,
+        broker_url=serving_worker.broker_url,
+        queue=serving_worker.queue,
+        key_prefix=serving_worker.prefix,
+    ) as typed:
+        text = "Wonderful service, would come again."
+        assert typed.analyze(text).model_dump() == run(client, "sentiment.analyze", text)
+        rows = [[0.1, 0.2, 0.3, 0.4]]
+        got = typed.assign(rows).model_dump()
+        assert got == run(client, "clustering.assign", rows)
