@@ -120,7 +120,7 @@ bench-quick: $(STAMP)-bench
 	$(BIN)/python -m bench.run --quick
 
 chaos: install-dev    ## every fault at once under a mixed load (about 5 minutes); exit 1 if a task is lost
-	$(BIN)/python -m harness.chaos
+	$(BIN)/python -m harness.chaos $(CHAOS_ARGS)   # e.g. CHAOS_ARGS="--broker amqp"
 
 models: install-dev   ## rebuild every model artifact and the manifest from packaged data
 	$(BIN)/python scripts/build_models.py

@@ -1,8 +1,10 @@
 """``make chaos``: every fault at once, under a mixed load of every task family.
 
-``python -m harness.chaos [--seconds 180] [--rate 20] [--out PATH]`` starts a real
-``redis-server`` with AOF (``appendfsync everysec``) in a temporary folder, two worker nodes
-(prefork, 2 processes each) on one queue, and a client that keeps sending every task family at
+``python -m harness.chaos [--broker redis|amqp] [--seconds 180] [--rate 20] [--out PATH]``
+starts a real ``redis-server`` with AOF (``appendfsync everysec``) in a temporary folder, two
+worker nodes (prefork, 2 processes each) on one queue (in that Redis, or with ``--broker amqp`` in a
+RabbitMQ virtual host of the run's own, created and deleted with ``rabbitmqctl``; results and
+the registry stay in the Redis), and a client that keeps sending every task family at
 ``--rate`` tasks per second (with a few invalid requests, which must fail with ``InvalidInput``).
 Meanwhile, on a fixed timeline, it
 
@@ -12,7 +14,8 @@ Meanwhile, on a fixed timeline, it
   messages and results back),
 * runs a fleet reload (``modelworkers reload sentiment --version 1.1.0``) and a reload that fails
   to load (a version whose artifact is corrupt: every process keeps the version it had),
-* publishes hostile raw messages (not JSON, too deep, too large, wrong content type, no task).
+* publishes hostile raw messages (not JSON, too deep, too large, wrong content type, no task):
+  onto the Redis queue list, or with kombu's producer to RabbitMQ, bytes and headers as given.
 
 Then it stops sending, waits (bounded) for every task's final state and prints, per outcome:
 sent, completed, failed with their reasons (expected: the invalid requests), lost, executed twice
@@ -47,6 +50,7 @@ import redis
 from celery import Celery
 
 from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for
+from harness.brokers import QUEUE_ARGUMENTS, Broker, RabbitVhost, rabbitmq_problem
 from shared.manifest import artifact_sha256
 from workers.embedded import free_port, redis_server_binary
 
@@ -293,9 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=180, help="how long the load runs")
     parser.add_argument("--rate", type=float, default=20, help="tasks sent per second")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--broker", choices=("redis", "amqp"), default="redis", help="where the tasks queue"
+    )
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "chaos.json")
     opts = parser.parse_args(argv)
 
+    vhost: RabbitVhost | None = None
+    if opts.broker == "amqp":
+        problem = rabbitmq_problem()
+        if problem:
+            raise SystemExit(f"--broker amqp needs RabbitMQ: {problem}")
+        vhost = RabbitVhost.create()
     folder = Path(tempfile.mkdtemp(prefix="modelworkers-chaos-"))
     server = RedisServer(folder)
     server.start()
@@ -307,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "VISIBILITY_TIMEOUT_SECONDS": "40",
         "TASK_TIME_LIMIT_SECONDS": "30",
         "PYTHONUNBUFFERED": "1",
+        **({"BROKER_URL": vhost.url} if vhost is not None else {}),
     }
     nodes = [
         WorkerProcess(
@@ -317,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     run = Run()
     stop = threading.Event()
     rng = random.Random(opts.seed)
-    app = client_app(server.url, prefix)
+    app = client_app(vhost.url if vhost is not None else server.url, prefix)
+    if vhost is not None:
+        app.conf.update(Broker("amqp", vhost).client_conf(prefix))
     client = redis.Redis.from_url(server.url, socket_timeout=5)
     cli_env = {**os.environ, **nodes[0].env}
     sender: threading.Thread | None = None
@@ -368,8 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             run.event("reload to a corrupt version", rc=bad["rc"], replies=_replies(bad))
 
         def hostile() -> None:
-            for raw in hostile_messages(prefix):
-                client.lpush(prefix, raw)
+            if vhost is not None:
+                publish_raw_amqp(vhost.url, prefix)
+            else:
+                for raw in hostile_messages(prefix):
+                    client.lpush(prefix, raw)
             run.event("hostile messages pushed", count=len(hostile_messages(prefix)))
 
         timeline: list[tuple[float, Callable[[], None]]] = [
@@ -402,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             node.stop()
         server.stop()
         client.close()
+        if vhost is not None:
+            vhost.delete()
+    report["broker"] = opts.broker
     report["events"] = run.events
     report["logs"] = str(folder)
     opts.out.write_text(json.dumps(report, indent=1))
@@ -409,6 +431,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw: {opts.out}; logs: {folder}")
     hostile_ok = report["hostile_refused"] >= len(hostile_messages(prefix))
     return 1 if report["lost"] or report["unexpected_failures"] or not hostile_ok else 0
+
+
+def publish_raw_amqp(url: str, queue: str) -> None:
+    """The hostile messages' bodies, headers and content types, published to RabbitMQ by
+    kombu's producer with no serializer in the way (an envelope has no AMQP equivalent: the
+    first one, not JSON at all, goes as a body without headers)."""
+    from kombu import Connection, Exchange, Queue
+
+    target = Queue(queue, Exchange(queue), routing_key=queue, queue_arguments=QUEUE_ARGUMENTS)
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for raw in hostile_messages(queue):
+            try:
+                envelope = json.loads(raw)
+            except ValueError:
+                body, headers, content_type = raw, {}, "application/json"
+            else:
+                body = base64.b64decode(envelope["body"])
+                headers, content_type = envelope["headers"], envelope["content-type"]
+            producer.publish(
+                body,
+                exchange=target.exchange,
+                routing_key=queue,
+                declare=[target],
+                headers=headers,
+                content_type=content_type,
+                content_encoding="utf-8",
+            )
 
 
 def _replies(result: dict[str, Any]) -> Any:
