@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from bench.context import Ctx, cpu_seconds, med, rnd
-from bench.data import REAL_MANIFEST, texts
+from bench.data import REAL_MODELS, texts
 from bench.driver import release
 from bench.report import target
 
@@ -24,7 +24,7 @@ CONFIGS = {
 
 
 def launch_to_ready(ctx: Ctx, env: dict[str, str], concurrency: int = 2) -> dict[str, Any]:
-    worker = ctx.worker(concurrency=concurrency, env={"MODEL_MANIFEST": str(REAL_MANIFEST), **env})
+    worker = ctx.worker(concurrency=concurrency, env={"MODEL_REPOSITORY": str(REAL_MODELS), **env})
     with ctx.launched(worker, concurrency) as out:
         out["cpu_s"] = sum(cpu_seconds(worker.pid).values())  # the worker and its pool processes
         # what the worker logged about its start: preimport seconds, per-process load seconds
@@ -39,7 +39,7 @@ def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
     """The task is queued before the worker is launched; seconds from launch to its result."""
     from harness import close_app
 
-    worker = ctx.worker(concurrency=concurrency, env={"MODEL_MANIFEST": str(REAL_MANIFEST)})
+    worker = ctx.worker(concurrency=concurrency, env={"MODEL_REPOSITORY": str(REAL_MODELS)})
     app = worker.app()
     try:
         result = app.send_task("sentiment.analyze", args=[texts()[0]])
@@ -59,7 +59,7 @@ def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
 def bare_first_answer(ctx: Ctx) -> dict[str, Any]:
     """python -m bench.helper: import the stack, ModelRegistry.load_all, one sentiment answer;
     timed from spawn to the answer line on its stdout."""
-    with ctx.helper(REAL_MANIFEST, threads=0, text=texts()[0]) as bare:
+    with ctx.helper(REAL_MODELS, threads=0, text=texts()[0]) as bare:
         answer = bare.first
         return {
             "seconds": bare.t_answer - bare.t_spawn,

@@ -17,7 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 MINILM_DIR = CACHE / "minilm-cls"
-REAL_MANIFEST = ROOT / "models" / "models.toml"
+REAL_MODELS = ROOT / "models"  # the shipped model repository
 
 
 def ensure_cache() -> Path:
@@ -179,11 +179,12 @@ def bench_manifest(
     ``sentiment`` -> tiny-bert 1.0.0 (``tiny``) or the MiniLM classifier (``minilm``).
     ``lazy``: every model lazy = true (loaded on first use). ``only``: just these models."""
     from harness import write_manifest
-    from shared.manifest import artifact_sha256, load_manifest
+    from shared.manifest import artifact_sha256
+    from shared.repository import load_repository
 
     folder = ensure_cache() / "manifests" / name
     folder.mkdir(parents=True, exist_ok=True)
-    real = load_manifest(REAL_MANIFEST)
+    real = load_repository(REAL_MODELS)
     entries: list[dict[str, Any]] = []
     for spec in real.active():
         if only and spec.name not in only:

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from bench.context import CORES, Ctx, med, rnd
-from bench.data import REAL_MANIFEST, bench_manifest, family_jobs
+from bench.data import REAL_MODELS, bench_manifest, family_jobs
 from bench.driver import Client
 from bench.report import target
 
@@ -27,7 +27,7 @@ def helper_job(family: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
 def first_tasks(ctx: Ctx, manifest: Any, order: list[str], rep: int) -> list[dict[str, Any]]:
     """One -c 1 worker: each family's first task in ``order``, then its warm calls."""
     rows = []
-    worker = ctx.worker(concurrency=1, env={"MODEL_MANIFEST": str(manifest)})
+    worker = ctx.worker(concurrency=1, env={"MODEL_REPOSITORY": str(manifest)})
     with ctx.running(worker):
         client = Client(worker)
         client.warm()  # the client is warm, as a web app's is: the worker is measured
@@ -55,7 +55,7 @@ def first_tasks(ctx: Ctx, manifest: Any, order: list[str], rep: int) -> list[dic
 
 def run(ctx: Ctx) -> dict[str, Any]:
     reps = ctx.n(len(FAMILIES), 1)  # full: each family is the process's very first task once
-    manifests = {"eager": REAL_MANIFEST, "lazy": bench_manifest("lazy", lazy=True)}
+    manifests = {"eager": REAL_MODELS, "lazy": bench_manifest("lazy", lazy=True)}
     modes = ["eager", "lazy"] if not ctx.quick else ["eager"]
     raw: dict[str, Any] = {m: [] for m in modes}
     for rep in range(reps):
@@ -104,7 +104,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         # an idle pause (as the first task after READY comes) vs back to back (as the warm p50).
         threads = CORES  # what a -c 1 worker's child gets (Settings.resolved_torch_threads)
         raw["in_process_idle"] = {}
-        with ctx.helper(REAL_MANIFEST, threads=threads) as helper:
+        with ctx.helper(REAL_MODELS, threads=threads) as helper:
             for family in FAMILIES:
                 job = helper_job(family, *family_jobs()[family][1:])
                 helper.latency(family, [job], 5)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.context import CORES, Ctx, med, pct, ready_time
-from bench.data import CACHE, REAL_MANIFEST, ROOT, texts
+from bench.data import CACHE, REAL_MODELS, ROOT, texts
 from bench.driver import Client, Driver
 from bench.helper import Helper, clean_env
 from bench.overhead import one_round
@@ -187,9 +187,10 @@ class GpuRun:
 
     # -- setup -----------------------------------------------------------------------------
     def build_models(self) -> dict[str, Any]:
-        from shared.manifest import artifact_sha256, load_manifest
+        from shared.manifest import artifact_sha256
+        from shared.repository import load_repository
 
-        real = next(s for s in load_manifest(REAL_MANIFEST).active() if s.name == "sentiment")
+        real = next(s for s in load_repository(REAL_MODELS).active() if s.name == "sentiment")
         models = {"sentiment": (Path(real.location), real.version, real.sha256)}
         info: dict[str, Any] = {"tiny_bert": {"version": real.version, "sha256": real.sha256}}
         info["manifests"] = "sentiment only (required, no fallback), written under a temp dir"
@@ -233,7 +234,7 @@ class GpuRun:
     def started(self, out: dict[str, Any], model: str, processes: int, **kw: Any) -> Iterator[Any]:
         """A worker of ``model`` (``concurrency`` = ``processes`` unless given): launched, READY
         (bounded wait; seconds in ``out["ready"]``), always stopped by PID."""
-        env = {"MODEL_MANIFEST": str(self.manifests[model]), **kw.pop("env", {})}
+        env = {"MODEL_REPOSITORY": str(self.manifests[model]), **kw.pop("env", {})}
         worker = self.ctx.worker(concurrency=kw.pop("concurrency", processes), env=env, **kw)
         t_launch = time.time()
         worker.start()

@@ -26,8 +26,8 @@ from typing import Any, Self
 ROOT = Path(__file__).resolve().parent.parent
 # model settings a spawned process must not inherit from whoever started the benchmark
 INHERITED = """TORCH_THREADS OMP_NUM_THREADS PRELOAD_MODE PREIMPORT LOADER_THREADS SENTIMENT_MODEL
-MODEL_MANIFEST BATCH_WINDOW_MS BATCH_MAX_SIZE WORKER_POOL WORKER_CONCURRENCY REDIS_URL KEY_PREFIX
-TASK_QUEUE"""
+MODEL_MANIFEST MODEL_REPOSITORY BATCH_WINDOW_MS BATCH_MAX_SIZE WORKER_POOL WORKER_CONCURRENCY
+REDIS_URL KEY_PREFIX TASK_QUEUE"""
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -271,8 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     from shared.families.transformers_sentiment import resolve_device
     from shared.manifest import load_manifest
     from shared.registry import ModelRegistry
+    from shared.repository import load_repository
 
-    manifest = load_manifest(Path(args.manifest), default_version=settings.model_version)
+    path = Path(args.manifest)
+    manifest = (
+        load_repository(path)
+        if path.is_dir()
+        else load_manifest(path, default_version=settings.model_version)
+    )
     registry = ModelRegistry(
         device=settings.model_device, load_timeout=settings.load_timeout_seconds, warmup=True
     )

@@ -162,14 +162,14 @@ def run(ctx: Ctx) -> dict[str, Any]:
     baseline()
     for mode in ["parent", "child"] if not ctx.quick else ["parent"]:
         for n in [1, 2, 4] if not ctx.quick else [2]:
-            env = {"MODEL_MANIFEST": str(manifest), "PRELOAD_MODE": mode}
+            env = {"MODEL_REPOSITORY": str(manifest), "PRELOAD_MODE": mode}
             raw["workers"][f"{mode}_c{n}"] = measure_worker(
                 ctx, ctx.worker(concurrency=n, env=env), n
             )
     if not ctx.quick:
         # one Celery process serving the same models (solo pool): the product's own
         # one-process figure, Celery's consumer included, beside the plain-process baseline
-        worker = ctx.worker(concurrency=1, pool="solo", env={"MODEL_MANIFEST": str(manifest)})
+        worker = ctx.worker(concurrency=1, pool="solo", env={"MODEL_REPOSITORY": str(manifest)})
         raw["workers"]["solo_c1"] = measure_worker(ctx, worker, 1, at_ready=False)
     baseline()
     base_pss = med([b["total_pss_mib"] for b in raw["baseline"]])

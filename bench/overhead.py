@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.context import CORES, Ctx, med, pct, rnd, task_runtimes_ms
-from bench.data import CUSTOMERS, REAL_MANIFEST, arima_series, bench_manifest, prophet_series, texts
+from bench.data import CUSTOMERS, REAL_MODELS, arima_series, bench_manifest, prophet_series, texts
 from bench.driver import Client, alternate
 from bench.helper import Helper
 from bench.report import target
@@ -69,7 +69,7 @@ def one_round(
 
 
 def measure(ctx: Ctx, manifest: Path, families: list[str], threads: int) -> dict[str, Any]:
-    env = {"MODEL_MANIFEST": str(manifest), "TORCH_THREADS": str(threads)}
+    env = {"MODEL_REPOSITORY": str(manifest), "TORCH_THREADS": str(threads)}
     worker = ctx.worker(concurrency=1, env=env)
     out: dict[str, Any] = {f: {} for f in families}
     with ctx.running(worker, wait=False), ctx.helper(manifest, threads=threads) as helper:
@@ -113,7 +113,7 @@ def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
     calls: dict[str, tuple[Client, str]] = {}
     with ExitStack() as stack:
         for name, (env, args) in ABLATION.items():
-            env = {"MODEL_MANIFEST": str(REAL_MANIFEST), "TORCH_THREADS": str(threads), **env}
+            env = {"MODEL_REPOSITORY": str(REAL_MODELS), "TORCH_THREADS": str(threads), **env}
             worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
             if args:
                 at = worker.args.index(args[0])
@@ -133,10 +133,10 @@ def run(ctx: Ctx) -> dict[str, Any]:
     threads = CORES  # a concurrency-1 worker's default, set explicitly on both sides
     raw: dict[str, Any] = {}
     families = list(FAMILIES) if not ctx.quick else ["sentiment", "clustering"]
-    raw["tiny-bert"] = measure(ctx, REAL_MANIFEST, families, threads)
+    raw["tiny-bert"] = measure(ctx, REAL_MODELS, families, threads)
     if not ctx.quick:
         # the same at 1 torch thread on both sides: robust to other tenants of a shared machine
-        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MANIFEST, ["sentiment"], 1)
+        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MODELS, ["sentiment"], 1)
         minilm = bench_manifest("eager-minilm", sentiment="minilm")
         raw["minilm"] = measure(ctx, minilm, ["sentiment"], threads)
     summary: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from bench.context import Ctx, med, pct, rnd
-from bench.data import REAL_MANIFEST, ROOT, texts
+from bench.data import REAL_MODELS, ROOT, texts
 from bench.driver import Client
 from bench.report import target
 from harness import wait_for
@@ -158,7 +158,7 @@ def reload_once(alpha: Any, version: str) -> dict[str, Any]:
 def run(ctx: Ctx) -> dict[str, Any]:
     reps = ctx.n(3, 1)
     prefix = f"mwbench-fleet-{uuid.uuid4().hex[:6]}"
-    env = {"MODEL_MANIFEST": str(REAL_MANIFEST)}
+    env = {"MODEL_REPOSITORY": str(REAL_MODELS)}
     raw: dict[str, Any] = {"reloads": []}
     nodes = [
         ctx.worker(concurrency=2, env=env, prefix=prefix, node=f"{n}@{prefix}")

@@ -82,7 +82,7 @@ def main() -> None:
                     server.url,
                     concurrency=1,
                     log_dir=folder,
-                    env={"MODEL_MANIFEST": str(manifest), **env},
+                    env={"MODEL_REPOSITORY": str(manifest), **env},
                 )
                 worker.args[worker.args.index("workers.app")] = "bench.exp_app"
                 workers[name] = worker.start()

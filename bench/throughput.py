@@ -54,7 +54,7 @@ def raw_rates(helper: Helper, texts_: list[str]) -> list[float]:
 def lone_latency(ctx: Ctx, manifest: Path) -> dict[str, Any]:
     """One request at a time: a prefork -c 1 worker and a threads -c 64 worker (window 2 ms)
     run side by side (own queues), measured in alternating blocks."""
-    env = {"MODEL_MANIFEST": str(manifest)}
+    env = {"MODEL_REPOSITORY": str(manifest)}
     workers = {
         "prefork_c1": ctx.worker(concurrency=1, env=env),
         "threads_w2": ctx.worker(concurrency=64, pool="threads", env=env),
@@ -77,7 +77,7 @@ def measure_config(ctx: Ctx, helper: Helper, cfg: dict[str, Any], manifest: Path
     task, 2 in flight per process), each run beside a raw round; then the curve of in-flight
     counts."""
     corpus, n_single, n_raw = texts(), ctx.n(384, 64), ctx.n(256, 64)
-    env = {"MODEL_MANIFEST": str(manifest), **cfg["env"]}
+    env = {"MODEL_REPOSITORY": str(manifest), **cfg["env"]}
     worker = ctx.worker(concurrency=cfg["concurrency"], pool=cfg["pool"], env=env)
     rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
     if cfg.get("batch"):
