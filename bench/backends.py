@@ -1,46 +1,34 @@
-"""CPU backends of the transformers models, torch vs ONNX Runtime (docs/benchmarks.md).
+"""CPU backends of the transformers models, torch vs ONNX Runtime (sections ``backends`` and
+``backend_memory``, not part of a full run: ``python -m bench.run --only backends``).
 
-Speed, in this process: the family's ``classify`` on bench.data.texts(), one text per call (p50,
-1 thread) and batches of 32 (texts/s, 1 and 2 threads), ONNX Runtime with and without option
-onnx_prepack; medians of ``--rounds`` rounds, each after a quiet gate and run again while other
-processes used over 0.3 of a core (``foreign_cores``: the most they used in a kept round).
-Memory (``--memory``): bench.memory.backend_memory.
-
-    .venv/bin/python -m bench.backends [--rounds 3] [--models sentiment,minilm] [--memory]
+Speed, in the orchestrating process: the family's ``classify`` on ``bench.data.texts()``, one
+text per call (p50, 1 thread) and batches of 32 (texts/s, 1 and 2 threads), ONNX Runtime with and
+without option onnx_prepack; medians of rounds, each a measurement block. Memory: total PSS of
+prefork workers of 1, 2 and 4 processes per backend, on the shipped repository and on one whose
+sentiment model is the MiniLM classifier (exported to ONNX in its own copy).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.context import CORES, _cpu_times, pct
-from bench.data import ROOT, ensure_minilm, texts
+from bench.data import CACHE, REAL_MODELS, _link, ensure_minilm, repository, texts
+from bench.memory import measure_worker
+from bench.run import Ctx, med, pct, rnd
 
 
-def clean_round(fn: Any) -> tuple[float, float]:
-    """``fn()`` once the machine is quiet, again while others used over 0.3 of a core
-    meanwhile: (its result, the cores other processes used during the last try)."""
-    for _ in range(3):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            total0, idle0 = _cpu_times()
-            time.sleep(0.5)
-            total1, idle1 = _cpu_times()
-            if (total1 - total0 - (idle1 - idle0)) / max(1, total1 - total0) * CORES <= 0.35:
-                break
-        (total0, idle0), cpu0, t0 = _cpu_times(), time.process_time(), time.monotonic()
-        result = fn()
-        (total1, idle1), cpu, wall = _cpu_times(), time.process_time() - cpu0, time.monotonic() - t0
-        busy = (total1 - total0 - (idle1 - idle0)) / max(1, total1 - total0) * CORES * wall
-        foreign = max(0.0, busy - cpu) / wall
-        if foreign <= 0.3:
-            break
-    return result, foreign
+def minilm_onnx() -> Path:
+    """A copy of the MiniLM classifier with its ``model.onnx`` (the original stays torch-only)."""
+    from shared.families.transformers_onnx import ONNX_FILE, export_onnx
+
+    folder = CACHE / "minilm-onnx"
+    if not (folder / ONNX_FILE).exists():
+        _link(ensure_minilm(), folder)
+        export_onnx(folder)
+    return folder
 
 
 def loaded(folder: Path, backend: str, threads: int) -> Any:
@@ -60,65 +48,52 @@ def loaded(folder: Path, backend: str, threads: int) -> Any:
     return model
 
 
-def speed(folder: Path, rounds: int) -> dict[str, Any]:
-    corpus, out = texts(), {}
-
-    def single(model: Any) -> float:
-        lat = []
-        for text in corpus:
-            t0 = time.perf_counter()
-            model.classify([text])
-            lat.append(time.perf_counter() - t0)
-        return pct(lat, 50) * 1000
-
-    def batches(model: Any) -> float:
+def single(model: Any) -> float:
+    lat = []
+    for text in texts():
         t0 = time.perf_counter()
-        for i in range(0, len(corpus), 32):
-            model.classify(corpus[i : i + 32])
-        return len(corpus) / (time.perf_counter() - t0)
-
-    for threads in (1, 2):
-        models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
-        runs: dict[str, dict[str, list[float]]] = {b: {} for b in models}
-        for _ in range(rounds):
-            for backend, model in models.items():
-                for name, fn in (("single_p50_ms", single), ("batch32_texts_per_s", batches)):
-                    if name == "single_p50_ms" and threads > 1:
-                        continue
-                    value, foreign = clean_round(lambda fn=fn, model=model: fn(model))
-                    runs[backend].setdefault(name, []).append(value)
-                    runs[backend].setdefault("foreign_cores", []).append(foreign)
-        for backend, r in runs.items():
-            out[f"{backend}, {threads} thread(s)"] = {
-                k: round(max(v) if k == "foreign_cores" else statistics.median(v), 2)
-                for k, v in r.items()
-            }
-    return out
+        model.classify([text])
+        lat.append(time.perf_counter() - t0)
+    return pct(lat, 50) * 1000
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__)
-    parser.add_argument("--models", default="sentiment,minilm")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--memory", action="store_true", help="memory instead of speed")
-    args = parser.parse_args(argv)
-    from shared.families.transformers_onnx import ONNX_FILE, export_onnx
-
-    minilm = ensure_minilm()
-    if not (minilm / ONNX_FILE).exists():
-        export_onnx(minilm)
-    folders = {"sentiment": ROOT / "models" / "sentiment" / "1.0.0", "minilm": minilm}
-    if args.memory:
-        from bench.memory import backend_memory
-
-        results = backend_memory(minilm)
-    else:
-        results = {n: speed(folders[n], args.rounds) for n in args.models.split(",")}
-    print(json.dumps(results, indent=2))
-    name = "backends-memory.json" if args.memory else "backends.json"
-    (ROOT / "bench" / "results" / name).write_text(json.dumps(results, indent=2))
-    return 0
+def batches(model: Any) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(texts()), 32):
+        model.classify(texts()[i : i + 32])
+    return len(texts()) / (time.perf_counter() - t0)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run(ctx: Ctx) -> dict[str, Any]:
+    folders = {"tiny-bert": REAL_MODELS / "sentiment" / "1.0.0", "minilm": minilm_onnx()}
+    raw: dict[str, Any] = {}
+    for label, folder in folders.items():
+        for threads in (1, 2):
+            models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
+            for _ in range(ctx.n(3, 1)):
+                for backend, model in models.items():
+                    for name, fn in (("single_p50_ms", single), ("batch32_texts_per_s", batches)):
+                        if name == "batch32_texts_per_s" or threads == 1:
+                            key = f"{label}, {backend}, {threads} thread(s): {name}"
+                            raw.setdefault(key, []).append(ctx.measure(partial(fn, model)))
+    return {"raw": raw, "summary": {k: rnd(med(v), 2) for k, v in raw.items()}}
+
+
+def memory(ctx: Ctx) -> dict[str, Any]:
+    repos = {"shipped": REAL_MODELS, "minilm": repository("minilm-onnx", sentiment=minilm_onnx())}
+    raw: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for label, repo in repos.items():
+        for n in (1, 2, 4):
+            for backend in ("torch", "onnx"):
+                env = {"MODEL_REPOSITORY": str(repo), "TRANSFORMERS_BACKEND": backend}
+                worker = ctx.worker(concurrency=n, env=env)
+                key = f"{label}, {n} process(es), {backend}"
+                mem = raw[key] = measure_worker(
+                    ctx, worker, n, at_ready=False, calls=6, batches=True
+                )
+                private = [p["private_mib"] for p in mem["processes"] if p["role"] == "child"]
+                summary[f"{key}: total PSS MiB (distinct) / private per child"] = (
+                    f"{mem['total_pss_mib']:.0f} ({mem['unique_resident_mib']}) / {private}"
+                )
+    return {"raw": raw, "summary": summary}

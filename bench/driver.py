@@ -13,8 +13,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.context import med, pct
 from bench.helper import JsonProc, clean_env, serve
+from bench.run import med, pct
 
 
 def release(app: Any, result: Any) -> None:
@@ -64,6 +64,11 @@ class Client:
         self, name: str, jobs: list[tuple[list[Any], dict[str, Any]]], n: int
     ) -> list[float]:
         return [self.call(name, *jobs[i % len(jobs)])[0] for i in range(n)]
+
+    def timed(self, name: str, jobs: list[Any], n: int) -> tuple[list[float], list[str]]:
+        """``n`` sequential calls: their latencies and task ids."""
+        self.ids.clear()
+        return self.sequential(name, jobs, n), list(self.ids)
 
     def close(self) -> None:
         from harness import close_app

@@ -105,26 +105,3 @@ def plot_throughput(data: dict[str, Any], path: Path, cores: int) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.report RESULTS.json [--plot PNG]``: print the table of a results file
-    again, and redraw the throughput plot from its raw figures."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("results")
-    parser.add_argument("--plot", help="write the throughput plot here")
-    args = parser.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
-    print_table(results)
-    raw = results["sections"].get("throughput", {}).get("raw", {})
-    if args.plot and raw.get("curves"):
-        plot_throughput(raw, Path(args.plot), results["meta"]["machine"]["nproc"])
-        print(f"plot: {args.plot}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
