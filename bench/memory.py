@@ -1,82 +1,65 @@
-"""Memory: total PSS of a worker (main process + pool processes) with 1, 2, 4 pool processes,
+"""Memory: total PSS of a worker (main + pool processes) with 1, 2, 4 pool processes,
 copy-on-write (PRELOAD_MODE=parent) vs child mode, MiniLM as sentiment, after each process served
-requests; vs one plain Python process serving the same models."""
+requests, vs one plain Python process serving the same models. CPU backends, torch vs ONNX
+Runtime: ``backend_speed`` (``classify`` in this process, one text and batches of 32 at 1 and 2
+threads) and ``backend_memory`` (worker PSS per backend)."""
 
 from __future__ import annotations
 
 import os
 import time
 from contextlib import suppress
+from functools import partial
+from pathlib import Path
 from typing import Any
 
-from bench.data import CUSTOMERS, MINILM_DIR, repository, texts
+from bench import data
+from bench.data import CUSTOMERS, MINILM_DIR, REAL_MODELS, repository, texts
 from bench.driver import Client, Driver
 from bench.report import target
-from bench.run import Ctx, med, rnd
-
-
-def smaps_rollup(pid: int) -> dict[str, int]:
-    """Fields of /proc/PID/smaps_rollup in KiB (Pss, Private_Clean, Private_Dirty, Rss...)."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) >= 3 and parts[-1] == "kB":
-                out[parts[0].rstrip(":")] = int(parts[1])
-    return out
+from bench.run import Ctx, med, pct, rnd
 
 
 def tree_memory(root_pid: int) -> dict[str, Any]:
-    """PSS of a process and its descendants, private memory per process, in MiB."""
+    """PSS and private memory (MiB, /proc/PID/smaps_rollup) of a process and its descendants."""
     import psutil
 
     root, rows = psutil.Process(root_pid), []
     for p in [root, *root.children(recursive=True)]:
         with suppress(psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
-            s = smaps_rollup(p.pid)
-            rows.append(
-                {"pid": p.pid, "role": "main" if p.pid == root_pid else "child"}
-                | {
-                    "pss_mib": round(s.get("Pss", 0) / 1024, 1),
-                    "private_mib": round(
-                        (s.get("Private_Clean", 0) + s.get("Private_Dirty", 0)) / 1024, 1
-                    ),
-                    "rss_mib": round(s.get("Rss", 0) / 1024, 1),
-                }
-            )
+            lines = Path(f"/proc/{p.pid}/smaps_rollup").read_text().splitlines()
+            kib = {x.split()[0]: int(x.split()[1]) for x in lines if x.endswith(" kB")}
+            private = (kib.get("Private_Clean:", 0) + kib.get("Private_Dirty:", 0)) / 1024
+            row = {"pid": p.pid, "role": "main" if p.pid == root_pid else "child"}
+            pss = round(kib.get("Pss:", 0) / 1024, 1)
+            rows.append(row | {"pss_mib": pss, "private_mib": round(private, 1)})
     return {
         "total_pss_mib": round(sum(r["pss_mib"] for r in rows), 1),
-        "total_private_mib": round(sum(r["private_mib"] for r in rows), 1),
         "unique_resident_mib": unique_resident_mib([r["pid"] for r in rows]),
         "processes": rows,
     }
 
 
 def unique_resident_mib(pids: list[int]) -> float | None:
-    """Distinct physical pages resident in any of ``pids`` (each shared page counted once,
-    whoever else maps it): a check on PSS that does not depend on other processes of the
-    machine that map the same libraries. None where page frame numbers are not readable."""
+    """Distinct physical pages resident in any of ``pids`` (a shared page counted once): a check
+    on PSS that does not depend on other processes mapping the same libraries; None where page
+    frame numbers are not readable."""
     import numpy as np
 
-    page, chunks = os.sysconf("SC_PAGE_SIZE"), [np.zeros(0, dtype=np.uint64)]
+    page, frames = os.sysconf("SC_PAGE_SIZE"), [np.zeros(0, dtype=np.uint64)]
     try:
         for pid in pids:
             with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb", 0) as pm:
-                for line in maps:
-                    if "[vsyscall]" in line:
-                        continue
-                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                for line in (x for x in maps if "[vsyscall]" not in x):
+                    lo, hi = map(partial(int, base=16), line.split()[0].split("-"))
                     pm.seek(lo // page * 8)
                     entries = np.frombuffer(pm.read((hi - lo) // page * 8), dtype=np.uint64)
-                    present = (entries >> np.uint64(63)) & np.uint64(1)
-                    pfn = entries & np.uint64((1 << 55) - 1)
-                    chunks.append(pfn[(present == 1) & (pfn != 0)])
+                    present = entries[(entries >> np.uint64(63)) == 1]
+                    frames.append(present & np.uint64((1 << 55) - 1))
     except (OSError, ValueError):
         return None
-    allp = np.concatenate(chunks)
-    if allp.size and not allp.any():
-        return None
-    return round(np.unique(allp).size * page / 2**20, 1)
+    found = np.concatenate(frames)
+    return round(np.unique(found[found != 0]).size * page / 2**20, 1) if found.any() else None
 
 
 def touch_worker(
@@ -117,13 +100,10 @@ def measure_worker(
         time.sleep(0.5)
         mem = tree_memory(worker.pid)
         mem["sentiment_calls_per_process"] = counts
-        mem["at_ready"] = {
-            k: before.get(k) for k in ("total_pss_mib", "total_private_mib", "unique_resident_mib")
-        }
+        mem["at_ready"] = {"total_pss_mib": before.get("total_pss_mib")}
         snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
-        mem["backend"] = sorted(
-            {str(s["models"]["sentiment"].get("details", {}).get("backend")) for s in snaps}
-        )
+        details = [s["models"]["sentiment"].get("details", {}) for s in snaps]
+        mem["backend"] = sorted({str(d.get("backend")) for d in details})
     return mem
 
 
@@ -134,7 +114,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
     def baseline() -> None:
         with ctx.helper(models, threads=2) as helper:
-            helper.cmd("touch", jobs=jobs, times=4)
+            for family, job in jobs.items():  # as the workers' processes do before measuring
+                helper.latency(family, [job], 4)
             time.sleep(0.5)
             raw["baseline"].append(tree_memory(helper.pid))
 
@@ -142,18 +123,16 @@ def run(ctx: Ctx) -> dict[str, Any]:
     for mode in ["parent", "child"] if not ctx.quick else ["parent"]:
         for n in [1, 2, 4] if not ctx.quick else [2]:
             env = {"MODEL_REPOSITORY": str(models), "PRELOAD_MODE": mode}
-            raw["workers"][f"{mode}_c{n}"] = measure_worker(
-                ctx, ctx.worker(concurrency=n, env=env), n
-            )
+            worker = ctx.worker(concurrency=n, env=env)
+            raw["workers"][f"{mode}_c{n}"] = measure_worker(ctx, worker, n)
     if not ctx.quick:  # one Celery process serving the same models: Celery's consumer included
         worker = ctx.worker(concurrency=1, pool="solo", env={"MODEL_REPOSITORY": str(models)})
         raw["workers"]["solo_c1"] = measure_worker(ctx, worker, 1, at_ready=False)
     baseline()
     base = med([b["total_pss_mib"] for b in raw["baseline"]])
     base_unique = med([b["unique_resident_mib"] or 0 for b in raw["baseline"]]) or None
-    summary: dict[str, Any] = {
-        "baseline: one python process, PSS MiB (distinct)": f"{base:.0f} ({base_unique})"
-    }
+    summary: dict[str, Any] = {}
+    summary["baseline: one python process, PSS MiB (distinct)"] = f"{base:.0f} ({base_unique})"
     pss = {key: mem["total_pss_mib"] for key, mem in raw["workers"].items()}
     for key, mem in raw["workers"].items():
         private = [f"{p['private_mib']:.0f}" for p in mem["processes"]]  # the main process first
@@ -174,3 +153,82 @@ def run(ctx: Ctx) -> dict[str, Any]:
     config = {"model": "MiniLM as sentiment + the shipped forecasting/clustering models"}
     config["measure"] = "Pss of /proc/PID/smaps_rollup over main + children; distinct = pagemap"
     return {"raw": raw, "summary": summary, "targets": targets, "config": config}
+
+
+def minilm_onnx() -> Path:
+    """A copy of the MiniLM classifier with its ``model.onnx`` (the original stays torch-only)."""
+    from shared.families.transformers_onnx import ONNX_FILE, export_onnx
+
+    folder = data.CACHE / "minilm-onnx"
+    if not (folder / ONNX_FILE).exists():
+        data._link(data.ensure_minilm(), folder)
+        export_onnx(folder)
+    return folder
+
+
+def loaded(folder: Path, backend: str, threads: int) -> Any:
+    import torch
+
+    from shared.families.base import ModelContext
+    from shared.families.transformers_sentiment import TransformersSentiment
+    from shared.manifest import ModelSpec, artifact_sha256
+
+    options = {"backend": backend.split("+")[0], "onnx_prepack": backend.endswith("+prepack")}
+    spec = ModelSpec(name="bench", family="transformers", path=folder.name, options=options)
+    spec = spec.model_copy(update={"sha256": artifact_sha256(folder), "location": str(folder)})
+    torch.set_num_threads(threads)  # what a serving process does with its thread budget
+    model = TransformersSentiment(spec, ModelContext(device="cpu", threads=threads))
+    model.load()
+    model.warmup()
+    return model
+
+
+def single(model: Any) -> float:
+    lat = []
+    for text in texts():
+        t0 = time.perf_counter()
+        model.classify([text])
+        lat.append(time.perf_counter() - t0)
+    return pct(lat, 50) * 1000
+
+
+def batches(model: Any) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(texts()), 32):
+        model.classify(texts()[i : i + 32])
+    return len(texts()) / (time.perf_counter() - t0)
+
+
+def backend_speed(ctx: Ctx) -> dict[str, Any]:
+    folders = {"tiny-bert": REAL_MODELS / "sentiment" / "1.0.0", "minilm": minilm_onnx()}
+    raw: dict[str, Any] = {}
+    for label, folder in folders.items():
+        for threads in (1, 2):
+            models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
+            for _ in range(ctx.n(3, 1)):
+                for backend, model in models.items():
+                    for name, fn in (("single_p50_ms", single), ("batch32_texts_per_s", batches)):
+                        if name == "batch32_texts_per_s" or threads == 1:
+                            key = f"{label}, {backend}, {threads} thread(s): {name}"
+                            raw.setdefault(key, []).append(ctx.measure(partial(fn, model)))
+    return {"raw": raw, "summary": {k: rnd(med(v), 2) for k, v in raw.items()}}
+
+
+def backend_memory(ctx: Ctx) -> dict[str, Any]:
+    repos = {"shipped": REAL_MODELS, "minilm": repository("minilm-onnx", sentiment=minilm_onnx())}
+    raw: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for label, repo in repos.items():
+        for n in (1, 2, 4):
+            for backend in ("torch", "onnx"):
+                env = {"MODEL_REPOSITORY": str(repo), "TRANSFORMERS_BACKEND": backend}
+                worker = ctx.worker(concurrency=n, env=env)
+                key = f"{label}, {n} process(es), {backend}"
+                mem = raw[key] = measure_worker(
+                    ctx, worker, n, at_ready=False, calls=6, batches=True
+                )
+                private = [p["private_mib"] for p in mem["processes"] if p["role"] == "child"]
+                summary[f"{key}: total PSS MiB (distinct) / private per child"] = (
+                    f"{mem['total_pss_mib']:.0f} ({mem['unique_resident_mib']}) / {private}"
+                )
+    return {"raw": raw, "summary": summary}

@@ -13,27 +13,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.data import (
-    CUSTOMERS,
-    MINILM_DIR,
-    REAL_MODELS,
-    arima_series,
-    prophet_series,
-    repository,
-    texts,
-)
+from bench.data import MINILM_DIR, REAL_MODELS, inproc_job, repository, task_jobs, texts
 from bench.driver import Client, Driver, alternate
 from bench.helper import Helper
 from bench.report import target
-from bench.run import CORES, Ctx, cpu_seconds, med, pct, rnd, task_runtimes_ms
+from bench.run import CORES, Ctx, cpu_seconds, med, pct, rnd
 
-# family -> (task, calls per round full, quick)
-FAMILIES = {
-    "sentiment": ("sentiment.analyze", 20, 20),
-    "clustering": ("clustering.assign", 20, 20),
-    "arima": ("forecast.arima", 4, 2),
-    "prophet": ("forecast.prophet", 3, 2),
-}
+FAMILIES = {"sentiment": (20, 20), "clustering": (20, 20), "arima": (4, 2), "prophet": (3, 2)}
 ROUNDS = (15, 3)  # full, quick: short alternating blocks, so both sides see the same machine
 SINGLE = [([t], {}) for t in texts()[:64]]
 
@@ -42,11 +28,8 @@ def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]
     """(in-process inputs, Celery (args, kwargs)) for the same work."""
     if family == "sentiment":
         return texts()[:64], SINGLE
-    if family == "clustering":
-        return [CUSTOMERS], [([CUSTOMERS], {})]
-    if family == "arima":
-        return [[arima_series(), 5, [1, 1, 1]]], [([arima_series(), 5], {"order": [1, 1, 1]})]
-    return [[prophet_series(), 7, "D"]], [([prophet_series(), 7], {"frequency": "D"})]
+    _, args, kwargs = task_jobs()[family]
+    return [inproc_job(family, args, kwargs)], [(args, kwargs)]
 
 
 def one_round(
@@ -56,11 +39,10 @@ def one_round(
     then ``n`` Celery calls (one in flight), each side a block; appended to ``out``."""
     inputs, celery_jobs = jobs(family)
     local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n, **kw))
-    remote, ids = ctx.measure(partial(client.timed, FAMILIES[family][0], celery_jobs, n))
+    remote = ctx.measure(partial(client.sequential, task_jobs()[family][0], celery_jobs, n))
     for key, values in (("inproc_ms", local), ("celery_ms", remote)):
         out.setdefault(key, []).extend(values)
     out.setdefault("round_ratios", []).append(med(remote) / med(local))
-    out.setdefault("runtime_ms", []).extend(task_runtimes_ms(client.worker, ids))
 
 
 def noop_cpu(ctx: Ctx, worker: Any, n: int) -> dict[str, Any]:
@@ -75,10 +57,8 @@ def noop_cpu(ctx: Ctx, worker: Any, n: int) -> dict[str, Any]:
 
         def once() -> dict[str, Any]:
             (w0, r0), res, (w1, r1) = cpu(), driver.run("bench.noop", [[1]], n, 64), cpu()
-            return {"worker_ms": (w1 - w0) / n * 1000, "redis_ms": (r1 - r0) / n * 1000} | {
-                "tasks_per_s": res["tasks_per_s"],
-                "failed": res["failed"],
-            }
+            out = {"worker_ms": (w1 - w0) / n * 1000, "redis_ms": (r1 - r0) / n * 1000}
+            return out | {"tasks_per_s": res["tasks_per_s"], "failed": res["failed"]}
 
         return ctx.measure(once)
 
@@ -97,29 +77,20 @@ def measure(
         try:
             for family in families:  # warm both sides, not recorded
                 helper.latency(family, jobs(family)[0], 3)
-                client.sequential(FAMILIES[family][0], jobs(family)[1], 3)
+                client.sequential(task_jobs()[family][0], jobs(family)[1], 3)
             for _ in range(ctx.n(*ROUNDS)):
                 for f in families:
-                    one_round(ctx, helper, client, f, ctx.n(*FAMILIES[f][1:]), out[f])
+                    one_round(ctx, helper, client, f, ctx.n(*FAMILIES[f]), out[f])
             time.sleep(1.2)  # one heartbeat: the snapshot's serving counters are fresh
             snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
             for family, model in (("sentiment", "sentiment"), ("clustering", "customer_segments")):
-                if family in out and snaps:  # mean of every model call inside the worker
-                    out[family]["worker_model_mean_ms"] = snaps[0]["models"][model][
-                        "latency_mean_ms"
-                    ]
+                if family in out and snaps:  # the mean of every model call inside the worker
+                    out[family]["worker_mean_ms"] = snaps[0]["models"][model]["latency_mean_ms"]
             if extras:
+                calls = {t: (client, t) for t in ("sentiment.analyze", "models.predict")}
                 predict = [(["sentiment", t], {}) for t in texts()[:64]]
-                pairs = {"sentiment.analyze": SINGLE, "models.predict": predict}
-                rounds: dict[str, list[list[float]]] = {k: [] for k in pairs}
-                for name, task_jobs in pairs.items():
-                    client.sequential(name, task_jobs, 5)  # warm
-                for _ in range(ctx.n(10, 3)):
-                    for name, task_jobs in pairs.items():
-                        rounds[name].append(
-                            ctx.measure(partial(client.sequential, name, task_jobs, 20))
-                        )
-                out["predict_vs_analyze"] = rounds
+                jobs_ = {"sentiment.analyze": SINGLE, "models.predict": predict}
+                out["predict_vs_analyze"] = alternate(ctx, calls, jobs_, ctx.n(10, 3), 20)
                 out["noop_cpu"] = noop_cpu(ctx, worker, ctx.n(2000, 500))
         finally:
             client.close()
@@ -184,10 +155,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 f"{pct(d['inproc_ms'], 99):.2f} / {pct(d['celery_ms'], 99):.2f}"
             )
             summary[f"{label}: median of per-round p50 ratios"] = rnd(paired)
-            summary[f"{label}: task runtime in the worker p50 ms"] = rnd(med(d["runtime_ms"]), 2)
-            if d.get("worker_model_mean_ms") is not None:
+            if d.get("worker_mean_ms") is not None:
                 summary[f"{label}: model call mean ms, in-process / inside the worker"] = (
-                    f"{statistics.fmean(d['inproc_ms']):.2f} / {d['worker_model_mean_ms']:.2f}"
+                    f"{statistics.fmean(d['inproc_ms']):.2f} / {d['worker_mean_ms']:.2f}"
                 )
             if family != "sentiment":
                 continue
@@ -199,10 +169,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
             what = f"sentiment.analyze p50 / in-process p50 ({model})"
             targets.append(target(what, paired, 1.2, detail=detail))
             if model.startswith("tiny-bert"):
-                what, detail = (
-                    f"sentiment.analyze p50 - in-process p50 ({model})",
-                    detail and f"floor +{noop:.2f} ms",
-                )
+                what = f"sentiment.analyze p50 - in-process p50 ({model})"
+                detail = detail and f"floor +{noop:.2f} ms"
                 targets.append(target(what, c50 - ip50, 3.0, unit="ms", detail=detail))
     cpu = extras["noop_cpu"]
     summary["CPU per bench.noop task, ms: worker / Redis (64 in flight, prefork -c 1)"] = (
@@ -210,10 +178,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
     )
     pva = extras["predict_vs_analyze"]
     pairs = zip(pva["models.predict"], pva["sentiment.analyze"], strict=True)
-    ratio, p50 = (
-        med([med(p) / med(a) for p, a in pairs]),
-        {k: med([x for r in v for x in r]) for k, v in pva.items()},
-    )
+    ratio = med([med(p) / med(a) for p, a in pairs])
+    p50 = {k: med([x for r in v for x in r]) for k, v in pva.items()}
     summary["p50 ms models.predict / sentiment.analyze (tiny-bert), ratio"] = (
         f"{p50['models.predict']:.2f} / {p50['sentiment.analyze']:.2f}, {ratio:.3f}x"
     )
@@ -224,54 +190,41 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
 
 def signing(ctx: Ctx) -> dict[str, Any]:
-    """What MESSAGE_SIGNING adds to a task's round trip: two ``bench.exp_app`` nodes (prefork
-    -c 1, a toy model only), one signing (RSA-2048 keys made here), one not; a typed client per
-    node (the signing one with its own key) sends ``bench.noop`` one at a time, alternating
-    blocks of 50; and one signature and one verification in-process."""
+    """What MESSAGE_SIGNING adds to a task's round trip: two ``bench.exp_app`` nodes (prefork -c 1,
+    one small model), one signing (RSA-2048 keys made here), one not; a typed client per node
+    (the signing one with its own key) sends ``bench.noop`` one at a time, alternating blocks of
+    50; and one signature and one verification in-process."""
     from celery.security.certificate import Certificate
     from celery.security.key import PrivateKey
     from celery.security.serialization import SecureSerializer
 
-    from harness import build_kmeans
     from harness.signing import cert_store, make_identity
-    from shared.repository import ModelFile, VersionEntry, write_model_file
     from shared.settings import Settings
     from workers.client import ModelClient
     from workers.signing import Verifier
 
-    folder = Path(tempfile.mkdtemp(prefix="modelworkers-bench-signing-", dir=ctx.logs))
+    folder = Path(tempfile.mkdtemp(prefix="signing-", dir=ctx.logs))
     worker_id, client_id = (make_identity(folder / "keys", who) for who in ("worker", "client"))
     store = cert_store(folder / "store", worker_id, client_id)
-    build_kmeans(folder / "models" / "seg" / "1.0.0.joblib")
-    write_model_file(
-        folder / "models" / "seg",
-        ModelFile(family="sklearn", versions=[VersionEntry(version="1.0.0", path="1.0.0.joblib")]),
-    )
-    variants = {"json": {}, "signed": worker_id.env(store)}
+    models = {"MODEL_REPOSITORY": str(repository("signing", only=("customer_segments",)))}
     keys = {"message_signing": True, "signing_key": client_id.key, "signing_cert": client_id.cert}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {"json": [], "signed": []}
     with ExitStack() as stack:
         clients = {}
-        for name, env in variants.items():
-            env = {"MODEL_REPOSITORY": str(folder / "models"), **env}
-            worker = stack.enter_context(
-                ctx.running(ctx.worker(concurrency=1, env=env, app="bench.exp_app"))
-            )
+        for name, env in (("json", {}), ("signed", worker_id.env(store))):
+            node = ctx.worker(concurrency=1, env=models | env, app="bench.exp_app")
+            worker = stack.enter_context(ctx.running(node))
             signed = {**keys, "signing_cert_store": store} if name == "signed" else {}
-            settings = Settings(
-                redis_url=ctx.redis_url, task_queue=worker.queue, key_prefix=worker.prefix, **signed
-            )
-            clients[name] = ModelClient(settings=settings, timeout=30)
-            stack.callback(clients[name].close)
-        for client in clients.values():
-            for i in range(50):
-                client.result(client.send("bench.noop", i))
-        for _ in range(ctx.n(8, 2)):
-            for name, client in clients.items():
-                for i in range(50):
-                    t0 = time.perf_counter()
-                    assert client.result(client.send("bench.noop", i)) == i
-                    times[name].append((time.perf_counter() - t0) * 1000)
+            where = {"task_queue": worker.queue, "key_prefix": worker.prefix}
+            settings = Settings(redis_url=ctx.redis_url, **where, **signed)  # type: ignore[arg-type]
+            clients[name] = stack.enter_context(ModelClient(settings=settings, timeout=30))
+        for rounds, record in ((1, False), (ctx.n(8, 2), True)):  # 50 untimed tasks each first
+            for _ in range(rounds):
+                for name, client in clients.items():
+                    for i in range(50):
+                        t0 = time.perf_counter()
+                        assert client.result(client.send("bench.noop", i)) == i
+                        times[name] += [(time.perf_counter() - t0) * 1000] if record else []
     key, cert = PrivateKey(client_id.key.read_text()), Certificate(client_id.cert.read_text())
     serializer, verifier, n = SecureSerializer(key, cert, None), Verifier(str(store)), 2000
     t0 = time.perf_counter()
@@ -280,14 +233,11 @@ def signing(ctx: Ctx) -> dict[str, Any]:
     sign_us, t0 = (time.perf_counter() - t0) / n * 1e6, time.perf_counter()
     for _ in range(n):
         verifier.open(body.encode() if isinstance(body, str) else body)
-    verify_us = (time.perf_counter() - t0) / n * 1e6
-    p50 = {k: med(v) for k, v in times.items()}
+    verify_us, p50 = (time.perf_counter() - t0) / n * 1e6, {k: med(v) for k, v in times.items()}
     summary = {f"{k}: p50 / p90 ms": f"{p50[k]:.2f} / {pct(v, 90):.2f}" for k, v in times.items()}
     summary["signed - json p50 ms; signed / json"] = (
         f"{p50['signed'] - p50['json']:+.2f}; {p50['signed'] / p50['json']:.2f}x"
     )
     summary["in-process sign / verify, microseconds"] = f"{sign_us:.0f} / {verify_us:.0f}"
-    return {
-        "raw": {"times_ms": times, "sign_us": sign_us, "verify_us": verify_us},
-        "summary": summary,
-    }
+    raw = {"times_ms": times, "sign_us": sign_us, "verify_us": verify_us}
+    return {"raw": raw, "summary": summary}

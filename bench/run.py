@@ -1,11 +1,8 @@
-"""The benchmark driver: ``python -m bench.run [--quick] [--gpu [--cpu-check]] [--only S,...]``.
-
-Starts a private Redis, then each section in turn; every worker and helper process it starts is
-stopped by PID. Writes every raw measurement, the machine and the commit to ``--out`` (JSON, after
-each section) and prints the figures with the targets of docs/benchmarks.md (met / not met).
-``Ctx`` is what a section gets: the Redis, the log folder, workers and helpers, and measurement
-on a shared machine (quiet gates, and blocks that record what other tenants used).
-"""
+"""The driver: ``python -m bench.run [--quick] [--gpu [--cpu-check]] [--only S,...] [--out F]``:
+a private Redis, then each section (every process stopped by PID); writes every measurement, the
+machine and the commit to ``--out`` after each section, prints the figures and the targets of
+docs/benchmarks.md. ``Ctx`` is what a section gets: workers, helpers, and measurement on a
+shared machine (quiet gates, and blocks that record what other tenants used)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import signal
 import statistics
@@ -41,16 +37,13 @@ T = TypeVar("T")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 QUIET_CORES = 0.35  # other tenants' CPU use (cores) under which a measurement block may start
 FOREIGN_CORES = 0.3  # other tenants' average CPU use during a block above which it is repeated
+PACKAGES = {"torch", "transformers", "onnxruntime", "celery", "kombu", "redis", "prophet", "numpy"}
 
 
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return (
-        ordered[min(max(1, math.ceil(q / 100 * len(ordered))), len(ordered)) - 1]
-        if values
-        else math.nan
-    )
+    ordered = sorted(values) or [math.nan]
+    return ordered[min(max(1, math.ceil(q / 100 * len(ordered))), len(ordered)) - 1]
 
 
 def med(values: list[float]) -> float:
@@ -62,9 +55,7 @@ def rnd(value: float, digits: int = 3) -> float:
 
 
 def loadavg() -> list[float]:
-    with suppress(OSError):
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    return []
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def cpu_times() -> tuple[int, int]:
@@ -90,7 +81,8 @@ class Block:
     block) = all CPU busy time in /proc/stat minus the CPU time of this run's processes."""
 
     def __init__(self, ctx: Ctx) -> None:
-        self.ctx, self.foreign_cores, self.clean, self.record = ctx, 0.0, True, {}
+        self.ctx, self.foreign_cores, self.clean = ctx, 0.0, True
+        self.record: dict[str, Any] = {}
 
     def __enter__(self) -> Block:
         self.ctx.quiet()
@@ -103,56 +95,40 @@ class Block:
         busy = ((stat1[0] - self.stat0[0]) - (stat1[1] - self.stat0[1])) / os.sysconf("SC_CLK_TCK")
         self.foreign_cores = max(0.0, busy - ours) / wall
         self.clean = self.foreign_cores <= FOREIGN_CORES
-        self.record = {"wall_s": round(wall, 3), "foreign_cores": round(self.foreign_cores, 3)}
+        self.record.update(wall_s=round(wall, 3), foreign_cores=round(self.foreign_cores, 3))
         self.record["clean"] = self.clean
         self.ctx.blocks.append(self.record)
 
 
 def about() -> dict[str, Any]:
     """The machine, the package versions and the commit of a run."""
-    from importlib.metadata import version
+    from importlib import metadata
 
     def out(*cmd: str) -> str:
         with suppress(Exception):
-            run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10)
-            return run.stdout.strip()
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         return ""
 
     cpu = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
-    versions = {}
-    for pkg in [
-        "torch",
-        "transformers",
-        "onnxruntime",
-        "celery",
-        "kombu",
-        "redis",
-        "prophet",
-        "numpy",
-    ]:
-        with suppress(Exception):
-            versions[pkg] = version(pkg)
-    product = ["shared", "tasks", "workers", "celeryconfig.py"]
+    versions = {d.name: d.version for d in metadata.distributions() if d.name in PACKAGES}
     return {"nproc": CORES, "cpu_model": cpu[0].split(":", 1)[1].strip() if cpu else "?"} | {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "gpu": out("nvidia-smi", "-L") or None,
-        "commit": out("git", "rev-parse", "HEAD"),
-        "product_files_changed": out("git", "diff", "--name-only", "HEAD", "--", *product).split(),
+        "gpu": out("nvidia-smi", "-L").strip() or None,
+        "commit": out("git", "rev-parse", "HEAD").strip(),
+        "uncommitted": out("git", "status", "--porcelain", "shared", "tasks", "workers").split(),
     }
 
 
 @dataclass
 class Ctx:
-    """One benchmark run: its Redis, log folder, mode (``quick``; ``gpu``: the GPU profile with
-    ``device``), quiet gates and measurement blocks."""
+    """One benchmark run: its Redis, log folder, mode, quiet gates and measurement blocks."""
 
     redis_url: str
     logs: Path
     quick: bool
-    gpu: bool = False
-    device: str = "cpu"
+    device: str = "cpu"  # "cuda": the GPU profile
     gate_s: float | None = None  # most seconds one section may wait for quiet (None: by mode)
     deadline: float = math.inf  # time.monotonic() by which the GPU profile's sections end
     redis_pid: int | None = None
@@ -175,8 +151,7 @@ class Ctx:
         return self.deadline - time.monotonic()
 
     def block(self) -> Block:
-        """``with ctx.block() as b: ...``: wait for quiet, then measure what the rest of the
-        machine used meanwhile (``b.foreign_cores``)."""
+        """``with ctx.block() as b:``: wait for quiet, then measure ``b.foreign_cores``."""
         return Block(self)
 
     def measure(self, fn: Callable[[], T], tries: int = 3) -> T:
@@ -224,18 +199,13 @@ class Ctx:
             "max_foreign_cores": max((x["foreign_cores"] for x in b), default=0.0),
         }
 
-    def worker(
-        self, *, concurrency: int, env: dict[str, str], pool: str = "prefork", **kw: Any
-    ) -> WorkerProcess:
-        """A worker node (not started) with its own queue and prefix (``prefix``, ``node``: as
-        WorkerProcess); ``app``: the Celery app (default ``workers.app``)."""
+    def worker(self, *, env: dict[str, str], app: str = "workers.app", **kw: Any) -> WorkerProcess:
+        """A worker node (not started) of the Celery ``app`` with its own queue and prefix
+        (``concurrency``, ``pool``, ``prefix``, ``node``: as WorkerProcess)."""
         from harness import WorkerProcess
 
-        app = kw.pop("app", "workers.app")
         env = {"HEARTBEAT_SECONDS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
-        worker = WorkerProcess(
-            self.redis_url, concurrency=concurrency, pool=pool, env=env, log_dir=self.logs, **kw
-        )
+        worker = WorkerProcess(self.redis_url, env=env, log_dir=self.logs, **kw)
         worker.args[worker.args.index("workers.app")] = app
         return worker
 
@@ -279,9 +249,8 @@ def ready_time(
         snaps = [s for s in worker.snapshots() if s.get("node") == worker.node and s["ready"]]
         if len(snaps) >= processes:
             seen = time.time() - t_launch
-            loaded = [
-                max(m.get("loaded_at") or 0 for m in s["models"].values()) - t_launch for s in snaps
-            ]
+            loaded = [max(m.get("loaded_at") or 0 for m in s["models"].values()) for s in snaps]
+            loaded = [t - t_launch for t in loaded]
             return {"observed_s": seen, "loaded_s": loaded, "last_loaded_s": max(loaded)}
         time.sleep(0.02)
     raise TimeoutError(
@@ -289,30 +258,23 @@ def ready_time(
     )
 
 
-def task_runtimes_ms(worker: WorkerProcess, ids: list[str]) -> list[float]:
-    """The worker's own runtime of each task (``Task NAME[ID] succeeded in Xs`` in its log)."""
-    found = re.findall(r"\[([0-9a-f-]{36})\] succeeded in ([0-9.e-]+)s", worker.log())
-    runtimes = {task_id: float(s) * 1000 for task_id, s in found}
-    return [runtimes[i] for i in ids if i in runtimes]
-
-
 Section = Callable[[Ctx], dict[str, Any]]
 
 
 def sections() -> dict[str, Section]:
     """Every section by name (imported here: the sections import this module)."""
-    from bench import backends, cold_start, first_job, gpu, memory, overhead, reload, throughput
+    from bench import gpu, memory, overhead, reload, startup, throughput
 
     return {
-        "cold_start": cold_start.run,
-        "first_job": first_job.run,
+        "cold_start": startup.cold_start,
+        "first_job": startup.first_job,
         "overhead": overhead.run,
         "throughput": throughput.run,
         "memory": memory.run,
         "reload_under_load": reload.run,
         "signing": overhead.signing,
-        "backends": backends.run,  # not in a full run: --only backends
-        "backend_memory": backends.memory,  # not in a full run: --only backend_memory
+        "backends": memory.backend_speed,  # not in a full run: --only backends
+        "backend_memory": memory.backend_memory,  # not in a full run: --only backend_memory
         **gpu.SECTIONS,  # --gpu
     }
 
@@ -322,86 +284,45 @@ FULL += ["signing"]
 QUICK = ["overhead", "throughput"]  # --quick: reduced repeats of the cheap sections
 
 
-class Runner:
-    """One results file: ``meta``, then every section, written as soon as each ends (partial
-    results survive an interrupted run)."""
+def run_section(ctx: Ctx, name: str, fn: Section, write: Callable[[], None]) -> None:
+    """One section: its entry is in the results as soon as it ends, an error included (an
+    interrupted run keeps what it had)."""
+    print(f"--- {name} ...", flush=True)
+    t0, gates, blocks, entry = time.time(), len(ctx.gates), len(ctx.blocks), {}
+    ctx.new_section()
+    try:
+        entry = fn(ctx)
+    except Exception as exc:
+        print(trace := traceback.format_exc()[-4000:], file=sys.stderr, flush=True)
+        entry = {"error": f"{type(exc).__name__}: {exc}", "traceback": trace}
+    except BaseException:  # SIGTERM / Ctrl-C: keep what this section had, then unwind
+        entry["error"] = "interrupted (SIGTERM or Ctrl-C) during this section"
+        raise
+    finally:
+        entry |= ctx.summaries(gates, blocks) | {"seconds": round(time.time() - t0, 1)}
+        ctx.results["sections"][name] = entry
+        write()
+    print(f"--- {name} done in {entry['seconds']:.0f} s", flush=True)
 
-    def __init__(self, out: Path, argv: list[str], **meta: Any) -> None:
-        self.out = out if out.is_absolute() else ROOT / out
-        self.t0 = time.time()
-        self.logs = Path(tempfile.mkdtemp(prefix="modelworkers-bench-"))
-        self.results: dict[str, Any] = {
-            "meta": {
-                "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
-                **meta,
-                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "machine": about(),
-                "texts": texts_source(),
-                "logs": str(self.logs),
-                "loadavg_start": loadavg(),
-                "complete": False,
-            },
-            "sections": {},
-        }
-        # SIGTERM unwinds like Ctrl-C (every process is stopped by its finally block); a second
-        # one is ignored so that it cannot cut the clean-up short
-        signal.signal(signal.SIGTERM, self._on_term)
 
-    @staticmethod
-    def _on_term(*_: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        sys.exit(143)
-
-    def write(self) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
-        tmp.replace(self.out)
-
-    def section(self, ctx: Ctx, name: str, fn: Section) -> None:
-        print(f"--- {name} ...", flush=True)
-        t0, gates, blocks = time.time(), len(ctx.gates), len(ctx.blocks)
-        ctx.new_section()
-        entry: dict[str, Any] = {}
-        try:
-            entry = fn(ctx)
-        except Exception as exc:
-            entry = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-            entry["traceback"] = entry["traceback"][-4000:]
-            print(entry["traceback"], file=sys.stderr, flush=True)
-        except BaseException:  # SIGTERM / Ctrl-C: keep what this section had, then unwind
-            entry["error"] = "interrupted (SIGTERM or Ctrl-C) during this section"
-            raise
-        finally:
-            entry["seconds"] = round(time.time() - t0, 1)
-            entry.update(ctx.summaries(gates, blocks), loadavg_after=loadavg())
-            self.results["sections"][name] = entry
-            self.write()
-        print(f"--- {name} done in {entry['seconds']:.0f} s", flush=True)
-
-    def finish(self, complete: bool = True) -> list[str]:
-        """Close the results; return the sections that failed."""
-        meta, done = self.results["meta"], self.results["sections"]
-        meta.update(
-            wall_s=round(time.time() - self.t0, 1), loadavg_end=loadavg(), complete=complete
-        )
-        self.results["table"] = print_table(self.results)
-        self.write()
-        print(f"\nwall time {meta['wall_s']:.0f} s; results: {self.out}", flush=True)
-        return [k for k, v in done.items() if v.get("error") or v.get("ok") is False]
+def on_sigterm(*_: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C (every process is stopped by its finally block); a second one
+    is ignored so that it cannot cut the clean-up short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
 
 
 def main(argv: list[str] | None = None) -> int:
     from bench.gpu import GPU_DEFAULT
     from workers.embedded import EmbeddedRedis
 
-    everything = sections()
+    everything, argv = sections(), sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced repeats, cheap sections")
-    parser.add_argument("--gpu", action="store_true", help="the GPU profile (MODEL_DEVICE=cuda)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU profile")
     parser.add_argument("--cpu-check", action="store_true", help="--gpu on a CPU, tiny counts")
     parser.add_argument("--out", help="JSON results (default bench/results/latest.json, gpu.json)")
-    parser.add_argument("--budget", type=float, help="--gpu: seconds in all")
+    parser.add_argument("--budget", type=float, help="--gpu: seconds in all (default 200)")
     parser.add_argument("--only", default="", help=f"comma-separated of {', '.join(everything)}")
     args = parser.parse_args(argv)
     args.gpu = args.gpu or args.cpu_check
@@ -410,25 +331,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {unknown}; choose from {list(everything)}")
     names = only or (GPU_DEFAULT if args.gpu else QUICK if args.quick else FULL)
     device = "cuda" if args.gpu and not args.cpu_check else "cpu"
+    quick = args.quick or args.cpu_check
     if args.gpu:
         os.environ.update(MODEL_DEVICE=device, TOKENIZERS_PARALLELISM="false")  # every process
     ensure_cache()
     if not args.gpu and set(names) & {"overhead", "throughput", "memory", "backends"}:
         ensure_minilm()
-    out = Path(args.out or f"bench/results/{'gpu' if args.gpu else 'latest'}.json")
-    quick, gate = (
-        args.quick or args.cpu_check,
-        (3.0 if args.cpu_check else 6.0) if args.gpu else None,
-    )
-    meta = {"quick": quick, "gpu": args.gpu, "model_device": device}
-    runner = Runner(out, sys.argv[1:] if argv is None else argv, **meta)
+    out = ROOT / (args.out or f"bench/results/{'gpu' if args.gpu else 'latest'}.json")
+    logs, t0 = Path(tempfile.mkdtemp(prefix="modelworkers-bench-")), time.time()
+    meta = {"command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv)}
+    meta |= {"quick": quick, "gpu": args.gpu, "model_device": device, "logs": str(logs)}
+    meta |= {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": about()}
+    meta |= {"texts": texts_source(), "loadavg_start": loadavg()}
+    results: dict[str, Any] = {"meta": meta, "sections": {}}
+
+    def write() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".tmp").write_text(json.dumps(results, indent=1, default=str))
+        out.with_name(out.name + ".tmp").replace(out)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     with EmbeddedRedis() as redis_server:
-        ctx = Ctx(redis_server.url, runner.logs, quick, args.gpu, device, gate_s=gate)
-        ctx.results, ctx.redis_pid = runner.results, redis_server.proc.pid  # type: ignore[union-attr]
+        gate = (3.0 if args.cpu_check else 6.0) if args.gpu else None
+        ctx = Ctx(redis_server.url, logs, quick, device, gate_s=gate, results=results)
+        ctx.redis_pid = redis_server.proc.pid  # type: ignore[union-attr]
         ctx.deadline = time.monotonic() + (args.budget or (600.0 if args.cpu_check else 200.0))
         for name in names:
-            runner.section(ctx, name, everything[name])
-    return 1 if runner.finish() else 0
+            run_section(ctx, name, everything[name], write)
+    meta.update(wall_s=round(time.time() - t0, 1), loadavg_end=loadavg())
+    results["table"] = print_table(results)
+    write()
+    print(f"\nwall time {meta['wall_s']:.0f} s; results: {out}", flush=True)
+    failed = [k for k, v in results["sections"].items() if v.get("error") or v.get("ok") is False]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

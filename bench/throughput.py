@@ -1,8 +1,6 @@
-"""Throughput: sentiment texts/s through the workers with the MiniLM classifier, per pool
-configuration at 1, 8 and 64 requests in flight, vs the raw in-process batched pipeline
-(tokenizer + forward, batch 32, 2 torch threads): measured once in a fresh process before any
-worker starts (quiet), and in the rounds of each configuration; lone-request p50 of the threads
-pool vs prefork."""
+"""Throughput: sentiment texts/s (MiniLM) per pool configuration at 1, 8 and 64 in flight vs the
+raw batched pipeline in-process (batch 32, 2 threads), measured fresh before any worker starts
+and beside each configuration; lone-request p50 of the threads pool vs prefork."""
 
 from __future__ import annotations
 
@@ -60,10 +58,8 @@ def lone_latency(ctx: Ctx, models: Path) -> dict[str, Any]:
         rounds = alternate(ctx, calls, [([t], {}) for t in texts()[:64]], ctx.n(8, 2), 10)
     pairs = zip(rounds["prefork_c1"], rounds["threads_w2"], strict=True)
     rises = [med(t) - med(p) for p, t in pairs]
-    return {
-        "ms": {k: [x for r in rs for x in r] for k, rs in rounds.items()},
-        "round_rises_ms": rises,
-    }
+    ms = {k: [x for r in rs for x in r] for k, rs in rounds.items()}
+    return {"ms": ms, "round_rises_ms": rises}
 
 
 def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[str, Any]:
@@ -71,26 +67,15 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
     task, 2 in flight per process), each run beside a raw round; then 1 and 8 in flight."""
     pool, concurrency, env, batch = CONFIGS[name]
     corpus, n_single, n_raw = texts(), ctx.n(384, 64), ctx.n(256, 64)
-    worker = ctx.worker(
-        concurrency=concurrency, pool=pool, env={"MODEL_REPOSITORY": str(models), **env}
-    )
+    env = {"MODEL_REPOSITORY": str(models), **env}
+    worker = ctx.worker(concurrency=concurrency, pool=pool, env=env)
     rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
+    task, per_task, inflight, total = "sentiment.analyze", 1, 64, n_single
+    jobs: list[Any] = [[t] for t in corpus]
     if batch:
-        task, per_task, inflight, total = (
-            "sentiment.analyze_batch",
-            32,
-            2 * concurrency,
-            max(4, n_single // 32),
-        )
+        task, per_task, inflight = "sentiment.analyze_batch", 32, 2 * concurrency
+        total = max(4, n_single // 32)
         jobs = [[corpus[i : i + 32]] for i in range(0, len(corpus), 32)]
-    else:
-        task, jobs, per_task, inflight, total = (
-            "sentiment.analyze",
-            [[t] for t in corpus],
-            1,
-            64,
-            n_single,
-        )
     with ctx.running(worker), Driver(worker, ctx.logs) as driver:
         driver.run(task, jobs, min(total, 64), inflight)  # warm
         before = batch_stats(worker)
@@ -108,9 +93,8 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
         if not batch:
             rec["curve"]["64"] = med([r["texts_per_s"] for r in rec["runs"]])
             for k in [1, 8] if not ctx.quick else []:
-                res = ctx.measure(
-                    partial(driver.run, task, jobs, max(4 * k, min(n_single, 32 * k)), k)
-                )
+                n = max(4 * k, min(n_single, 32 * k))
+                res = ctx.measure(partial(driver.run, task, jobs, n, k))
                 rec["curve"][str(k)] = res["tasks"] / res["seconds"]
                 rec.setdefault("curve_p50_ms", {})[str(k)] = res["p50_ms"]
     return rec
@@ -124,9 +108,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
     with ctx.helper(raw_side, threads=2, raw_model=minilm) as helper:
         helper.raw_rates(texts()[:64])  # warm
         # fresh process, no worker alive yet: the quiet baseline
-        raw["quiet_raw_rates"] = ctx.measure(
-            partial(helper.raw_rates, texts()[: ctx.n(256, 64)], rounds=3)
-        )
+        fresh = partial(helper.raw_rates, texts()[: ctx.n(256, 64)], rounds=3)
+        raw["quiet_raw_rates"] = ctx.measure(fresh)
         for name in list(CONFIGS) if not ctx.quick else ["threads_w2"]:
             raw["configs"][name] = measure_config(ctx, helper, name, models)
     raw["lone"] = lone_latency(ctx, models) if not ctx.quick else {"ms": {}, "round_rises_ms": []}
@@ -136,72 +119,38 @@ def run(ctx: Ctx) -> dict[str, Any]:
         "raw in-process pipeline texts/s (batch 32, 2 threads), median": rnd(raw["raw_median"], 1),
         "raw, fresh process before any worker (quiet), texts/s": rnd(quiet, 1),
     }
-    table: dict[str, Any] = {}
+    ratios, tps = {}, {}
     for name, rec in raw["configs"].items():
-        tps, raw_here = med([r["texts_per_s"] for r in rec["runs"]]), med(rec["raw_rates"])
-        paired = med([r["ratio_to_raw"] for r in rec["runs"]])
-        failures, mb = sum(r["failed"] for r in rec["runs"]), rec.get("micro_batches")
-        table[name] = {
-            "texts_per_s": rnd(tps, 1),
-            "raw_texts_per_s": rnd(raw_here, 1),
-            "ratio": rnd(paired),
-            "ratio_to_quiet_raw": rnd(tps / quiet),
-            "failures": failures,
-            "p50_ms": rnd(med([r["p50_ms"] for r in rec["runs"]]), 1),
-            "mean_micro_batch": rnd(mb["items"] / mb["batches"], 2) if mb else None,
-            "curve_texts_per_s": {k: rnd(v, 1) for k, v in rec["curve"].items()},
-        }
-        summary[f"{name}: texts/s; x raw of the same rounds (median of paired ratios)"] = (
-            f"{tps:.1f}; {paired:.2f}x (raw {raw_here:.1f}); x quiet raw {tps / quiet:.2f}x"
+        tps[name], raw_here = med([r["texts_per_s"] for r in rec["runs"]]), med(rec["raw_rates"])
+        ratios[name] = med([r["ratio_to_raw"] for r in rec["runs"]])
+        summary[f"{name}: texts/s; x raw of the same rounds (median of paired ratios); x quiet"] = (
+            f"{tps[name]:.1f}; {ratios[name]:.2f}x (raw {raw_here:.1f}); {tps[name] / quiet:.2f}x"
         )
-        if len(rec["curve"]) > 1:
-            summary[f"{name}: texts/s at 1 / 8 / 64 in flight, x quiet raw"] = " / ".join(
-                f"{rec['curve'][k]:.1f} ({rec['curve'][k] / quiet:.2f}x)" for k in ("1", "8", "64")
+        if len(curve := rec["curve"]) > 1:
+            summary[f"{name}: texts/s at 1 / 8 / 64 in flight (x quiet raw)"] = " / ".join(
+                f"{curve[k]:.1f} ({curve[k] / quiet:.2f}x)" for k in ("1", "8", "64")
             )
-        if mb:
+        if mb := rec.get("micro_batches"):
             summary[f"{name}: mean micro-batch at 64 in flight (largest)"] = (
                 f"{mb['items'] / mb['batches']:.1f} ({mb['largest']})"
             )
-        if failures:
+        if failures := sum(r["failed"] for r in rec["runs"]):
             summary[f"{name}: failed tasks"] = failures
     for name, ms in raw["lone"]["ms"].items():
         summary[f"lone request p50 ms, {name}"] = rnd(med(ms), 2)
-    targets = [target(t, table[k]["ratio"], 1.0, op=">=") for k, t in TARGETS.items() if k in table]
-    if batch := [table[k]["ratio"] for k in ("batch32_c1", "batch32_c2") if k in table]:
-        targets.append(
-            target(
-                "analyze_batch, 32 texts per task / raw (best of -c 1, -c 2)",
-                max(batch),
-                1.0,
-                op=">=",
-            )
-        )
+    targets = [target(t, ratios[k], 1.0, op=">=") for k, t in TARGETS.items() if k in ratios]
+    if batch := [ratios[k] for k in ("batch32_c1", "batch32_c2") if k in ratios]:
+        what = "analyze_batch, 32 texts per task / raw (best of -c 1, -c 2)"
+        targets.append(target(what, max(batch), 1.0, op=">="))
     if rises := raw["lone"]["round_rises_ms"]:
-        summary["lone request p50 rise, threads pool - prefork (median of rounds), ms"] = rnd(
-            med(rises), 2
-        )
-        targets.append(
-            target(
-                "lone request p50 rise, threads pool (window 2 ms) vs prefork",
-                med(rises),
-                5.0,
-                unit="ms",
-            )
-        )
+        what = "lone request p50 rise, threads pool (window 2 ms) vs prefork"
+        summary[what + ", ms (median of rounds)"] = rnd(med(rises), 2)
+        targets.append(target(what, med(rises), 5.0, unit="ms"))
     raw["curves"] = {n: rec["curve"] for n, rec in raw["configs"].items() if rec["curve"]}
-    raw["batch_points"] = {
-        n: table[n]["texts_per_s"] for n in ("batch32_c1", "batch32_c2") if n in table
-    }
-    plot = (
-        ROOT / "docs" / "img" / "throughput.png"
-        if not ctx.quick
-        else CACHE / "throughput-quick.png"
-    )
+    raw["batch_points"] = {n: tps[n] for n in ("batch32_c1", "batch32_c2") if n in tps}
+    plot = CACHE / "throughput-quick.png" if ctx.quick else ROOT / "docs" / "img" / "throughput.png"
     if raw["curves"]:
-        plot_throughput(raw, plot, CORES)
-        summary["plot"] = str(plot.relative_to(ROOT))
+        summary["plot"] = str(plot_throughput(raw, plot, CORES).relative_to(ROOT))
     config = {"model": "MiniLM-L6 + 2-label head (bench/.cache/minilm-cls)", "raw_threads": 2}
-    config.update(
-        tasks_per_measure=ctx.n(384, 64), repeats=ctx.n(3, 1), raw_texts_per_round=ctx.n(256, 64)
-    )
-    return {"raw": raw, "summary": summary, "targets": targets, "table": table, "config": config}
+    config |= {"tasks_per_measure": ctx.n(384, 64), "raw_texts_per_round": ctx.n(256, 64)}
+    return {"raw": raw, "summary": summary, "targets": targets, "config": config}
