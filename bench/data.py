@@ -60,10 +60,6 @@ def texts() -> list[str]:
     return [GENERATED[i % len(GENERATED)].format(**pick[i]) for i in range(512)]
 
 
-def texts_source() -> str:
-    return "vaderSentiment ground truth (models/cache)" if VADER.exists() else "generated"
-
-
 @lru_cache(maxsize=1)
 def prophet_series() -> dict[str, list[Any]]:
     """A short daily series (60 points): what forecast.prophet fits per request."""
@@ -194,7 +190,6 @@ def repository(name: str, *, sentiment: Path | None = None, lazy: bool = False, 
         model.lazy = lazy or model.lazy
         if kw.get("strict"):
             model.required, model.fallback = True, ""
-        (root / model_name).mkdir(parents=True, exist_ok=True)
         (root / model_name / "model.toml").unlink(missing_ok=True)  # never write through a link
         mr.write_model_file(root / model_name, model)
     return root

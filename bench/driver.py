@@ -20,9 +20,8 @@ Jobs = list[tuple[list[Any], dict[str, Any]]]  # (args, kwargs) of each task
 
 
 def release(app: Any, result: Any) -> None:
-    """Drop a finished AsyncResult from the client's pending results (and its pub/sub channel)
-    now, while Redis is up: the backend otherwise keeps it until exit, when its ``__del__``
-    retries a Redis that is gone for minutes."""
+    """Drop a finished AsyncResult from the client's pending results now, while Redis is up (at
+    exit its ``__del__`` would retry a Redis that is gone, for minutes)."""
     with suppress(Exception):
         app.backend.remove_pending_result(result)
     result.backend = None  # nothing left for __del__ to cancel

@@ -21,6 +21,3 @@ for _env, _key in (
 @app.task(name="bench.noop")
 def noop(value: Any) -> Any:
     return value
-
-
-__all__ = ["app", "noop"]

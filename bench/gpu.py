@@ -175,20 +175,18 @@ def gpu_threads(ctx: Ctx, out: dict[str, Any]) -> None:
 
 
 def section(need_s: float, fn: Callable[[Ctx, dict[str, Any]], None]) -> Any:
-    """A GPU section, skipped when less than ``need_s`` of the budget is left; the last one
-    (``gpu_close``) stops the in-process helper."""
+    """A GPU section, skipped when less than ``need_s`` of the budget is left."""
 
-    def run(ctx: Ctx) -> dict[str, Any]:
-        out: dict[str, Any] = {"summary": {}}
+    def run(ctx: Ctx, out: dict[str, Any] | None = None) -> dict[str, Any]:
         if ctx.left() < need_s:
             return {"skipped": f"{ctx.left():.0f} s of budget left"}
-        fn(ctx, out)
+        fn(ctx, out := {"summary": {}})
         return out
 
     return run
 
 
-def close(ctx: Ctx, out: dict[str, Any]) -> None:
+def close(ctx: Ctx, out: dict[str, Any]) -> None:  # the last section: the helper stops
     if helper := _state.pop("helper", None):
         helper.close()
     out["summary"]["device"] = ctx.results["meta"]["machine"]["gpu"] or ctx.device

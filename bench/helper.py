@@ -138,8 +138,7 @@ class Server:
         self._raw: tuple[Any, Any] | None = None
 
     def call(self, family: str, job: Any, model: str = "sentiment") -> Any:
-        """What the task of ``family`` calls, on its arguments as ``bench.data.inproc_job``
-        gives them."""
+        """What the task of ``family`` calls, on the arguments ``bench.data.inproc_job`` gives."""
         reg = self.registry
         if family in ("sentiment", "models_predict"):
             return reg.get(model).classify([job])
@@ -164,8 +163,7 @@ class Server:
     def latency(
         self, family: str, inputs: list[Any], n: int, gap: float = 0.0, model: str = "sentiment"
     ) -> dict[str, Any]:
-        """Per-call ms; ``gap``: seconds idle before each call (the model's own cost of a call
-        after a pause, e.g. torch's OpenMP threads gone to sleep)."""
+        """Per-call ms; ``gap``: seconds idle before each call (the model's cost after a pause)."""
         out = []
         for i in range(n):
             time.sleep(gap)

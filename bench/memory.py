@@ -183,20 +183,14 @@ def loaded(folder: Path, backend: str, threads: int) -> Any:
     return model
 
 
-def single(model: Any) -> float:
-    lat = []
-    for text in texts():
-        t0 = time.perf_counter()
-        model.classify([text])
-        lat.append(time.perf_counter() - t0)
-    return pct(lat, 50) * 1000
-
-
-def batches(model: Any) -> float:
-    t0 = time.perf_counter()
-    for i in range(0, len(texts()), 32):
-        model.classify(texts()[i : i + 32])
-    return len(texts()) / (time.perf_counter() - t0)
+def timed(model: Any, batch: int) -> float:
+    """Over ``bench.data.texts()``: one text per call, p50 ms; batches, texts/s."""
+    lat, t0 = [], time.perf_counter()
+    for i in range(0, len(texts()), batch):
+        t = time.perf_counter()
+        model.classify(texts()[i : i + batch])
+        lat.append(time.perf_counter() - t)
+    return pct(lat, 50) * 1000 if batch == 1 else len(texts()) / (time.perf_counter() - t0)
 
 
 def backend_speed(ctx: Ctx) -> dict[str, Any]:
@@ -207,10 +201,11 @@ def backend_speed(ctx: Ctx) -> dict[str, Any]:
             models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
             for _ in range(ctx.n(3, 1)):
                 for backend, model in models.items():
-                    for name, fn in (("single_p50_ms", single), ("batch32_texts_per_s", batches)):
-                        if name == "batch32_texts_per_s" or threads == 1:
-                            key = f"{label}, {backend}, {threads} thread(s): {name}"
-                            raw.setdefault(key, []).append(ctx.measure(partial(fn, model)))
+                    for name, batch in (("single_p50_ms", 1), ("batch32_texts_per_s", 32))[
+                        threads - 1 :
+                    ]:
+                        key = f"{label}, {backend}, {threads} thread(s): {name}"
+                        raw.setdefault(key, []).append(ctx.measure(partial(timed, model, batch)))
     return {"raw": raw, "summary": {k: rnd(med(v), 2) for k, v in raw.items()}}
 
 
@@ -224,9 +219,8 @@ def backend_memory(ctx: Ctx) -> dict[str, Any]:
                 env = {"MODEL_REPOSITORY": str(repo), "TRANSFORMERS_BACKEND": backend}
                 worker = ctx.worker(concurrency=n, env=env)
                 key = f"{label}, {n} process(es), {backend}"
-                mem = raw[key] = measure_worker(
-                    ctx, worker, n, at_ready=False, calls=6, batches=True
-                )
+                touch = {"at_ready": False, "calls": 6, "batches": True}
+                mem = raw[key] = measure_worker(ctx, worker, n, **touch)
                 private = [p["private_mib"] for p in mem["processes"] if p["role"] == "child"]
                 summary[f"{key}: total PSS MiB (distinct) / private per child"] = (
                     f"{mem['total_pss_mib']:.0f} ({mem['unique_resident_mib']}) / {private}"

@@ -5,7 +5,6 @@ ablation of per-task settings (``bench/exp_app.py``); and signed messages (secti
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from contextlib import ExitStack
@@ -157,7 +156,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             summary[f"{label}: median of per-round p50 ratios"] = rnd(paired)
             if d.get("worker_mean_ms") is not None:
                 summary[f"{label}: model call mean ms, in-process / inside the worker"] = (
-                    f"{statistics.fmean(d['inproc_ms']):.2f} / {d['worker_mean_ms']:.2f}"
+                    f"{sum(d['inproc_ms']) / len(d['inproc_ms']):.2f} / {d['worker_mean_ms']:.2f}"
                 )
             if family != "sentiment":
                 continue

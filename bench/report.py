@@ -20,11 +20,9 @@ def target(name: str, value: float | None, limit: float, **kw: str) -> dict[str,
 
 
 def fmt(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}x" if unit == "x" else f"{value:.3g}{(' ' + unit) if unit else ''}"
-    return str(value)
+    if not isinstance(value, float):
+        return "-" if value is None else str(value)
+    return f"{value:.2f}x" if unit == "x" else f"{value:.3g}{(' ' + unit) if unit else ''}"
 
 
 def print_table(results: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bench.data import ROOT, ensure_cache, ensure_minilm, texts_source
+from bench.data import ROOT, VADER, ensure_cache, ensure_minilm
 from bench.helper import Helper
 from bench.report import print_table
 
@@ -74,30 +74,6 @@ def cpu_seconds(root_pid: int | None = None) -> dict[int, float]:
         with suppress(psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             out[p.pid] = sum(p.cpu_times()[:2])
     return out
-
-
-class Block:
-    """One measurement block: what other tenants of the machine used (cores, averaged over the
-    block) = all CPU busy time in /proc/stat minus the CPU time of this run's processes."""
-
-    def __init__(self, ctx: Ctx) -> None:
-        self.ctx, self.foreign_cores, self.clean = ctx, 0.0, True
-        self.record: dict[str, Any] = {}
-
-    def __enter__(self) -> Block:
-        self.ctx.quiet()
-        self.ours0, self.stat0, self.t0 = cpu_seconds(), cpu_times(), time.monotonic()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stat1, wall = cpu_times(), max(1e-3, time.monotonic() - self.t0)
-        ours = sum(v - self.ours0.get(pid, 0.0) for pid, v in cpu_seconds().items())
-        busy = ((stat1[0] - self.stat0[0]) - (stat1[1] - self.stat0[1])) / os.sysconf("SC_CLK_TCK")
-        self.foreign_cores = max(0.0, busy - ours) / wall
-        self.clean = self.foreign_cores <= FOREIGN_CORES
-        self.record.update(wall_s=round(wall, 3), foreign_cores=round(self.foreign_cores, 3))
-        self.record["clean"] = self.clean
-        self.ctx.blocks.append(self.record)
 
 
 def about() -> dict[str, Any]:
@@ -150,24 +126,36 @@ class Ctx:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def block(self) -> Block:
-        """``with ctx.block() as b:``: wait for quiet, then measure ``b.foreign_cores``."""
-        return Block(self)
+    @contextmanager
+    def block(self) -> Iterator[dict[str, Any]]:
+        """``with ctx.block() as b:``: wait for quiet, then record what other tenants of the
+        machine used meanwhile, ``b["foreign_cores"]`` (cores, averaged over the block): all CPU
+        busy time in /proc/stat minus the CPU time of this run's processes."""
+        self.quiet()
+        record, ours0, stat0, t0 = {}, cpu_seconds(), cpu_times(), time.monotonic()
+        yield record
+        stat1, wall = cpu_times(), max(1e-3, time.monotonic() - t0)
+        ours = sum(v - ours0.get(pid, 0.0) for pid, v in cpu_seconds().items())
+        busy = ((stat1[0] - stat0[0]) - (stat1[1] - stat0[1])) / os.sysconf("SC_CLK_TCK")
+        foreign = max(0.0, busy - ours) / wall
+        record |= {"wall_s": round(wall, 3), "foreign_cores": round(foreign, 3)}
+        record["clean"] = foreign <= FOREIGN_CORES
+        self.blocks.append(record)
 
     def measure(self, fn: Callable[[], T], tries: int = 3) -> T:
         """Run ``fn`` in a block; repeat it (bounded) while other tenants used more than
         FOREIGN_CORES on average during it. Returns the cleanest attempt's value."""
-        attempts: list[tuple[Block, T]] = []
+        attempts: list[tuple[dict[str, Any], T]] = []
         for attempt in range(tries):
             with self.block() as b:
                 value = fn()
-            b.record.update(attempt=attempt, kept=False)
             attempts.append((b, value))
-            if b.clean or self.retry_budget <= 0:
+            b.update(attempt=attempt, kept=False)
+            if b["clean"] or self.retry_budget <= 0:
                 break
             self.retry_budget -= attempt < tries - 1
-        best, value = min(attempts, key=lambda bv: bv[0].foreign_cores)
-        best.record["kept"] = True
+        best, value = min(attempts, key=lambda bv: bv[0]["foreign_cores"])
+        best["kept"] = True
         return value
 
     def quiet(self, threshold: float = QUIET_CORES) -> float:
@@ -237,25 +225,20 @@ class Ctx:
             helper.close()
 
 
-def ready_time(
-    worker: WorkerProcess, processes: int, t_launch: float, timeout: float = 180.0
-) -> dict[str, Any]:
-    """Poll the registry snapshots in Redis until ``processes`` are READY: seconds from launch to
-    the poll that saw them, and to each process's last ``loaded_at`` (same host clock)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def ready_time(worker: WorkerProcess, processes: int, t_launch: float, timeout: float = 180) -> Any:
+    """Seconds from launch until the registry snapshots in Redis show ``processes`` READY, and
+    to each process's last ``loaded_at`` (same host clock)."""
+    from harness import wait_for
+
+    def ready() -> list[dict[str, Any]]:
         if not worker.alive():
             raise RuntimeError("worker exited:\n" + worker.log()[-3000:])
         snaps = [s for s in worker.snapshots() if s.get("node") == worker.node and s["ready"]]
-        if len(snaps) >= processes:
-            seen = time.time() - t_launch
-            loaded = [max(m.get("loaded_at") or 0 for m in s["models"].values()) for s in snaps]
-            loaded = [t - t_launch for t in loaded]
-            return {"observed_s": seen, "loaded_s": loaded, "last_loaded_s": max(loaded)}
-        time.sleep(0.02)
-    raise TimeoutError(
-        f"{processes} processes not READY after {timeout} s:\n{worker.log()[-2000:]}"
-    )
+        return snaps if len(snaps) >= processes else []
+
+    snaps = wait_for(ready, timeout, f"{processes} processes READY", interval=0.02)
+    loaded = [max(m.get("loaded_at") or 0 for m in s["models"].values()) - t_launch for s in snaps]
+    return {"observed_s": time.time() - t_launch, "loaded_s": loaded, "last_loaded_s": max(loaded)}
 
 
 Section = Callable[[Ctx], dict[str, Any]]
@@ -342,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv)}
     meta |= {"quick": quick, "gpu": args.gpu, "model_device": device, "logs": str(logs)}
     meta |= {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": about()}
-    meta |= {"texts": texts_source(), "loadavg_start": loadavg()}
+    meta |= {"texts": "vaderSentiment ground truth" if VADER.exists() else "generated"}
     results: dict[str, Any] = {"meta": meta, "sections": {}}
 
     def write() -> None:

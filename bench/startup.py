@@ -36,23 +36,16 @@ def launch_to_ready(ctx: Ctx, env: dict[str, str], concurrency: int = 2) -> dict
 
 def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
     """The task is queued before the worker is launched; seconds from launch to its result."""
-    from harness import close_app
-
     worker = ctx.worker(concurrency=concurrency, env=ENV)
-    app = worker.app()
+    client = Client(worker)
+    result, t0 = client.app.send_task("sentiment.analyze", args=[texts()[0]]), time.time()
     try:
-        result = app.send_task("sentiment.analyze", args=[texts()[0]])
-        t0 = time.time()
-        worker.start()
-        try:
-            value = result.get(timeout=240)
-            seconds = time.time() - t0
-        finally:
-            release(app, result)
-            worker.stop()
+        with ctx.running(worker, wait=False):
+            value, seconds = result.get(timeout=240), time.time() - t0
         return {"seconds": seconds, "label": value["label"], "fallback": value["fallback"]}
     finally:
-        close_app(app)
+        release(client.app, result)
+        client.close()
 
 
 def bare_first_answer(ctx: Ctx) -> dict[str, Any]:
@@ -109,8 +102,7 @@ def cold_start(ctx: Ctx) -> dict[str, Any]:
     return {"raw": raw, "summary": summary, "targets": targets, "config": config}
 
 
-WARM_N = {"sentiment": 30, "clustering": 30, "models_predict": 30, "predict": 12, "arima": 12}
-WARM_N |= {"prophet": 8, "fit": 12}
+WARM_N = {"sentiment": 30, "clustering": 30, "models_predict": 30, "prophet": 8}  # else 12
 IDLE_GAP_S = 0.5  # the model's own cost of a call after a pause, per family
 
 
@@ -125,11 +117,13 @@ def first_tasks(ctx: Ctx, models: Any, order: list[str], rep: int) -> list[dict[
                 name, args, kwargs = task_jobs()[family]
                 with ctx.block() as blk:  # a first call cannot be repeated: recorded
                     first_ms, _ = client.call(name, args, kwargs)
-                warm_n = WARM_N[family] if not ctx.quick else max(4, WARM_N[family] // 3)
+                warm_n = (
+                    WARM_N.get(family, 12) if not ctx.quick else max(4, WARM_N.get(family, 12) // 3)
+                )
                 warm = ctx.measure(partial(client.sequential, name, [(args, kwargs)], warm_n))
                 rows.append(
                     {"rep": rep, "family": family, "position": position, "first_ms": first_ms}
-                    | {"first_foreign_cores": round(blk.foreign_cores, 3), "warm_ms": warm}
+                    | {"first_foreign_cores": blk["foreign_cores"], "warm_ms": warm}
                 )
         finally:
             client.close()
@@ -152,11 +146,10 @@ def first_job(ctx: Ctx) -> dict[str, Any]:
             rows = [r for r in raw[mode] if r["family"] == family]
             first = firsts[mode, family] = med([r["first_ms"] for r in rows])
             warm = med([ms for r in rows for ms in r["warm_ms"]])
-            very_first = [f"{r['first_ms']:.1f}" for r in rows if r["position"] == 0]
+            very_first = ", ".join(f"{r['first_ms']:.1f}" for r in rows if r["position"] == 0)
             task = task_jobs()[family][0]
-            summary[
-                f"{mode} {task}: first ms / warm p50 ms / ratio (as the process's 1st task)"
-            ] = f"{first:.1f} / {warm:.1f} / {first / warm:.2f}x ({', '.join(very_first) or '-'})"
+            key = f"{mode} {task}: first ms / warm p50 ms / ratio (as the process's 1st task)"
+            summary[key] = f"{first:.1f} / {warm:.1f} / {first / warm:.2f}x ({very_first or '-'})"
             if mode == "eager":
                 targets.append(target(f"first {task} after READY / warm p50", first / warm, 1.5))
     if not ctx.quick:
@@ -178,5 +171,5 @@ def first_job(ctx: Ctx) -> dict[str, Any]:
         for family in families:
             saved = firsts["lazy", family] - firsts["eager", family]
             summary[f"preloading saves on the first {family} task, ms"] = rnd(saved, 1)
-    config = {"concurrency": 1, "repeats": reps, "warm_n": WARM_N, "order": "rotated"}
+    config = {"concurrency": 1, "repeats": reps, "order": "rotated"}
     return {"raw": raw, "summary": summary, "targets": targets, "config": config}
