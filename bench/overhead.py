@@ -1,7 +1,6 @@
-"""Overhead: sequential requests (one in flight) through Celery vs the same registry model called
-in-process on the same inputs, same torch threads, in short alternating rounds; the CPU a task
-without a model costs (worker + Redis); ``models.predict`` vs ``sentiment.analyze``; an
-ablation of per-task settings (``bench/exp_app.py``); and signed messages (section ``signing``)."""
+"""Overhead: one request at a time through Celery vs the same model in-process, alternating
+rounds; CPU per task without a model; ``models.predict`` vs ``sentiment.analyze``; an ablation
+of per-task settings (``bench/exp_app.py``); and the ``signing`` section."""
 
 from __future__ import annotations
 

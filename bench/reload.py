@@ -27,16 +27,12 @@ class Stream:
     for a result that had already arrived, latencies the workers did not cause."""
 
     def __init__(self, worker: Any, inflight: int = 4) -> None:
-        self.client, self.stop = Client(worker), threading.Event()
+        self.client, self.stop, self.inflight = Client(worker), threading.Event(), inflight
         self.events: list[tuple[float, float, str, dict[str, Any] | None]] = []
-        run = [
-            threading.Thread(target=self.run, args=(k, inflight), daemon=True)
-            for k in range(inflight)
-        ]
-        self.threads = run
+        self.threads = [threading.Thread(target=self.run, args=(k,)) for k in range(inflight)]
 
-    def run(self, slot: int, inflight: int) -> None:
-        for i in itertools.count(slot, inflight):
+    def run(self, slot: int) -> None:
+        for i in itertools.count(slot, self.inflight):
             if self.stop.is_set():
                 return
             t_sent, text = time.time(), texts()[i % len(texts())]
@@ -76,9 +72,8 @@ def watch_replies(worker: Any, expected: int, out: dict[str, Any]) -> threading.
             if request is not None:
                 key, times = reply_key(worker.prefix, request["id"]), out.setdefault("reply_s", [])
                 while len(times) < expected and time.monotonic() < deadline:
-                    times += [time.time() - request["sent_at"]] * (
-                        worker.client.llen(key) - len(times)
-                    )
+                    new = worker.client.llen(key) - len(times)
+                    times += [time.time() - request["sent_at"]] * new
                     time.sleep(0.01)
         finally:
             pubsub.close()
