@@ -20,8 +20,7 @@ Jobs = list[tuple[list[Any], dict[str, Any]]]  # (args, kwargs) of each task
 
 
 def release(app: Any, result: Any) -> None:
-    """Drop a finished AsyncResult from the client's pending results now, while Redis is up (at
-    exit its ``__del__`` would retry a Redis that is gone, for minutes)."""
+    """Drop a finished AsyncResult now, while Redis is up (at exit its ``__del__`` would retry)."""
     with suppress(Exception):
         app.backend.remove_pending_result(result)
     result.backend = None  # nothing left for __del__ to cancel
@@ -121,8 +120,7 @@ def drive(app: Any, pubsub: Any, task: str, jobs: list[Any], **run: Any) -> dict
 
 
 class Driver:
-    """``k`` driver processes (so that the orchestrator does not slow the load) sharing each run,
-    starting together; a run lasts from the first send to the last answer of any of them."""
+    """``k`` driver processes sharing each run, from the first send to the last answer of any."""
 
     def __init__(self, worker: Any, logs: Path, k: int = 1) -> None:
         self.procs: list[JsonProc] = []
@@ -139,8 +137,7 @@ class Driver:
     def run(
         self, task: str, jobs: list[Any], total: int, inflight: int, **kw: Any
     ) -> dict[str, Any]:
-        """Send ``total`` tasks (args cycling through ``jobs``), ``inflight`` at a time;
-        ``drivers``: how many of the processes (default all), ``timeout``: seconds."""
+        """Send ``total`` tasks (args cycling through ``jobs``), ``inflight`` at a time."""
         k = max(1, min(kw.get("drivers") or len(self.procs), len(self.procs), inflight, total))
         start_at, timeout = time.time() + 0.2, kw.get("timeout", 300)
         for i, p in enumerate(self.procs[:k]):

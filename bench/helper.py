@@ -51,8 +51,7 @@ def serve(first: dict[str, Any], handle: Callable[..., dict[str, Any]]) -> int:
 
 
 class JsonProc:
-    """A helper process (``python ARGS``), its stderr in ``logs``; every read has a deadline;
-    stopped by PID."""
+    """A helper process (``python ARGS``), its stderr in ``logs``, every read with a deadline."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
         self.name, self._buf, self.t_spawn = name, b"", time.time()
@@ -105,8 +104,7 @@ class JsonProc:
 
 
 class Helper(JsonProc):
-    """``python -m bench.helper``, started and waited for (``first``: its first answer);
-    ``threads``: torch threads (0: the product's default); ``raw_model``, ``text``: main's."""
+    """``python -m bench.helper`` (``threads``: torch threads, 0: the product's default)."""
 
     def __init__(self, models: Path, *, threads: int, logs: Path, **kw: Any) -> None:
         args = ["-m", "bench.helper", "--models", str(models), "--threads", str(threads)]
@@ -177,8 +175,7 @@ class Server:
         return {"answers": [list(self.call("sentiment", t, model)[0]) for t in texts]}
 
     def forward(self, texts: list[str]) -> None:
-        """Tokenizer + forward + softmax + the answers copied to the host, as the product does
-        (on a GPU, the copy is the synchronisation)."""
+        """Tokenizer + forward + softmax + the answers copied to the host, as the product does."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

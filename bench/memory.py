@@ -65,8 +65,7 @@ def unique_resident_mib(pids: list[int]) -> float | None:
 def touch_worker(
     ctx: Ctx, worker: Any, processes: int, calls: int = 3, batches: bool = False
 ) -> dict[int, int]:
-    """Send bursts (single texts, ``batches`` of 32, clustering, forecast.predict) until every
-    pool process has served ``calls`` sentiment tasks (its snapshot counts them)."""
+    """Send bursts until every pool process has served ``calls`` sentiment tasks."""
     corpus, counts = texts(), {}
     with Driver(worker, ctx.logs) as driver:
         for _ in range(12):

@@ -44,8 +44,7 @@ def one_round(
 
 
 def noop_cpu(ctx: Ctx, worker: Any, n: int) -> dict[str, Any]:
-    """ms of CPU per ``bench.noop`` task (no model) of the worker's processes and of Redis,
-    while a driver process keeps 64 in flight."""
+    """ms of CPU per ``bench.noop`` task of the worker's processes and of Redis, 64 in flight."""
 
     def cpu() -> tuple[float, float]:
         return sum(cpu_seconds(worker.pid).values()), sum(cpu_seconds(ctx.redis_pid).values())
@@ -64,8 +63,7 @@ def noop_cpu(ctx: Ctx, worker: Any, n: int) -> dict[str, Any]:
 def measure(
     ctx: Ctx, models: Path, families: list[str], threads: int, extras: bool = False
 ) -> dict[str, Any]:
-    """In-process vs Celery rounds on one prefork -c 1 worker; ``extras``: also the no-op CPU
-    and models.predict vs sentiment.analyze on the same worker."""
+    """In-process vs Celery rounds on one prefork -c 1 worker (``extras``: no-op CPU, predict)."""
     env = {"MODEL_REPOSITORY": str(models), "TORCH_THREADS": str(threads)}
     worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
     out: dict[str, Any] = {f: {} for f in families}

@@ -84,8 +84,7 @@ def watch_replies(worker: Any, expected: int, out: dict[str, Any]) -> threading.
 
 
 def reload_once(alpha: Any, version: str) -> dict[str, Any]:
-    """``modelworkers reload sentiment --version V --wait --json`` (the CLI, a process of its own)
-    while the control channel is watched."""
+    """``modelworkers reload sentiment --version V --wait --json`` while the channel is watched."""
     watched: dict[str, Any] = {}
     watcher, t0 = watch_replies(alpha, 4, watched), time.time()
     cli = ["-m", "workers.cli", "reload", "sentiment", "--version", version, "--wait", "--json"]

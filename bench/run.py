@@ -65,8 +65,7 @@ def cpu_times() -> tuple[int, int]:
 
 
 def cpu_seconds(root_pid: int | None = None) -> dict[int, float]:
-    """CPU seconds (user + system) of a process and its descendants, by PID; default: this
-    benchmark process and everything it started (workers, helpers, drivers, Redis)."""
+    """CPU seconds of a process and its descendants by PID (default: this run's whole tree)."""
     import psutil
 
     root, out = psutil.Process(root_pid), {}
@@ -188,8 +187,7 @@ class Ctx:
         }
 
     def worker(self, *, env: dict[str, str], app: str = "workers.app", **kw: Any) -> WorkerProcess:
-        """A worker node (not started) of the Celery ``app`` with its own queue and prefix
-        (``concurrency``, ``pool``, ``prefix``, ``node``: as WorkerProcess)."""
+        """A worker node (not started) of the Celery ``app``, its own queue and prefix."""
         from harness import WorkerProcess
 
         env = {"HEARTBEAT_SECONDS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
@@ -201,8 +199,7 @@ class Ctx:
     def running(
         self, worker: WorkerProcess, ready_timeout: float = 180.0, *, wait: bool = True
     ) -> Iterator[WorkerProcess]:
-        """Start ``worker``, wait for every serving process READY (``wait=False``: later, with
-        ``ctx.ready``); always stop it by PID."""
+        """Start ``worker``, wait for READY unless ``wait=False``; always stop it by PID."""
         worker.start()
         try:
             if wait:
@@ -268,8 +265,7 @@ QUICK = ["overhead", "throughput"]  # --quick: reduced repeats of the cheap sect
 
 
 def run_section(ctx: Ctx, name: str, fn: Section, write: Callable[[], None]) -> None:
-    """One section: its entry is in the results as soon as it ends, an error included (an
-    interrupted run keeps what it had)."""
+    """One section; its entry (an error included) is written as soon as it ends."""
     print(f"--- {name} ...", flush=True)
     t0, gates, blocks, entry = time.time(), len(ctx.gates), len(ctx.blocks), {}
     ctx.new_section()

@@ -49,8 +49,7 @@ def launch_to_first_answer(ctx: Ctx, concurrency: int) -> dict[str, Any]:
 
 
 def bare_first_answer(ctx: Ctx) -> dict[str, Any]:
-    """bench.helper: import the stack, ModelRegistry.load_all, one sentiment answer; timed from
-    spawn to the answer line on its stdout."""
+    """bench.helper (imports, load_all, one answer), timed from spawn to its answer line."""
     with ctx.helper(REAL_MODELS, threads=0, text=texts()[0]) as bare:
         return {
             "seconds": bare.t_answer - bare.t_spawn,

@@ -39,8 +39,7 @@ def batch_stats(worker: Any) -> dict[str, int]:
 
 
 def lone_latency(ctx: Ctx, models: Path) -> dict[str, Any]:
-    """One request at a time: a prefork -c 1 worker and a threads -c 64 worker (window 2 ms)
-    side by side (own queues), measured in alternating blocks."""
+    """One request at a time: prefork -c 1 and threads -c 64 workers side by side, alternating."""
     env = {"MODEL_REPOSITORY": str(models)}
     workers = {"prefork_c1": ctx.worker(concurrency=1, env=env)}
     workers["threads_w2"] = ctx.worker(concurrency=64, pool="threads", env=env)
