@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     meta |= {"quick": quick, "gpu": args.gpu, "model_device": device, "logs": str(logs)}
     meta |= {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": about()}
     meta |= {"texts": "vaderSentiment ground truth" if VADER.exists() else "generated"}
+    meta["loadavg_start"] = loadavg()
     results: dict[str, Any] = {"meta": meta, "sections": {}}
 
     def write() -> None:
