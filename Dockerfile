@@ -21,8 +21,8 @@ ARG EXTRAS=onnx,flower
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    MODEL_REPOSITORY=/app/models \
-    MODEL_CACHE_DIR=/app/models/cache
+    MODELWORKERS_MODEL_REPOSITORY=/app/models \
+    MODELWORKERS_MODEL_CACHE_DIR=/app/models/cache
 WORKDIR /app
 RUN useradd --create-home --uid 10001 worker
 

@@ -98,7 +98,7 @@ install-dev: $(STAMP)-test  ## + tests, lint, type check, Flower
 run: install          ## install, then start an embedded Redis + workers and run the demo jobs
 	$(BIN)/modelworkers demo
 
-up: install           ## install, then run Redis (embedded unless REDIS_URL) + a worker
+up: install           ## install, then run Redis (embedded unless MODELWORKERS_REDIS_URL) + a worker
 	$(BIN)/modelworkers up
 
 test: install-dev     ## install, then lint, type-check and run the whole suite

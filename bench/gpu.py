@@ -24,7 +24,7 @@ from bench.overhead import one_round
 from bench.run import CORES, Ctx, med, ready_time
 
 SINGLE = [[t] for t in texts()]
-THREADS = {"BATCH_MAX_SIZE": "256", "BATCH_WINDOW_MS": "2"}
+THREADS = {"MODELWORKERS_BATCH_MAX_SIZE": "256", "MODELWORKERS_BATCH_WINDOW_MS": "2"}
 _state: dict[str, Any] = {}  # the run's repositories and in-process helper, made once
 
 
@@ -62,7 +62,7 @@ def setup(ctx: Ctx) -> dict[str, Any]:
 
 def started(ctx: Ctx, stack: ExitStack, model: str, processes: int, **kw: Any) -> Any:
     """A worker of ``model``, READY (seconds in ``worker.ready_s``), stopped with ``stack``."""
-    env = {"MODEL_REPOSITORY": str(setup(ctx)["models"][model]), **kw.pop("env", {})}
+    env = {"MODELWORKERS_MODEL_REPOSITORY": str(setup(ctx)["models"][model]), **kw.pop("env", {})}
     worker = ctx.worker(concurrency=kw.pop("concurrency", processes), env=env, **kw)
     t_launch, timeout = time.time(), max(20.0, min(150.0, ctx.left()))
     stack.enter_context(ctx.running(worker, wait=False))
@@ -73,7 +73,7 @@ def started(ctx: Ctx, stack: ExitStack, model: str, processes: int, **kw: Any) -
 def prefork_part(ctx: Ctx, model: str, processes: int, out: dict[str, Any]) -> None:
     helper, name = setup(ctx)["helper"], {"tiny": "sentiment", "minilm": "minilm"}[model]
     with ExitStack() as stack:
-        env = {"TORCH_THREADS": str(max(1, CORES // processes))}
+        env = {"MODELWORKERS_TORCH_THREADS": str(max(1, CORES // processes))}
         worker = started(ctx, stack, model, processes, env=env)
         client = Client(worker)
         stack.callback(client.close)

@@ -121,11 +121,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
     baseline()
     for mode in ["parent", "child"] if not ctx.quick else ["parent"]:
         for n in [1, 2, 4] if not ctx.quick else [2]:
-            env = {"MODEL_REPOSITORY": str(models), "PRELOAD_MODE": mode}
+            env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), "MODELWORKERS_PRELOAD_MODE": mode}
             worker = ctx.worker(concurrency=n, env=env)
             raw["workers"][f"{mode}_c{n}"] = measure_worker(ctx, worker, n)
     if not ctx.quick:  # one Celery process serving the same models: Celery's consumer included
-        worker = ctx.worker(concurrency=1, pool="solo", env={"MODEL_REPOSITORY": str(models)})
+        worker = ctx.worker(
+            concurrency=1, pool="solo", env={"MODELWORKERS_MODEL_REPOSITORY": str(models)}
+        )
         raw["workers"]["solo_c1"] = measure_worker(ctx, worker, 1, at_ready=False)
     baseline()
     base = med([b["total_pss_mib"] for b in raw["baseline"]])
@@ -215,7 +217,10 @@ def backend_memory(ctx: Ctx) -> dict[str, Any]:
     for label, repo in repos.items():
         for n in (1, 2, 4):
             for backend in ("torch", "onnx"):
-                env = {"MODEL_REPOSITORY": str(repo), "TRANSFORMERS_BACKEND": backend}
+                env = {
+                    "MODELWORKERS_MODEL_REPOSITORY": str(repo),
+                    "MODELWORKERS_TRANSFORMERS_BACKEND": backend,
+                }
                 worker = ctx.worker(concurrency=n, env=env)
                 key = f"{label}, {n} process(es), {backend}"
                 touch = {"at_ready": False, "calls": 6, "batches": True}

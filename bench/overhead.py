@@ -64,7 +64,7 @@ def measure(
     ctx: Ctx, models: Path, families: list[str], threads: int, extras: bool = False
 ) -> dict[str, Any]:
     """In-process vs Celery rounds on one prefork -c 1 worker (``extras``: no-op CPU, predict)."""
-    env = {"MODEL_REPOSITORY": str(models), "TORCH_THREADS": str(threads)}
+    env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), "MODELWORKERS_TORCH_THREADS": str(threads)}
     worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
     out: dict[str, Any] = {f: {} for f in families}
     with ctx.running(worker, wait=False), ctx.helper(models, threads=threads) as helper:
@@ -110,7 +110,11 @@ def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
     calls: dict[str, tuple[Client, str]] = {}
     with ExitStack() as stack:
         for name, (env, args) in ABLATION.items():
-            env = {"MODEL_REPOSITORY": str(REAL_MODELS), "TORCH_THREADS": str(threads), **env}
+            env = {
+                "MODELWORKERS_MODEL_REPOSITORY": str(REAL_MODELS),
+                "MODELWORKERS_TORCH_THREADS": str(threads),
+                **env,
+            }
             worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
             if args:
                 at = worker.args.index(args[0])
@@ -202,7 +206,9 @@ def signing(ctx: Ctx) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="signing-", dir=ctx.logs))
     worker_id, client_id = (make_identity(folder / "keys", who) for who in ("worker", "client"))
     store = cert_store(folder / "store", worker_id, client_id)
-    models = {"MODEL_REPOSITORY": str(repository("signing", only=("customer_segments",)))}
+    models = {
+        "MODELWORKERS_MODEL_REPOSITORY": str(repository("signing", only=("customer_segments",)))
+    }
     keys = {"message_signing": True, "signing_key": client_id.key, "signing_cert": client_id.cert}
     times: dict[str, list[float]] = {"json": [], "signed": []}
     with ExitStack() as stack:

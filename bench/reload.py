@@ -105,7 +105,7 @@ def reload_once(alpha: Any, version: str) -> dict[str, Any]:
 
 def run(ctx: Ctx) -> dict[str, Any]:
     prefix = f"mwbench-fleet-{uuid.uuid4().hex[:6]}"
-    env = {"MODEL_REPOSITORY": str(REAL_MODELS)}
+    env = {"MODELWORKERS_MODEL_REPOSITORY": str(REAL_MODELS)}
     nodes = [ctx.worker(concurrency=2, env=env, prefix=prefix, node=f"{n}@{prefix}") for n in "ab"]
     reloads = []
     with ExitStack() as stack:

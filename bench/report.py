@@ -54,7 +54,7 @@ CURVES = {
     "prefork_c2": "prefork -c 2, single-text tasks",
     "threads_w0": "threads -c 64, micro-batching, window 0 ms",
     "threads_w2": "threads -c 64, micro-batching, window 2 ms",
-    "threads_w2_t1": "threads -c 64, window 2 ms, TORCH_THREADS=1",
+    "threads_w2_t1": "threads -c 64, window 2 ms, MODELWORKERS_TORCH_THREADS=1",
 }
 POINTS = {
     "batch32_c1": ("analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),

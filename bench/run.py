@@ -190,7 +190,7 @@ class Ctx:
         """A worker node (not started) of the Celery ``app``, its own queue and prefix."""
         from harness import WorkerProcess
 
-        env = {"HEARTBEAT_SECONDS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+        env = {"MODELWORKERS_HEARTBEAT_SECONDS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
         worker = WorkerProcess(self.redis_url, env=env, log_dir=self.logs, **kw)
         worker.args[worker.args.index("workers.app")] = app
         return worker

@@ -17,12 +17,24 @@ from bench.run import CORES, Ctx, cpu_seconds, med, ready_time, rnd
 # (a), (b), (c): three loading strategies, all in PRELOAD_MODE=child (each pool process loads its
 # own weights); (d) is the default (PRELOAD_MODE=auto -> parent on a CPU-only host).
 CONFIGS = {
-    "a_child_sequential": {"PRELOAD_MODE": "child", "PREIMPORT": "false", "LOADER_THREADS": "1"},
-    "b_child_threadpool": {"PRELOAD_MODE": "child", "PREIMPORT": "false", "LOADER_THREADS": "4"},
-    "c_child_preimport": {"PRELOAD_MODE": "child", "PREIMPORT": "true", "LOADER_THREADS": "4"},
+    "a_child_sequential": {
+        "MODELWORKERS_PRELOAD_MODE": "child",
+        "MODELWORKERS_PREIMPORT": "false",
+        "MODELWORKERS_LOADER_THREADS": "1",
+    },
+    "b_child_threadpool": {
+        "MODELWORKERS_PRELOAD_MODE": "child",
+        "MODELWORKERS_PREIMPORT": "false",
+        "MODELWORKERS_LOADER_THREADS": "4",
+    },
+    "c_child_preimport": {
+        "MODELWORKERS_PRELOAD_MODE": "child",
+        "MODELWORKERS_PREIMPORT": "true",
+        "MODELWORKERS_LOADER_THREADS": "4",
+    },
     "d_default_auto": {},
 }
-ENV = {"MODEL_REPOSITORY": str(REAL_MODELS)}
+ENV = {"MODELWORKERS_MODEL_REPOSITORY": str(REAL_MODELS)}
 
 
 def launch_to_ready(ctx: Ctx, env: dict[str, str], concurrency: int = 2) -> dict[str, Any]:
@@ -108,7 +120,9 @@ IDLE_GAP_S = 0.5  # the model's own cost of a call after a pause, per family
 def first_tasks(ctx: Ctx, models: Any, order: list[str], rep: int) -> list[dict[str, Any]]:
     """One -c 1 worker: each family's first task in ``order``, then its warm calls."""
     rows = []
-    with ctx.running(ctx.worker(concurrency=1, env={"MODEL_REPOSITORY": str(models)})) as worker:
+    with ctx.running(
+        ctx.worker(concurrency=1, env={"MODELWORKERS_MODEL_REPOSITORY": str(models)})
+    ) as worker:
         client = Client(worker)
         client.warm()  # the client is warm, as a web app's is: the worker is measured
         try:

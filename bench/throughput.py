@@ -16,12 +16,15 @@ from bench.helper import Helper
 from bench.report import plot_throughput, target
 from bench.run import CORES, Ctx, med, rnd
 
-W2, T1 = {"BATCH_WINDOW_MS": "2"}, {"BATCH_WINDOW_MS": "2", "TORCH_THREADS": "1"}
+W2, T1 = (
+    {"MODELWORKERS_BATCH_WINDOW_MS": "2"},
+    {"MODELWORKERS_BATCH_WINDOW_MS": "2", "MODELWORKERS_TORCH_THREADS": "1"},
+)
 W = ("threads_w2", "threads_w0")  # the configurations with a target on their ratio to raw
 CONFIGS: dict[str, tuple[str, int, dict[str, str], bool]] = {  # pool, -c, env, analyze_batch
     "prefork_c1": ("prefork", 1, {}, False),
     "prefork_c2": ("prefork", 2, {}, False),
-    "threads_w0": ("threads", 64, {"BATCH_WINDOW_MS": "0"}, False),
+    "threads_w0": ("threads", 64, {"MODELWORKERS_BATCH_WINDOW_MS": "0"}, False),
     "threads_w2": ("threads", 64, W2, False),
     "threads_w2_t1": ("threads", 64, T1, False),  # no target: a core left for message intake
     "batch32_c1": ("prefork", 1, {}, True),
@@ -40,7 +43,7 @@ def batch_stats(worker: Any) -> dict[str, int]:
 
 def lone_latency(ctx: Ctx, models: Path) -> dict[str, Any]:
     """One request at a time: prefork -c 1 and threads -c 64 workers side by side, alternating."""
-    env = {"MODEL_REPOSITORY": str(models)}
+    env = {"MODELWORKERS_MODEL_REPOSITORY": str(models)}
     workers = {"prefork_c1": ctx.worker(concurrency=1, env=env)}
     workers["threads_w2"] = ctx.worker(concurrency=64, pool="threads", env=env)
     with ExitStack() as stack:
@@ -61,7 +64,7 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
     task, 2 in flight per process), each run beside a raw round; then 1 and 8 in flight."""
     pool, concurrency, env, batch = CONFIGS[name]
     corpus, n_single, n_raw = texts(), ctx.n(384, 64), ctx.n(256, 64)
-    env = {"MODEL_REPOSITORY": str(models), **env}
+    env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), **env}
     worker = ctx.worker(concurrency=concurrency, pool=pool, env=env)
     rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
     task, per_task, inflight, total = "sentiment.analyze", 1, 64, n_single

@@ -72,13 +72,13 @@ class WorkerProcess:
         self.log_path = log_dir / f"{self.node.replace('@', '_')}.log"
         self.env = {
             **os.environ,
-            "REDIS_URL": redis_url,
-            "KEY_PREFIX": self.prefix,
-            "TASK_QUEUE": self.queue,
-            "HEARTBEAT_SECONDS": "0.5",
-            "STATE_TTL_SECONDS": "5",
+            "MODELWORKERS_REDIS_URL": redis_url,
+            "MODELWORKERS_KEY_PREFIX": self.prefix,
+            "MODELWORKERS_TASK_QUEUE": self.queue,
+            "MODELWORKERS_HEARTBEAT_SECONDS": "0.5",
+            "MODELWORKERS_STATE_TTL_SECONDS": "5",
             "PYTHONUNBUFFERED": "1",
-            **({"BROKER_URL": broker_url} if broker_url else {}),
+            **({"MODELWORKERS_BROKER_URL": broker_url} if broker_url else {}),
             **(env or {}),
         }
         self.args = [

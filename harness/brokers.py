@@ -91,7 +91,7 @@ class Broker:
 
     def env(self) -> dict[str, str]:
         """What a worker process needs beyond REDIS_URL."""
-        return {"BROKER_URL": self.vhost.url} if self.vhost is not None else {}
+        return {"MODELWORKERS_BROKER_URL": self.vhost.url} if self.vhost is not None else {}
 
     def client_conf(self, queue: str) -> dict[str, Any]:
         """Celery settings of a plain client (task names and JSON only) for ``queue``."""

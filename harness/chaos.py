@@ -315,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     repo = repository(folder)
     prefix = f"chaos-{uuid.uuid4().hex[:8]}"
     env = {
-        "MODEL_REPOSITORY": str(repo),
+        "MODELWORKERS_MODEL_REPOSITORY": str(repo),
         # a dead node's tasks come back within the run (the task time limit must stay below)
-        "VISIBILITY_TIMEOUT_SECONDS": "40",
-        "TASK_TIME_LIMIT_SECONDS": "30",
+        "MODELWORKERS_VISIBILITY_TIMEOUT_SECONDS": "40",
+        "MODELWORKERS_TASK_TIME_LIMIT_SECONDS": "30",
         "PYTHONUNBUFFERED": "1",
-        **({"BROKER_URL": vhost.url} if vhost is not None else {}),
+        **({"MODELWORKERS_BROKER_URL": vhost.url} if vhost is not None else {}),
     }
     nodes = [
         WorkerProcess(

@@ -20,10 +20,10 @@ class Identity:
     def env(self, store: Path) -> dict[str, str]:
         """The settings of a process that signs as this identity and trusts ``store``."""
         return {
-            "MESSAGE_SIGNING": "true",
-            "SIGNING_KEY": str(self.key),
-            "SIGNING_CERT": str(self.cert),
-            "SIGNING_CERT_STORE": str(store),
+            "MODELWORKERS_MESSAGE_SIGNING": "true",
+            "MODELWORKERS_SIGNING_KEY": str(self.key),
+            "MODELWORKERS_SIGNING_CERT": str(self.cert),
+            "MODELWORKERS_SIGNING_CERT_STORE": str(store),
         }
 
 

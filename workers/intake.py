@@ -147,7 +147,7 @@ def _check_meta(what: str, value: Any, limits: MessageLimits) -> None:
     if depth > limits.max_depth:
         raise Refused(
             "too_deep",
-            f"{what} nested deeper than {limits.max_depth} levels (MAX_MESSAGE_DEPTH)",
+            f"{what} nested deeper than {limits.max_depth} levels (MODELWORKERS_MAX_MESSAGE_DEPTH)",
         )
     if size > MAX_HEADER_BYTES:
         raise Refused(
@@ -181,7 +181,8 @@ def check_envelope(payload: Any, limits: MessageLimits) -> None:
         raise Refused(
             "too_large",
             f"a body of about {len(body) * 3 // 4:,} bytes is more than the limit of "
-            f"{limits.body_bytes:,} (MAX_MESSAGE_BYTES" + (", signed)" if limits.signed else ")"),
+            f"{limits.body_bytes:,} (MODELWORKERS_MAX_MESSAGE_BYTES"
+            + (", signed)" if limits.signed else ")"),
         )
     _check_meta("the envelope's headers", headers, limits)
     _check_meta("the envelope's properties", props, limits)
@@ -241,8 +242,8 @@ def check_task_message(
             raise Refused(
                 "unsigned",
                 f"the message is not signed (content type {str(message.content_type)[:60]!r}): "
-                f"MESSAGE_SIGNING is on, and only messages signed with Celery's auth serializer "
-                f"({SIGNED_CONTENT_TYPE}) are accepted",
+                "MODELWORKERS_MESSAGE_SIGNING is on, and only messages signed with Celery's auth "
+                f"serializer ({SIGNED_CONTENT_TYPE}) are accepted",
             )
     elif message.content_type != "application/json":
         raise Refused(
@@ -260,7 +261,7 @@ def check_task_message(
             raise Refused(
                 "too_large",
                 f"a signed body of {len(body):,} bytes is more than the limit of "
-                f"{limits.body_bytes:,} (MAX_MESSAGE_BYTES of JSON, signed)",
+                f"{limits.body_bytes:,} (MODELWORKERS_MAX_MESSAGE_BYTES of JSON, signed)",
             )
         if verify is None:
             raise Refused("bad_signature", "bad signature: no certificates to verify against")
@@ -272,7 +273,7 @@ def check_task_message(
         raise Refused(
             "too_large",
             f"a body of {len(body):,} bytes is more than the limit of {limits.max_bytes:,} "
-            "(MAX_MESSAGE_BYTES)",
+            "(MODELWORKERS_MAX_MESSAGE_BYTES)",
         )
     body = bytes(body)
     # Each opening bracket adds at most one level: count them (fast) before measuring exactly.
@@ -283,7 +284,7 @@ def check_task_message(
         raise Refused(
             "too_deep",
             f"args nested {depth - 1} levels deep, deeper than the limit of {limits.max_depth} "
-            "(MAX_MESSAGE_DEPTH)",
+            "(MODELWORKERS_MAX_MESSAGE_DEPTH)",
         )
     try:
         # kombu keeps it: Celery's dispatch does not decode again (signed: Celery's serializer
@@ -305,7 +306,7 @@ def check_task_message(
             raise Refused(
                 "too_many_args",
                 f"{count} {what} arguments, more than the limit of {limits.max_args} "
-                "(MAX_MESSAGE_ARGS)",
+                "(MODELWORKERS_MAX_MESSAGE_ARGS)",
             )
     for key in ("callbacks", "errbacks", "chain"):
         if embed and embed.get(key) is not None and not isinstance(embed[key], list):

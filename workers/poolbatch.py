@@ -319,7 +319,7 @@ def batcher_for(consumer: Any) -> PoolBatcher | None:
     if found.static_prefetch:
         log.info(
             "prefork batching: the prefetch is fixed on RabbitMQ quorum queues: a batch gathers "
-            "at most the PREFETCH_MULTIPLIER x concurrency messages this node holds"
+            "at most the MODELWORKERS_PREFETCH_MULTIPLIER x concurrency messages this node holds"
         )
     log.info(
         "prefork batching: up to %d requests per pool job for %s",

@@ -114,7 +114,7 @@ class Verifier:
             cert = self.store[signer]
         except Exception:
             raise BadSignature(
-                f"signed by a certificate that is not in SIGNING_CERT_STORE: {shown!r}"
+                f"signed by a certificate that is not in MODELWORKERS_SIGNING_CERT_STORE: {shown!r}"
             ) from None
         try:
             cert.verify(body, signature, self.digest)

@@ -240,7 +240,9 @@ def start(config: TracingConfig) -> ProcessTracing | None:
     try:
         return ProcessTracing(config)
     except Exception:
-        log.exception("pid %d: tracing (TRACING=%s) could not start", os.getpid(), config.choice)
+        log.exception(
+            "pid %d: tracing (MODELWORKERS_TRACING=%s) could not start", os.getpid(), config.choice
+        )
         return None
 
 

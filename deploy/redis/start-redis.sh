@@ -3,7 +3,7 @@
 # environment: REDIS_WORKER_PASSWORD, REDIS_CLIENT_PASSWORD, REDIS_ADMIN_PASSWORD (one per
 # `user NAME` line: REDIS_<NAME>_PASSWORD, required). Only the passwords' SHA-256 hashes are
 # written, to a file of its own outside the repository (ACL_OUT, default /tmp/users.acl).
-# REDIS_PASSWORD, when set, keeps the default user on with full access (the layout without
+# MODELWORKERS_REDIS_PASSWORD, when set, keeps the default user on with full access (the layout without
 # ACL users); unset, the default user stays off. Arguments are passed on to redis-server.
 # The rules themselves: docs/security.md.
 set -eu
@@ -19,8 +19,8 @@ umask 077
 while IFS= read -r line || [ -n "$line" ]; do
     case $line in
     "user default "*)
-        if [ -n "${REDIS_PASSWORD:-}" ]; then
-            echo "user default on #$(sha256 "$REDIS_PASSWORD") ~* &* +@all" >>"$acl_out"
+        if [ -n "${MODELWORKERS_REDIS_PASSWORD:-}" ]; then
+            echo "user default on #$(sha256 "$MODELWORKERS_REDIS_PASSWORD") ~* &* +@all" >>"$acl_out"
         else
             echo "user default off" >>"$acl_out"
         fi

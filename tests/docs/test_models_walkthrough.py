@@ -47,8 +47,8 @@ def test_the_walkthrough_runs_as_written(tmp_path_factory: pytest.TempPathFactor
         env = {
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", str(work)),
-            "REDIS_URL": redis.url,
-            "HEARTBEAT_SECONDS": "0.5",
+            "MODELWORKERS_REDIS_URL": redis.url,
+            "MODELWORKERS_HEARTBEAT_SECONDS": "0.5",
         }
         state.write_text("".join(f"export {k}={v!r}\n" for k, v in env.items()))
 

@@ -258,7 +258,7 @@ def test_importing_the_module_opens_no_connection() -> None:
         "import examples.webapp as w\n"
         "print([getattr(r, 'path', '') for r in w.app.routes])\n"
     )
-    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MODELWORKERS_REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )

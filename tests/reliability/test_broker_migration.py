@@ -35,7 +35,7 @@ def test_a_fleet_moves_from_redis_to_rabbitmq_without_losing_a_task(
     url = private_redis.url
     rabbit = Broker("amqp", rabbitmq_vhost)
     client = redis.Redis.from_url(url)
-    env = {"MODEL_MANIFEST": str(seg_manifest(tmp_path))}
+    env = {"MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path))}
     old = start_worker(redis_url=url, concurrency=1, env=env)
     old.wait_ready(1, timeout=120)
     on_redis = client_app(url, old.queue)

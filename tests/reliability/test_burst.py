@@ -56,7 +56,9 @@ def test_ten_thousand_tasks_at_once_all_complete_in_bounded_memory(
 ) -> None:
     url = private_redis.url
     client = redis.Redis.from_url(url)
-    worker = start_worker(redis_url=url, concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY)})
+    worker = start_worker(
+        redis_url=url, concurrency=2, env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)}
+    )
     worker.wait_ready(2, timeout=180)
     sampler = RssSampler(worker.pid)
     baseline = sampler.total()

@@ -68,12 +68,18 @@ def test_pool_processes_killed_mid_task_lose_nothing_and_reload(
     auto: PRELOAD_MODE is about how replacements load their models, which no broker changes,
     and the suite's time is kept down."""
     if broker.kind == "amqp" and preload == "child":
-        pytest.skip("PRELOAD_MODE=child runs on Redis only (model loading, not the broker)")
+        pytest.skip(
+            "MODELWORKERS_PRELOAD_MODE=child runs on Redis only (model loading, not the broker)"
+        )
     worker = start_worker(
         concurrency=2,
         broker_url=broker.url(redis_url),
         # STARTED records name the pool process running each task: the test kills those
-        env={"MODEL_REPOSITORY": str(REPOSITORY), "PRELOAD_MODE": preload, "TRACK_STARTED": "1"},
+        env={
+            "MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY),
+            "MODELWORKERS_PRELOAD_MODE": preload,
+            "MODELWORKERS_TRACK_STARTED": "1",
+        },
     )
     initial = {s["pid"] for s in worker.wait_ready(2, timeout=180)}
     app = client_app(redis_url, worker.queue, broker)

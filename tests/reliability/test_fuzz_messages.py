@@ -155,7 +155,10 @@ def test_no_generated_message_stops_the_node_and_each_is_followed_by_a_served_ta
         redis_url=private_redis.url,
         pool=pool,
         concurrency={"prefork": 2, "threads": 4, "solo": 1}[pool],
-        env={"MODEL_MANIFEST": str(seg_manifest(tmp_path)), "MAX_MESSAGE_BYTES": str(2**20)},
+        env={
+            "MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path)),
+            "MODELWORKERS_MAX_MESSAGE_BYTES": str(2**20),
+        },
     )
     worker.wait_ready(2 if pool == "prefork" else 1, timeout=90)
     pid = worker.pid

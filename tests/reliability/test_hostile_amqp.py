@@ -51,7 +51,7 @@ def cases() -> list[tuple[str, bytes, Any, str, str]]:
     task("a body that is an object", b"{}", "[args, kwargs, embed]")
     task("args that are a string", body("rows"), "args must be an array")
     task("too many arguments", body(list(range(100))), "positional arguments")
-    task("a 2 MB body", body(["x" * 2_100_000]), "MAX_MESSAGE_BYTES")
+    task("a 2 MB body", body(["x" * 2_100_000]), "MODELWORKERS_MAX_MESSAGE_BYTES")
     task(
         "a pickled body",
         b"\x80\x04N.",
@@ -91,7 +91,10 @@ def test_hostile_messages_over_rabbitmq_end_one_task_each_and_the_node_serves_on
         redis_url=url,
         broker_url=broker.url(url),
         concurrency=2,
-        env={"MODEL_MANIFEST": str(seg_manifest(tmp_path)), "MAX_MESSAGE_BYTES": str(2**20)},
+        env={
+            "MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path)),
+            "MODELWORKERS_MAX_MESSAGE_BYTES": str(2**20),
+        },
     )
     worker.wait_ready(2, timeout=90)
     pid = worker.pid

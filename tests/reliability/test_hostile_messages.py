@@ -63,7 +63,7 @@ def test_a_900_deep_message_sent_once_to_a_fleet_of_two_stops_neither_node(
             prefix=prefix,
             node=f"{prefix}-{i}@testhost",
             concurrency=1,
-            env={"MODEL_MANIFEST": str(manifest)},
+            env={"MODELWORKERS_MODEL_MANIFEST": str(manifest)},
         )
         for i in (1, 2)
     ]
@@ -127,7 +127,7 @@ def _cases(queue: str) -> list[tuple[str, bytes, str | None, str | None]]:
     task("args that are a string", body("rows"), "args must be an array")
     task("too many arguments", body(list(range(100))), "positional arguments")
     task("a 5,000-digit number", b"[[" + b"9" * 5000 + b"], {}, {}]", "not valid JSON")
-    task("a 2 MB body", body(["x" * 2_100_000]), "MAX_MESSAGE_BYTES")
+    task("a 2 MB body", body(["x" * 2_100_000]), "MODELWORKERS_MAX_MESSAGE_BYTES")
     task(
         "a pickled body",
         b"\x80\x04N.",
@@ -183,7 +183,10 @@ def test_every_class_of_hostile_message_ends_one_task_and_the_node_serves_on(
         redis_url=url,
         pool=pool,
         concurrency=2 if pool != "solo" else 1,
-        env={"MODEL_MANIFEST": str(seg_manifest(tmp_path)), "MAX_MESSAGE_BYTES": str(2**20)},
+        env={
+            "MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path)),
+            "MODELWORKERS_MAX_MESSAGE_BYTES": str(2**20),
+        },
     )
     worker.wait_ready(2 if pool == "prefork" else 1, timeout=90)
     pid = worker.pid

@@ -73,8 +73,10 @@ def test_a_model_that_raises_is_answered_by_its_fallback_and_counted(
         pool=pool,
         concurrency=2 if pool == "prefork" else 8,
         env={
-            "MODEL_MANIFEST": str(sentiment_manifest(tmp_path, "RaisingClassifier", fallback=True)),
-            "METRICS_PORT": str(port),
+            "MODELWORKERS_MODEL_MANIFEST": str(
+                sentiment_manifest(tmp_path, "RaisingClassifier", fallback=True)
+            ),
+            "MODELWORKERS_METRICS_PORT": str(port),
         },
     )
     worker.wait_ready(2 if pool == "prefork" else 1)
@@ -101,7 +103,7 @@ def test_a_model_that_raises_without_a_fallback_fails_with_an_error_naming_it(
     start_worker: Start, tmp_path: Path
 ) -> None:
     manifest = sentiment_manifest(tmp_path, "RaisingClassifier", fallback=False)
-    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(manifest)})
+    worker = start_worker(concurrency=1, env={"MODELWORKERS_MODEL_MANIFEST": str(manifest)})
     worker.wait_ready(1)
     app = worker.app()
     try:
@@ -128,7 +130,7 @@ def test_a_batch_with_the_wrong_count_fails_at_once_and_the_next_batch_succeeds(
     worker = start_worker(
         pool=pool,
         concurrency=16 if pool == "threads" else 2,
-        env={"MODEL_MANIFEST": str(manifest), "METRICS_PORT": str(port)},
+        env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), "MODELWORKERS_METRICS_PORT": str(port)},
     )
     worker.wait_ready(1 if pool == "threads" else 2)
     app = worker.app()
@@ -181,7 +183,7 @@ def test_a_hung_inference_fails_at_its_time_limit_and_the_next_request_is_served
     worker = start_worker(
         pool=pool,
         concurrency=2 if pool != "solo" else 1,
-        env={"MODEL_MANIFEST": str(manifest), "METRICS_PORT": str(port)},
+        env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), "MODELWORKERS_METRICS_PORT": str(port)},
     )
     worker.wait_ready(2 if pool == "prefork" else 1)
     app = worker.app()

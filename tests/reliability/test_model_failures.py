@@ -152,9 +152,10 @@ def test_each_broken_model_fails_alone_with_its_reason_and_the_rest_serve(
         worker = start_worker(
             concurrency=1,
             env={
-                "MODEL_MANIFEST": str(manifest),
-                "LOAD_TIMEOUT_SECONDS": str(LOAD_TIMEOUT),
-                "LOADER_THREADS": "12",  # one thread per model: a slow one never queues others
+                "MODELWORKERS_MODEL_MANIFEST": str(manifest),
+                "MODELWORKERS_LOAD_TIMEOUT_SECONDS": str(LOAD_TIMEOUT),
+                # one thread per model: a slow one never queues others
+                "MODELWORKERS_LOADER_THREADS": "12",
                 "PYTHONPATH": str(fake_prophet(tmp_path / "shadow")),
             },
         )
@@ -244,7 +245,10 @@ def test_a_reload_during_a_hung_load_answers_and_the_heartbeat_goes_on(
     try:
         worker = start_worker(
             concurrency=1,
-            env={"MODEL_MANIFEST": str(manifest), "LOAD_TIMEOUT_SECONDS": str(LOAD_TIMEOUT)},
+            env={
+                "MODELWORKERS_MODEL_MANIFEST": str(manifest),
+                "MODELWORKERS_LOAD_TIMEOUT_SECONDS": str(LOAD_TIMEOUT),
+            },
         )
         snap = worker.wait_ready(1, timeout=120, require_ready=False)[0]
         assert "LoadTimeout" in snap["models"]["hang"]["error"]

@@ -55,9 +55,9 @@ TASKS = 16
 
 def node_env(manifest: Path) -> dict[str, str]:
     return {
-        "MODEL_MANIFEST": str(manifest),
-        "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY),
-        "TASK_TIME_LIMIT_SECONDS": str(TIME_LIMIT),
+        "MODELWORKERS_MODEL_MANIFEST": str(manifest),
+        "MODELWORKERS_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY),
+        "MODELWORKERS_TASK_TIME_LIMIT_SECONDS": str(TIME_LIMIT),
         # Two nodes = 4 pool processes on this 2-core machine. Each pool process runs OpenMP /
         # OpenBLAS with one thread per core (OMP_NUM_THREADS set in the child comes too late:
         # the libraries were initialised in the parent by the preimport), and the spinning
@@ -65,7 +65,8 @@ def node_env(manifest: Path) -> dict[str, str]:
         # test is about: one thread per process here (the bug is in docs/reliability.md).
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
-        "TRACK_STARTED": "1",  # STARTED records show which tasks a node holds when it dies
+        # STARTED records show which tasks a node holds when it dies
+        "MODELWORKERS_TRACK_STARTED": "1",
     }
 
 

@@ -28,7 +28,7 @@ def poison_worker(start: Start, url: str, tmp_path: Path) -> WorkerProcess:
     worker = start(
         redis_url=url,
         concurrency=2,
-        env={"MODEL_MANIFEST": str(seg_manifest(tmp_path))},
+        env={"MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path))},
         extra_args=["-I", "tests.support.poison_tasks"],
     )
     worker.wait_ready(2, timeout=90)

@@ -39,7 +39,7 @@ def start_recording_worker(start_worker: Start, folder: Path, delay: float) -> W
             }
         ],
     )
-    worker = start_worker(concurrency=2, env={"MODEL_MANIFEST": str(manifest)})
+    worker = start_worker(concurrency=2, env={"MODELWORKERS_MODEL_MANIFEST": str(manifest)})
     worker.wait_ready(2)
     return worker
 

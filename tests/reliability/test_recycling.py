@@ -56,8 +56,8 @@ def test_pool_processes_over_the_memory_limit_are_replaced_and_reload(
     worker = start_worker(
         concurrency=2,
         env={
-            "MODEL_MANIFEST": str(recycle_manifest(tmp_path)),
-            "WORKER_MAX_MEMORY_PER_CHILD_KB": "1",
+            "MODELWORKERS_MODEL_MANIFEST": str(recycle_manifest(tmp_path)),
+            "MODELWORKERS_WORKER_MAX_MEMORY_PER_CHILD_KB": "1",
         },
     )
     initial = {s["pid"] for s in worker.wait_ready(2, timeout=120)}

@@ -53,7 +53,9 @@ def test_workers_survive_a_redis_restart_and_serve_what_is_sent_after_it(
     try:
         url = servers[0].url
         worker = start_worker(
-            redis_url=url, concurrency=2, env={"MODEL_MANIFEST": str(seg_manifest(tmp_path))}
+            redis_url=url,
+            concurrency=2,
+            env={"MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path))},
         )
         first = worker.wait_ready(2, timeout=120)
         pool = set(worker.children_pids())

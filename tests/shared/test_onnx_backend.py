@@ -324,7 +324,7 @@ def test_models_export_onnx_writes_a_loadable_file_and_updates_the_model_file(
         'family = "transformers"\n\n[options]\nbackend = "onnx"\n\n'
         f'[[versions]]\nversion = "1.0.0"\npath = "1.0.0"\nsha256 = "{artifact_sha256(folder)}"\n'
     )
-    env = {**os.environ, "MODEL_REPOSITORY": str(repo), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MODELWORKERS_MODEL_REPOSITORY": str(repo), "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "workers.cli", "models", "export-onnx", str(folder)]
     done = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr

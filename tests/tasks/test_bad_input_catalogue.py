@@ -36,7 +36,7 @@ CASES: list[tuple[str, list[Any], dict[str, Any], str, str]] = [
         [{"ds": DS, "y": list(range(10_000_000))}, 3],
         {},
         "InvalidMessage",
-        "more than the limit of 16,777,216 (MAX_MESSAGE_BYTES)",
+        "more than the limit of 16,777,216 (MODELWORKERS_MAX_MESSAGE_BYTES)",
     ),
     (
         "forecast.prophet",

@@ -45,7 +45,7 @@ def test_onnx_without_model_onnx_fails_that_version_and_the_worker_serves_the_re
 ) -> None:
     repo = tmp_path / "repo"
     repository_with_a_broken_onnx_version(repo)
-    worker = start_worker(concurrency=2, env={"MODEL_REPOSITORY": str(repo)})
+    worker = start_worker(concurrency=2, env={"MODELWORKERS_MODEL_REPOSITORY": str(repo)})
     snaps = worker.wait_ready(2, timeout=120)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # 2 processes share the cores
     for snap in snaps:

@@ -23,7 +23,7 @@ OTHER = "amqp://guest:secret@rabbit.example:5672//"
 
 def env_without_celery(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
-    env.pop("REDIS_URL", None)
+    env.pop("MODELWORKERS_REDIS_URL", None)
     return {**env, "MODELWORKERS_REDIS_URL": REDIS, **extra}
 
 
@@ -81,7 +81,7 @@ def test_the_worker_and_the_cli_refuse_to_start_on_a_diverging_celery_broker_url
 
 
 def test_the_delivery_limit_must_stay_above_the_poison_count() -> None:
-    with pytest.raises(ValidationError, match="BROKER_DELIVERY_LIMIT must be above"):
+    with pytest.raises(ValidationError, match="MODELWORKERS_BROKER_DELIVERY_LIMIT must be above"):
         Settings(redis_url=REDIS, broker_delivery_limit=3, poison_lost_deliveries=3)
 
 

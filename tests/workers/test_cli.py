@@ -34,8 +34,8 @@ def test_health_exit_codes_follow_the_fleet(serving_worker: WorkerProcess) -> No
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ready"] is True
     assert cli(env, "health", "--min-processes", "3").returncode == 1
-    assert cli({**env, "KEY_PREFIX": "nobody-here"}, "health").returncode == 1
-    down = cli({**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "health")
+    assert cli({**env, "MODELWORKERS_KEY_PREFIX": "nobody-here"}, "health").returncode == 1
+    down = cli({**env, "MODELWORKERS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "health")
     assert down.returncode == 2 and "cannot read the registry" in down.stderr
 
 
@@ -87,7 +87,7 @@ def test_health_prints_plain_json_at_any_terminal_width(serving_worker: WorkerPr
     serving_worker.wait_ready(2)
     for env, ready in (
         (serving_worker.env, True),
-        ({**serving_worker.env, "KEY_PREFIX": "none"}, False),
+        ({**serving_worker.env, "MODELWORKERS_KEY_PREFIX": "none"}, False),
     ):
         done = subprocess.run(
             f"{sys.executable} -m workers.cli health | {sys.executable} -m json.tool",

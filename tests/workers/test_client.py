@@ -243,9 +243,9 @@ def test_a_tiny_timeout_on_a_live_worker_raises_result_timeout(mc: ModelClient) 
 def test_a_client_from_the_environment_sends_to_task_queue_without_naming_a_queue(
     serving_worker: WorkerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("REDIS_URL", serving_worker.redis_url)
-    monkeypatch.setenv("TASK_QUEUE", serving_worker.queue)
-    monkeypatch.setenv("KEY_PREFIX", serving_worker.prefix)
+    monkeypatch.setenv("MODELWORKERS_REDIS_URL", serving_worker.redis_url)
+    monkeypatch.setenv("MODELWORKERS_TASK_QUEUE", serving_worker.queue)
+    monkeypatch.setenv("MODELWORKERS_KEY_PREFIX", serving_worker.prefix)
     get_settings.cache_clear()
     try:
         with ModelClient() as c:
@@ -307,7 +307,7 @@ def test_a_model_with_a_queue_of_its_own_is_sent_there_and_served_only_there(
     repo = tmp_path / "repo"
     kmeans_model(repo, "edge_segments", queue=gpu)
     kmeans_model(repo, "plain_segments")
-    env = {"MODEL_REPOSITORY": str(repo)}
+    env = {"MODELWORKERS_MODEL_REPOSITORY": str(repo)}
     # Both nodes share the registry prefix and TASK_QUEUE (= prefix); the second consumes only
     # the gpu queue (its -Q comes last on the command line, and the last -Q is the one used).
     default = start_worker(prefix=prefix, node=f"default-{prefix}@testhost", concurrency=1, env=env)

@@ -33,7 +33,11 @@ def metric(text: str, name: str, **labels: str) -> float:
 def test_metrics_endpoint_exposes_per_model_counters_that_rise(start_worker: Start) -> None:
     port = free_port()
     worker = start_worker(
-        concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY), "METRICS_PORT": str(port)}
+        concurrency=2,
+        env={
+            "MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY),
+            "MODELWORKERS_METRICS_PORT": str(port),
+        },
     )
     worker.wait_ready(2)
     url = f"http://127.0.0.1:{port}/metrics"

@@ -65,7 +65,7 @@ def test_a_well_formed_message_passes_and_is_decoded_once() -> None:
     ("raw", "headers", "problem"),
     [
         (body([nested(8)]), None, "args nested 9 levels deep, deeper than the limit of 8"),
-        (body(["x" * 5000]), None, "more than the limit of 4,096 (MAX_MESSAGE_BYTES)"),
+        (body(["x" * 5000]), None, "more than the limit of 4,096 (MODELWORKERS_MAX_MESSAGE_BYTES)"),
         (body([1, 2, 3, 4, 5]), None, "5 positional arguments, more than the limit of 4"),
         (body([], {str(i): i for i in range(5)}), None, "5 keyword arguments"),
         (b"{}", None, "must be [args, kwargs, embed]"),

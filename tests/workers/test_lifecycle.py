@@ -129,7 +129,11 @@ def test_unload_frees_the_model_everywhere_stays_unloaded_and_load_brings_it_bac
     add_model(repo, "seg", {"1": repo / "seg" / "1.joblib"})
     worker = start_worker(
         concurrency=2,
-        env={"MODEL_REPOSITORY": str(repo), "PRELOAD_MODE": "child", "LOADER_THREADS": "1"},
+        env={
+            "MODELWORKERS_MODEL_REPOSITORY": str(repo),
+            "MODELWORKERS_PRELOAD_MODE": "child",
+            "MODELWORKERS_LOADER_THREADS": "1",
+        },
     )
     snaps = worker.wait_ready(2, timeout=120)
     measured = {s["pid"]: s["models"]["big"]["versions"]["1"]["memory_mb"] for s in snaps}
@@ -193,9 +197,9 @@ def test_a_memory_budget_evicts_the_least_recently_used_lazy_model_and_loads_it_
     worker = start_worker(
         concurrency=1,
         env={
-            "MODEL_REPOSITORY": str(repo),
-            "PRELOAD_MODE": "child",
-            "MODEL_MEMORY_BUDGET_MB": "100",
+            "MODELWORKERS_MODEL_REPOSITORY": str(repo),
+            "MODELWORKERS_PRELOAD_MODE": "child",
+            "MODELWORKERS_MODEL_MEMORY_BUDGET_MB": "100",
         },
     )
     (snap,) = worker.wait_ready(1)
@@ -239,7 +243,7 @@ def test_concurrent_first_requests_load_once_and_a_failing_lazy_load_runs_once_p
     worker = start_worker(
         pool="threads",
         concurrency=8,
-        env={"MODEL_REPOSITORY": str(repo), "LAZY_RETRY_SECONDS": "3"},
+        env={"MODELWORKERS_MODEL_REPOSITORY": str(repo), "MODELWORKERS_LAZY_RETRY_SECONDS": "3"},
     )
     worker.wait_ready(1)
     app = worker.app()
@@ -296,7 +300,7 @@ def test_splits_share_requests_by_weight_keys_stick_and_pins_are_honoured(
 ) -> None:
     src, repo, fitted = ridge_repository(tmp_path)
     worker = start_worker(
-        concurrency=2, env={"MODEL_REPOSITORY": str(repo), "PYTHONPATH": str(src)}
+        concurrency=2, env={"MODELWORKERS_MODEL_REPOSITORY": str(repo), "PYTHONPATH": str(src)}
     )
     worker.wait_ready(2)
     done = cli(worker, "split", "ridge", "1=80", "2=20", "--json")

@@ -182,10 +182,10 @@ def test_a_family_of_your_own_is_served_by_configuration_alone(
     worker = start_worker(
         concurrency=2,
         env={
-            "MODEL_REPOSITORY": str(repo),
+            "MODELWORKERS_MODEL_REPOSITORY": str(repo),
             "PYTHONPATH": str(outside / "src"),
-            "METRICS_PORT": str(port),
-            "PRELOAD_MODE": "child",
+            "MODELWORKERS_METRICS_PORT": str(port),
+            "MODELWORKERS_PRELOAD_MODE": "child",
         },
     )
     snaps = worker.wait_ready(2)
@@ -289,7 +289,10 @@ def test_a_family_installed_with_an_entry_point_is_served_without_a_change_to_th
     assert installed.returncode == 0, installed.stderr[-2000:]
     repo, fitted = repository(outside, family="ridge")
     worker = WorkerProcess(
-        redis_url, concurrency=1, env={"MODEL_REPOSITORY": str(repo)}, log_dir=worker_logs
+        redis_url,
+        concurrency=1,
+        env={"MODELWORKERS_MODEL_REPOSITORY": str(repo)},
+        log_dir=worker_logs,
     )
 
     worker.args[0] = str(python)  # the plugin's environment, this project's code

@@ -50,7 +50,7 @@ def test_a_burst_raises_the_queue_depth_on_the_metrics_port_and_it_falls_back_to
         broker_url=broker.url(redis_url),
         concurrency=2,
         log_dir=worker_logs,
-        env={"MODEL_MANIFEST": str(manifest), "METRICS_PORT": str(port)},
+        env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), "MODELWORKERS_METRICS_PORT": str(port)},
     )
     app = worker.app()
     try:
@@ -87,7 +87,10 @@ def test_a_burst_raises_the_queue_depth_on_the_metrics_port_and_it_falls_back_to
             broker_url=broker.url(redis_url),
             concurrency=2,
             prefix=worker.prefix,
-            env={"MODEL_MANIFEST": str(manifest), "METRICS_PORT": str(port)},
+            env={
+                "MODELWORKERS_MODEL_MANIFEST": str(manifest),
+                "MODELWORKERS_METRICS_PORT": str(port),
+            },
         )
         url = f"http://127.0.0.1:{port}/metrics"
         depths: list[float] = []

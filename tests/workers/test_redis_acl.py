@@ -140,7 +140,7 @@ def acl_redis(tmp_path: Path) -> Iterator[AclRedis]:
 
 
 def role_env(user: str) -> dict[str, str]:
-    return {"REDIS_USERNAME": user, "REDIS_PASSWORD": PASSWORDS[user]}
+    return {"MODELWORKERS_REDIS_USERNAME": user, "MODELWORKERS_REDIS_PASSWORD": PASSWORDS[user]}
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -173,7 +173,7 @@ def test_a_client_user_enqueues_and_reads_but_cannot_reload_or_write_the_registr
         node="worker@acl-test",
         concurrency=1,
         log_dir=worker_logs,
-        env={**role_env("worker"), "MODEL_MANIFEST": str(manifest)},
+        env={**role_env("worker"), "MODELWORKERS_MODEL_MANIFEST": str(manifest)},
     )
     worker.args = [a for a in worker.args if a not in ("--without-mingle", "--without-gossip")]
     worker.args.append("-E")
@@ -333,7 +333,7 @@ def test_the_start_script_needs_every_role_password_and_keeps_the_default_user_o
     for legacy in (None, "legacy-pw"):
         folder = tmp_path / str(legacy)
         folder.mkdir()
-        extra = {"REDIS_PASSWORD": legacy} if legacy else {}
+        extra = {"MODELWORKERS_REDIS_PASSWORD": legacy} if legacy else {}
         server = start_acl_redis(folder, {**env, **extra})
         try:
             rendered = (folder / "users.acl").read_text()

@@ -145,7 +145,8 @@ def test_every_pool_process_rehearses_before_ready_and_stores_nothing(
         ],
     )
     worker = start_worker(
-        concurrency=2, env={"MODEL_MANIFEST": str(manifest), "PRELOAD_MODE": "parent"}
+        concurrency=2,
+        env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), "MODELWORKERS_PRELOAD_MODE": "parent"},
     )
     snaps = worker.wait_ready(2)
     log = worker.log()
@@ -171,7 +172,8 @@ def test_rehearsal_can_be_turned_off(start_worker: Start, tmp_path: Path) -> Non
         tmp_path, [{"name": "seg", "family": "sklearn", "path": "seg.joblib"}]
     )
     worker = start_worker(
-        concurrency=1, env={"MODEL_MANIFEST": str(manifest), "REHEARSE_TASKS": "false"}
+        concurrency=1,
+        env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), "MODELWORKERS_REHEARSE_TASKS": "false"},
     )
     worker.wait_ready(1)
     assert "rehearsed" not in worker.log()

@@ -76,7 +76,7 @@ def versioned_manifest(folder: Path) -> Path:
 def fleet(start_worker: Start, tmp_path: Path) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
     manifest = versioned_manifest(tmp_path)
     prefix = f"mwfleet-{uuid.uuid4().hex[:6]}"
-    env = {"MODEL_MANIFEST": str(manifest)}
+    env = {"MODELWORKERS_MODEL_MANIFEST": str(manifest)}
     nodes = tuple(
         start_worker(concurrency=2, prefix=prefix, node=f"{name}@{prefix}", env=env)
         for name in ("alpha", "beta")

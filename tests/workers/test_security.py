@@ -47,7 +47,7 @@ def test_password_redis_works_for_worker_cli_and_flower_and_never_leaks(
     worker = start_worker(
         redis_url=bare_url,
         concurrency=1,
-        env={"REDIS_PASSWORD": SECRET, "MODEL_MANIFEST": str(manifest)},
+        env={"MODELWORKERS_REDIS_PASSWORD": SECRET, "MODELWORKERS_MODEL_MANIFEST": str(manifest)},
     )
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis.from_url(bare_url).ping()  # no password: refused

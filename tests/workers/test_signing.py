@@ -45,7 +45,7 @@ def test_unsigned_and_wrongly_signed_tasks_never_run_and_signed_ones_are_answere
         tmp_path, [{"name": "seg", "family": "sklearn", "path": "seg.joblib"}]
     )
     worker = start_worker(
-        concurrency=1, env={"MODEL_MANIFEST": str(manifest), **worker_id.env(store)}
+        concurrency=1, env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), **worker_id.env(store)}
     )
     worker.wait_ready(1)
     signed = Settings(

@@ -83,7 +83,7 @@ def test_unsigned_and_wrongly_signed_bodies_are_refused_with_what_is_wrong(
     assert unsigned.reason == "unsigned" and "not signed" in str(unsigned)
     stranger = refusal(message(sign_body(mallory, DATA)), verifier)
     assert stranger.reason == "bad_signature"
-    assert "not in SIGNING_CERT_STORE: 'mallory " in str(stranger)
+    assert "not in MODELWORKERS_SIGNING_CERT_STORE: 'mallory " in str(stranger)
     forged = refusal(message(sign_body(mallory, DATA, as_signer=client)), verifier)
     assert "the signature does not match the body (signer 'client " in str(forged)
     signed = sign_body(client, DATA)
@@ -103,7 +103,7 @@ def test_sizes_are_checked_before_the_signature_and_depth_after_it(
     assert "a signed body of" in str(refusal(huge, verifier))
     too_big = sign_body(client, [["x" * 5000], {}, {}])  # fits signed, not as JSON
     assert len(too_big) <= LIMITS.body_bytes
-    assert "more than the limit of 4,096 (MAX_MESSAGE_BYTES)" in str(
+    assert "more than the limit of 4,096 (MODELWORKERS_MAX_MESSAGE_BYTES)" in str(
         refusal(message(too_big), verifier)
     )
     deep = refusal(message(sign_body(client, [[nested(8)], {}, {}])), verifier)
@@ -117,7 +117,9 @@ def test_a_signed_body_is_refused_when_signing_is_off(keys: dict[str, Identity])
 
 
 def test_signing_settings_must_be_complete(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="SIGNING_KEY, SIGNING_CERT_STORE not set"):
+    with pytest.raises(
+        ValidationError, match="MODELWORKERS_SIGNING_KEY, MODELWORKERS_SIGNING_CERT_STORE not set"
+    ):
         Settings(message_signing=True, signing_cert=tmp_path / "c.pem")
     assert celery_options(Settings()) == {}
     options = celery_options(

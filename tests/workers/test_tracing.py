@@ -94,7 +94,7 @@ def recording_worker(
             }
         ],
     )
-    return start_worker(env={"MODEL_MANIFEST": str(manifest), **env}, **kw)
+    return start_worker(env={"MODELWORKERS_MODEL_MANIFEST": str(manifest), **env}, **kw)
 
 
 def model_calls(folder: Path) -> list[dict[str, Any]]:
@@ -122,8 +122,8 @@ def test_a_web_request_the_clients_send_and_the_task_run_are_one_trace(
     worker = start_worker(
         concurrency=2,
         env={
-            "MODEL_REPOSITORY": str(repo),
-            "TRACING": EXPORTER,
+            "MODELWORKERS_MODEL_REPOSITORY": str(repo),
+            "MODELWORKERS_TRACING": EXPORTER,
             FILE_VARIABLE: str(span_file),
             **NO_TIMED_EXPORT,
         },
@@ -208,9 +208,9 @@ def test_the_solo_and_threads_pools_trace_in_their_main_process_and_flush_at_shu
         pool=pool,
         concurrency=1,
         env={
-            "TRACING": EXPORTER,
+            "MODELWORKERS_TRACING": EXPORTER,
             FILE_VARIABLE: str(span_file),
-            "TRACING_SERVICE_NAME": f"workers-{pool}",
+            "MODELWORKERS_TRACING_SERVICE_NAME": f"workers-{pool}",
             **NO_TIMED_EXPORT,
         },
     )
@@ -244,7 +244,7 @@ def test_requests_answered_in_one_pool_batch_each_keep_their_own_run_span_and_pa
         tmp_path,
         delay=0.5,
         concurrency=2,
-        env={"TRACING": EXPORTER, FILE_VARIABLE: str(span_file), **NO_TIMED_EXPORT},
+        env={"MODELWORKERS_TRACING": EXPORTER, FILE_VARIABLE: str(span_file), **NO_TIMED_EXPORT},
     )
     worker.wait_ready(2, timeout=90)
     tracer = trace.get_tracer("webapp")
@@ -331,7 +331,7 @@ def test_tracing_off_exports_nothing_yet_the_traced_client_is_served(
 def test_a_worker_whose_tracing_cannot_be_set_up_does_not_start(
     start_worker: Start, tmp_path: Path, tracing: str, blocked: str | None, expected: str
 ) -> None:
-    env = {"TRACING": tracing, FILE_VARIABLE: str(tmp_path / "spans.jsonl")}
+    env = {"MODELWORKERS_TRACING": tracing, FILE_VARIABLE: str(tmp_path / "spans.jsonl")}
     if blocked:  # the package as if not installed: its import fails in the worker
         site = tmp_path / "site"
         site.mkdir()
@@ -341,7 +341,7 @@ def test_a_worker_whose_tracing_cannot_be_set_up_does_not_start(
     assert worker.proc is not None
     assert worker.proc.wait(timeout=60) == 1
     log = worker.log()
-    assert f"the worker does not start: TRACING={tracing}: " in log and expected in log
+    assert f"the worker does not start: MODELWORKERS_TRACING={tracing}: " in log and expected in log
     if blocked:
         assert "pip install modelworkers[tracing]" in log
     assert not worker.snapshots()
@@ -386,7 +386,7 @@ def test_otlp_sends_the_run_spans_to_the_collector_at_the_standard_endpoint(
             pool="solo",
             concurrency=1,
             env={
-                "TRACING": "otlp",
+                "MODELWORKERS_TRACING": "otlp",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
                 "OTEL_SERVICE_NAME": "otlp-workers",
                 "OTEL_BSP_SCHEDULE_DELAY": "200",

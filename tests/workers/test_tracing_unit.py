@@ -78,7 +78,9 @@ def test_tracing_is_off_a_named_exporter_or_a_module_callable(
 
 @pytest.mark.parametrize("bad", ["jaeger", "module.only", ":callable", "a b:c", "x:y:z"])
 def test_any_other_tracing_value_is_refused_naming_the_choices(bad: str) -> None:
-    with pytest.raises(ValidationError, match="TRACING must be off, otlp, otlp-grpc, console or"):
+    with pytest.raises(
+        ValidationError, match="MODELWORKERS_TRACING must be off, otlp, otlp-grpc, console or"
+    ):
         settings(tracing=bad)
 
 
@@ -121,7 +123,7 @@ def test_a_missing_sdk_is_refused_naming_the_extra(monkeypatch: pytest.MonkeyPat
     with pytest.raises(TracingUnavailable) as refused:
         tracing.configure(settings(tracing="console"))
     assert str(refused.value).startswith(
-        "TRACING=console: needs opentelemetry-sdk, which cannot be imported ("
+        "MODELWORKERS_TRACING=console: needs opentelemetry-sdk, which cannot be imported ("
     )
     assert str(refused.value).endswith("): pip install modelworkers[tracing]")
 
@@ -132,7 +134,9 @@ def test_otlp_grpc_without_its_exporter_says_which_package_to_install() -> None:
     with pytest.raises(TracingUnavailable) as refused:
         tracing.configure(settings(tracing="otlp-grpc"))
     message = str(refused.value)
-    assert message.startswith("TRACING=otlp-grpc: needs opentelemetry-exporter-otlp-proto-grpc")
+    assert message.startswith(
+        "MODELWORKERS_TRACING=otlp-grpc: needs opentelemetry-exporter-otlp-proto-grpc"
+    )
     assert message.endswith(": pip install opentelemetry-exporter-otlp-proto-grpc")
 
 
@@ -164,13 +168,13 @@ NOT_CALLABLE = 42
 def test_an_exporter_that_cannot_be_loaded_or_built_is_refused(choice: str, problem: str) -> None:
     with pytest.raises(TracingUnavailable) as refused:
         tracing.configure(settings(tracing=choice))
-    assert str(refused.value).startswith(f"TRACING={choice}: ")
+    assert str(refused.value).startswith(f"MODELWORKERS_TRACING={choice}: ")
     assert problem in str(refused.value)
 
 
 def test_a_refusal_survives_the_result_backend_as_the_same_error() -> None:
     error = TracingUnavailable("otlp", "needs x")
-    assert str(TracingUnavailable(str(error))) == str(error) == "TRACING=otlp: needs x"
+    assert str(TracingUnavailable(str(error))) == str(error) == "MODELWORKERS_TRACING=otlp: needs x"
 
 
 def test_named_and_module_exporters_resolve_to_what_builds_them(
@@ -336,7 +340,7 @@ def test_an_exporter_that_fails_in_a_serving_process_leaves_it_serving_untraced(
         raise OSError("gone")
 
     assert tracing.start(tracing.TracingConfig("test", broken)) is None
-    assert "tracing (TRACING=test) could not start" in caplog.text
+    assert "tracing (MODELWORKERS_TRACING=test) could not start" in caplog.text
 
 
 def test_a_batch_span_links_each_request_with_a_trace_context_and_skips_the_rest(

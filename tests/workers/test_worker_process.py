@@ -71,7 +71,7 @@ def test_replacement_children_load_their_models_and_are_not_killed(start_worker:
     worker = start_worker(
         concurrency=1,
         extra_args=["--max-tasks-per-child", "1"],
-        env={"MODEL_REPOSITORY": str(REPOSITORY)},
+        env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)},
     )
     first = worker.wait_ready(1)[0]["pid"]
     client = worker.app()
@@ -95,7 +95,7 @@ def test_replacement_children_load_their_models_and_are_not_killed(start_worker:
 
 def test_first_tasks_after_ready_are_fast_and_warm_ones_faster(start_worker: Start) -> None:
     """The seed's floors, as checks: first task after READY < 2 s, warm tasks < 100 ms."""
-    worker = start_worker(concurrency=1, env={"MODEL_REPOSITORY": str(REPOSITORY)})
+    worker = start_worker(concurrency=1, env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)})
     worker.wait_ready(1)
     client = worker.app()
     jobs = [
@@ -122,7 +122,7 @@ def test_failed_models_are_reported_and_the_fallback_and_others_serve(
     start_worker: Start, tmp_path: Path
 ) -> None:
     manifest = toy_manifest(tmp_path, sentiment_sha="f" * 64, ghost_required=True)
-    worker = start_worker(concurrency=1, env={"MODEL_MANIFEST": str(manifest)})
+    worker = start_worker(concurrency=1, env={"MODELWORKERS_MODEL_MANIFEST": str(manifest)})
     snap = worker.wait_ready(1, require_ready=False)[0]
     assert snap["ready"] is False
     assert snap["models"]["sentiment"]["status"] == "FAILED"
@@ -149,7 +149,9 @@ def test_failed_models_are_reported_and_the_fallback_and_others_serve(
 def test_threads_and_solo_pools_preload_too(start_worker: Start, tmp_path: Path, pool: str) -> None:
     manifest = toy_manifest(tmp_path)
     worker = start_worker(
-        pool=pool, concurrency=2 if pool == "threads" else 1, env={"MODEL_MANIFEST": str(manifest)}
+        pool=pool,
+        concurrency=2 if pool == "threads" else 1,
+        env={"MODELWORKERS_MODEL_MANIFEST": str(manifest)},
     )
     snaps = worker.wait_ready(1)
     assert len(snaps) == 1 and snaps[0]["pid"] == worker.pid  # the main process serves
@@ -184,8 +186,10 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
     again in each child."""
     from transformers import pipeline
 
-    env = {"PRELOAD_MODE": "parent", "TRANSFORMERS_BACKEND": backend}
-    worker = start_worker(concurrency=2, env={"MODEL_REPOSITORY": str(REPOSITORY), **env})
+    env = {"MODELWORKERS_PRELOAD_MODE": "parent", "MODELWORKERS_TRANSFORMERS_BACKEND": backend}
+    worker = start_worker(
+        concurrency=2, env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY), **env}
+    )
     snaps = worker.wait_ready(2)
     assert {s["models"]["sentiment"]["details"]["backend"] for s in snaps} == {backend}
     assert "models loaded in the parent (copy-on-write mode)" in worker.log()
@@ -229,7 +233,9 @@ def test_threads_pool_batches_concurrent_requests_into_shared_forward_passes(
     start_worker: Start, tmp_path: Path
 ) -> None:
     worker = start_worker(
-        pool="threads", concurrency=16, env={"MODEL_MANIFEST": str(toy_manifest(tmp_path))}
+        pool="threads",
+        concurrency=16,
+        env={"MODELWORKERS_MODEL_MANIFEST": str(toy_manifest(tmp_path))},
     )
     worker.wait_ready(1)
     client = worker.app()
@@ -270,9 +276,9 @@ def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
     worker = start_worker(
         concurrency=1,
         env={
-            "MODEL_REPOSITORY": str(REPOSITORY),
-            "MODEL_CACHE_DIR": str(tmp_path / "cache"),
-            "SENTIMENT_MODEL": "local/tiny-sentiment",
+            "MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY),
+            "MODELWORKERS_MODEL_CACHE_DIR": str(tmp_path / "cache"),
+            "MODELWORKERS_SENTIMENT_MODEL": "local/tiny-sentiment",
             "HF_HOME": "",
         },
     )
@@ -287,7 +293,7 @@ def test_a_cached_hub_model_serves_sentiment_by_configuration_alone(
 @pytest.mark.parametrize("target", ["workers", "workers.app"])
 def test_celery_finds_the_app_by_package_or_module(start_worker: Start, target: str) -> None:
     """``celery -A workers worker`` (Celery's usual form) and ``-A workers.app`` both serve."""
-    worker = start_worker(concurrency=1, env={"MODEL_REPOSITORY": str(REPOSITORY)})
+    worker = start_worker(concurrency=1, env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)})
     worker.stop()
     worker.args[worker.args.index("workers.app")] = target
     worker.start().wait_ready(1, timeout=120)
