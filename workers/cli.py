@@ -144,7 +144,8 @@ def worker_command(
     queue: str | None = None,
     events: bool = False,
 ) -> list[str]:
-    """The `celery worker` command line that `up`, `demo` (and the tests) run. ``events``:
+    """The `celery worker` command line that `up`, `demo` (and the tests) run, without gossip
+    and mingle. ``events``:
     task events from the start (-E), whatever TASK_EVENTS says (Flower enables them anyway)."""
     return [
         sys.executable,
@@ -163,6 +164,11 @@ def worker_command(
         node,
         "-Q",
         queue or get_settings().task_queue,
+        # Gossip makes every node consume every other node's heartbeats (Redis traffic grows
+        # with the square of the nodes), mingle asks every node at each start; nothing here
+        # uses either (docs/operations.md, fleet scale).
+        "--without-gossip",
+        "--without-mingle",
         *(["-E"] if events else []),
     ]
 
