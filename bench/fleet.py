@@ -4,9 +4,9 @@ process at rest, `modelworkers status` time and fleet reload time to the last re
 
     .venv/bin/python -m bench.fleet --nodes 1 10 30 [--gossip] [--filler 100000] [--json F]
 
-``--gossip``: nodes as `celery worker` runs by default (mingle, gossip, worker heartbeats), as
-compose ran them before; without it, as the harness runs them (--without-mingle
---without-gossip). ``--filler K``: K extra keys (as many task results) in the database, to show
+``--gossip``: nodes as a plain `celery worker` runs by default (mingle, gossip, worker
+heartbeats); without it, as `modelworkers up`, compose and Kubernetes run them (--without-gossip
+--without-mingle). ``--filler K``: K extra keys (as many task results) in the database, to show
 what status and reload cost grows with. The figures are in docs/operations.md.
 """
 
@@ -22,71 +22,19 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from harness import ROOT, WorkerProcess, build_kmeans, wait_for, write_manifest
+from harness import ROOT, WorkerProcess
+from harness.fleet import start_fleet, stop_fleet, tiny_manifest, wait_fleet
 from shared.manifest import load_manifest
 from shared.reload import collect_replies, send_request
 from shared.state import read_snapshots
 from workers.embedded import EmbeddedRedis
 
 CLI = [sys.executable, "-m", "workers.cli"]
-
-
-def tiny_manifest(folder: Path) -> Path:
-    build_kmeans(folder / "seg.joblib")
-    return write_manifest(
-        folder,
-        [
-            {"name": "seg", "family": "sklearn", "path": "seg.joblib", "version": v}
-            for v in ("1.0.0", "1.1.0")
-        ],
-    )
-
-
-def start_fleet(
-    url: str, n: int, prefix: str, manifest: Path, logs: Path, gossip: bool
-) -> list[WorkerProcess]:
-    env = {
-        "MODEL_MANIFEST": str(manifest),
-        "HEARTBEAT_SECONDS": "5",  # the defaults, not the harness's fast ones
-        "STATE_TTL_SECONDS": "30",
-        "REHEARSE_TASKS": "false",
-    }
-    nodes = [
-        WorkerProcess(
-            url,
-            pool="solo",
-            concurrency=1,
-            env=env,
-            log_dir=logs,
-            prefix=prefix,
-            node=f"n{i:04d}@fleet",
-        )
-        for i in range(n)
-    ]
-    for node in nodes:
-        if gossip:
-            node.args = [a for a in node.args if a not in ("--without-mingle", "--without-gossip")]
-        node.start()
-    return nodes
-
-
-def wait_fleet(
-    client: redis.Redis, prefix: str, nodes: list[WorkerProcess], timeout: float
-) -> None:
-    def ready() -> bool:
-        for node in nodes:
-            if not node.alive():
-                raise RuntimeError(f"{node.node} exited:\n{node.log()[-2000:]}")
-        snaps = read_snapshots(client, prefix)
-        return sum(1 for s in snaps if s.ready) >= len(nodes)
-
-    wait_for(ready, timeout, f"{len(nodes)} nodes READY", 0.5)
 
 
 def commands(client: redis.Redis) -> Counter[str]:
@@ -138,7 +86,9 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     pipe.set(f"celery-task-meta-{uuid.UUID(int=i)}", "{}", ex=3600)
                 pipe.execute()
         t0 = time.monotonic()
-        nodes = start_fleet(server.url, n, prefix, manifest, work, args.gossip)
+        # the default heartbeat and TTL, not the harness's fast ones
+        env = {"HEARTBEAT_SECONDS": "5", "STATE_TTL_SECONDS": "30"}
+        nodes = start_fleet(server.url, n, prefix, manifest, work, env, args.gossip)
         wait_fleet(client, prefix, nodes, args.start_timeout)
         row["start_s"] = round(time.monotonic() - t0, 1)
         time.sleep(3)  # startup traffic settles
@@ -179,8 +129,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row["redis_used_memory_mib"] = round(client.info("memory")["used_memory"] / 2**20, 1)
         row["rss_per_node_mib"] = round(rss_mib([node.pid for node in nodes]) / n, 0)
     finally:
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda node: node.stop(), nodes))
+        stop_fleet(nodes)
         client.close()
         server.close()
     return row

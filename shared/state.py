@@ -65,18 +65,29 @@ def remove_snapshot(client: Any, prefix: str, host: str, pid: int) -> None:
         pipe.execute()
 
 
-def snapshot_keys(client: Any, prefix: str) -> list[Any]:
-    """The keys of the processes listed in the index; where there is no index (no process has
-    published yet, or all of them are of a version without one), a SCAN of PREFIX:proc:*."""
+def snapshot_keys(client: Any, prefix: str, hosts: Iterable[str] = ()) -> list[Any]:
+    """The keys of the processes listed in the index (only those of ``hosts``, if given);
+    where there is no index (no process has published yet, or all of them are of a version
+    without one), a SCAN of PREFIX:proc:*."""
     keys = client.zrange(index_key(prefix), 0, -1)
-    if keys:
+    if not keys:
+        keys = client.scan_iter(match=f"{prefix}:{PROC}:*", count=1000)
+    wanted = {f"{prefix}:{PROC}:{host}:" for host in hosts}
+    if not wanted:
         return list(keys)
-    return list(client.scan_iter(match=f"{prefix}:{PROC}:*", count=1000))
+    return [k for k in keys if _host_part(k) in wanted]
 
 
-def read_snapshots(client: Any, prefix: str) -> list[ProcessSnapshot]:
-    """Every live process's snapshot, sorted by node then pid (unreadable ones are skipped)."""
-    keys = sorted(snapshot_keys(client, prefix))
+def _host_part(key: bytes | str) -> str:
+    text = key.decode() if isinstance(key, bytes) else key
+    return text[: text.rfind(":") + 1]
+
+
+def read_snapshots(client: Any, prefix: str, hosts: Iterable[str] = ()) -> list[ProcessSnapshot]:
+    """Every live process's snapshot (of ``hosts`` only, if given: a node's own health check
+    reads its own processes, not the fleet's), sorted by node then pid (unreadable ones are
+    skipped)."""
+    keys = sorted(snapshot_keys(client, prefix, hosts))
     snaps: list[ProcessSnapshot] = []
     if not keys:
         return snaps
@@ -88,6 +99,15 @@ def read_snapshots(client: Any, prefix: str) -> list[ProcessSnapshot]:
         except ValidationError as exc:
             log.warning("snapshot %s is not readable: %s", key, exc.errors()[0]["msg"])
     return sorted(snaps, key=lambda s: (s.node or s.host, s.pid))
+
+
+def read_node_snapshots(client: Any, prefix: str, node: str) -> list[ProcessSnapshot]:
+    """The snapshots of one node (its name ``NAME@HOST``, or its host): first from the keys of
+    its host alone, so that a node's own health check costs the same in any fleet size; from
+    every key when none of those is the node's (a node name whose host part is not the host)."""
+    hosts = {node, node.rpartition("@")[2]}
+    mine = [s for s in read_snapshots(client, prefix, hosts) if node in (s.node, s.host)]
+    return mine or [s for s in read_snapshots(client, prefix) if node in (s.node, s.host)]
 
 
 def fleet_summary(snapshots: Iterable[ProcessSnapshot], *, min_processes: int = 1) -> FleetSummary:

@@ -14,6 +14,7 @@ from shared.state import (
     index_key,
     proc_key,
     publish_snapshot,
+    read_node_snapshots,
     read_snapshots,
     remove_snapshot,
 )
@@ -78,6 +79,21 @@ def test_readers_find_processes_through_the_index_not_a_scan(redis_url: str) -> 
     assert [s.pid for s in read_snapshots(client, prefix)] == [1]
     publish_snapshot(client, prefix, snap("a@h", 1, seg="READY"), ttl=60, prune=True)
     assert client.zcard(index_key(prefix)) == 1
+
+
+def test_a_node_reads_its_own_snapshots(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"t-{uuid.uuid4().hex[:6]}"
+    publish_snapshot(client, prefix, snap("w@h", 1, seg="READY"), ttl=60)  # host h
+    publish_snapshot(
+        client, prefix, snap("w@g", 2, seg="READY").model_copy(update={"host": "g"}), ttl=60
+    )
+    publish_snapshot(client, prefix, snap("odd@x", 3, seg="READY"), ttl=60)  # host h, not x
+    assert [s.pid for s in read_snapshots(client, prefix, hosts=["g"])] == [2]
+    assert [s.pid for s in read_node_snapshots(client, prefix, "w@g")] == [2]
+    assert [s.pid for s in read_node_snapshots(client, prefix, "w@h")] == [1]
+    assert [s.pid for s in read_node_snapshots(client, prefix, "odd@x")] == [3]  # all keys read
+    assert read_node_snapshots(client, prefix, "none@h") == []
 
 
 def test_the_fleet_is_ready_when_every_process_and_required_model_is() -> None:
