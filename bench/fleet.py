@@ -127,6 +127,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row["reload_cli_s"] = round(statistics.median(cli_reloads), 3)
         row["reload_in_process_s"] = round(statistics.median(own), 3)  # each process's own
         row["redis_used_memory_mib"] = round(client.info("memory")["used_memory"] / 2**20, 1)
+        row["redis_clients_per_node"] = round(client.info("clients")["connected_clients"] / n, 1)
         row["rss_per_node_mib"] = round(rss_mib([node.pid for node in nodes]) / n, 0)
     finally:
         stop_fleet(nodes)

@@ -67,6 +67,6 @@ def wait_fleet(client: Any, prefix: str, nodes: list[WorkerProcess], timeout: fl
 
 
 def stop_fleet(nodes: list[WorkerProcess]) -> None:
-    """Every node stopped (warm shutdown, then SIGKILL), 16 at a time."""
-    with ThreadPoolExecutor(16) as pool:
+    """Every node stopped at once (warm shutdown, then SIGKILL)."""
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
         list(pool.map(lambda node: node.stop(), nodes))
