@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import redis
 from celery import Celery
 
 from harness import ROOT, WorkerProcess, close_app, wait_for
+from shared.settings import Settings
 from tests.reliability.tools import seg_manifest
+from workers.client import ModelClient
 from workers.embedded import free_port
 
 pytestmark = pytest.mark.integration
@@ -87,6 +90,12 @@ class SentinelSet:
                     proc.wait(timeout=5)
 
 
+def _role(client: redis.Redis) -> str | None:
+    with suppress(redis.RedisError):
+        return str(client.info("replication")["role"])
+    return None
+
+
 def _ping(client: redis.Redis) -> bool:
     with suppress(redis.RedisError):
         return bool(client.ping())
@@ -95,6 +104,7 @@ def _ping(client: redis.Redis) -> bool:
 
 @pytest.fixture
 def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    """Requested before ``start_worker`` by the tests, so that their workers stop first."""
     if BINARY is None:
         pytest.skip("no redis-server on PATH (Redis Sentinel is `redis-server --sentinel`)")
     folder = tmp_path / "sentinel"
@@ -107,17 +117,28 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
 
 
 def sentinel_app(url: str, queue: str) -> Celery:
-    """A client that knows only the Sentinel URL, the master's name, the queue and task names."""
-    app = Celery(broker=url, backend=url)
+    """A publisher that knows only the Sentinel URL, the master's name, the queue and task names
+    (results are read with the typed client: Celery's result consumer would try to unsubscribe
+    through the sentinel long after the test, when it is gone)."""
+    app = Celery(broker=url, backend="disabled://")
     app.conf.update(
         task_default_queue=queue,
         task_serializer="json",
         accept_content=["json"],
-        result_accept_content=["json"],
         broker_transport_options={"master_name": MASTER},
-        result_backend_transport_options={"master_name": MASTER},
     )
     return app
+
+
+def typed_client(url: str, worker: WorkerProcess) -> ModelClient:
+    """The typed client, with its settings: the Sentinel URL and the master's name."""
+    settings = Settings(
+        redis_url=url,
+        redis_sentinel_master=MASTER,
+        key_prefix=worker.prefix,
+        task_queue=worker.queue,
+    )
+    return ModelClient(settings=settings)
 
 
 def cli(url: str, worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -160,18 +181,26 @@ def start_sentinel_worker(
 
 
 def test_a_worker_serves_and_reports_through_sentinel(
-    start_worker: Start, sentinels: SentinelSet, tmp_path: Path
+    sentinels: SentinelSet, start_worker: Start, tmp_path: Path
 ) -> None:
     worker = start_sentinel_worker(start_worker, sentinels, tmp_path)
-    assert f"sentinel://127.0.0.1:{sentinels.sentinel_port}" in worker.log()
+    connected = re.compile(
+        rf"Connected to sentinel://(:\*\*@)?127\.0\.0\.1:{sentinels.sentinel_port}/"
+    )
+    wait_for(  # Celery's consumer logs where it connected (after the first snapshot, maybe)
+        lambda: connected.search(worker.log()), 30, "the consumer to connect through the sentinel"
+    )
 
-    app = sentinel_app(sentinels.url, worker.queue)
+    app, reader = sentinel_app(sentinels.url, worker.queue), typed_client(sentinels.url, worker)
     try:
         rows = [[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.5, 0.5, 0.5], [0.9, 0.1, 0.4]]
-        result = app.send_task("clustering.fit", args=[rows, 2]).get(timeout=60)
-        assert len(result["labels"]) == 4
+        task_id = app.send_task("clustering.fit", args=[rows, 2]).id
+        assert len(reader.result(task_id, timeout=60)["labels"]) == 4
+        typed = reader.send("clustering.fit", rows, 2)  # the typed client sends through it too
+        assert len(reader.result(typed, timeout=60)["labels"]) == 4
     finally:
         close_app(app)
+        reader.close()
 
     health = cli(sentinels.url, worker, "health")
     assert health.returncode == 0, health.stdout + health.stderr
@@ -186,7 +215,7 @@ def test_a_worker_serves_and_reports_through_sentinel(
 
 
 def test_a_worker_follows_a_sentinel_failover(
-    start_worker: Start, sentinels: SentinelSet, tmp_path: Path
+    sentinels: SentinelSet, start_worker: Start, tmp_path: Path
 ) -> None:
     replica_port = free_port()
     sentinels.server(replica_port, "--replicaof", "127.0.0.1", str(sentinels.master_port))
@@ -200,9 +229,22 @@ def test_a_worker_follows_a_sentinel_failover(
     wait_for(
         lambda: sentinel.execute_command("SENTINEL", "replicas", MASTER), 30, "replica discovered"
     )
-    sentinel.execute_command("SENTINEL", "failover", MASTER)
+
+    def failover() -> bool:
+        try:  # refused (NOGOODSLAVE) until the sentinel has the replica's INFO
+            return bool(sentinel.execute_command("SENTINEL", "failover", MASTER))
+        except redis.ResponseError as exc:
+            if "NOGOODSLAVE" not in str(exc):
+                raise
+            return False
+
+    wait_for(failover, 60, "the sentinel to accept a failover", interval=1.0)
     wait_for(lambda: sentinels.master_addr() == ("127.0.0.1", replica_port), 30, "the failover")
     sentinel.close()
+    old = redis.Redis(port=sentinels.master_port, socket_timeout=1)
+    # the old master demoted (it then drops its clients, which ask the sentinel again)
+    wait_for(lambda: _role(old) == "slave", 30, "the old master to become a replica")
+    old.close()
 
     # the worker's heartbeat reaches the new master; a task sent through the sentinel is served
     wait_for(
@@ -210,14 +252,15 @@ def test_a_worker_follows_a_sentinel_failover(
         30,
         "the worker's snapshot in the new master",
     )
-    app = sentinel_app(sentinels.url, worker.queue)
+    app, reader = sentinel_app(sentinels.url, worker.queue), typed_client(sentinels.url, worker)
     try:
         rows = [[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.5, 0.5, 0.5], [0.9, 0.1, 0.4]]
         ids = [app.send_task("clustering.fit", args=[rows, 2]).id for _ in range(5)]
         for task_id in ids:
-            assert len(app.AsyncResult(task_id).get(timeout=60)["labels"]) == 4
+            assert len(reader.result(task_id, timeout=60)["labels"]) == 4
     finally:
         close_app(app)
+        reader.close()
     health = cli(sentinels.url, worker, "health")
     assert health.returncode == 0, health.stdout + health.stderr
     assert worker.alive()
