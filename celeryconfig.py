@@ -54,10 +54,16 @@ if _is_amqp(broker_url):
     # Quorum queues with a delivery limit, confirmed publishes (workers/broker.py).
     broker_transport_options = _broker.pop("broker_transport_options")
     globals().update(_broker)
+# REDIS_URL=sentinel://HOST:26379;sentinel://HOST2:26379/0: the broker and the result backend
+# connect to the master the sentinels name for REDIS_SENTINEL_MASTER.
+if broker_url.startswith("sentinel://"):
+    broker_transport_options["master_name"] = _s.redis_sentinel_master
 # A result write that meets a Redis blip is retried instead of failing the task.
 result_backend_always_retry = True
 result_backend_max_retries = 10
 result_backend_transport_options: dict[str, _Any] = {"retry_policy": {"timeout": 5.0}}
+if _redis_url.startswith("sentinel://"):
+    result_backend_transport_options["master_name"] = _s.redis_sentinel_master
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep trying while Redis restarts
 result_expires = _s.result_expires_seconds

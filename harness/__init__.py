@@ -83,8 +83,6 @@ class WorkerProcess:
         }
         self.args = [
             *worker_command(concurrency, pool, "INFO", self.node, self.queue),
-            "--without-mingle",
-            "--without-gossip",
             *(extra_args or []),
         ]
         self.proc: subprocess.Popen[bytes] | None = None

@@ -16,6 +16,8 @@ pub/sub channel that every serving process listens to, and each process answers 
                             that start later (replacement children, new nodes) do the same, and
                             a process that missed a request catches up on its next heartbeat.
     PREFIX:desired:NODE     the same for one node; it takes precedence over the fleet-wide hash.
+    PREFIX:desired-nodes    set of the nodes that have such a hash, so that a fleet-wide request
+                            finds them without scanning the database.
     PREFIX:history:MODEL    list of the model's earlier desired values (newest first), for
                             ``rollback``.
 
@@ -62,6 +64,10 @@ def reply_key(prefix: str, request_id: str) -> str:
 def desired_key(prefix: str, node: str | None = None) -> str:
     """Fleet-wide desired states, or one node's (which take precedence for that node)."""
     return f"{prefix}:desired" if node is None else f"{prefix}:desired:{node}"
+
+
+def desired_nodes_key(prefix: str) -> str:
+    return f"{prefix}:desired-nodes"
 
 
 def history_key(prefix: str, model: str) -> str:
@@ -284,13 +290,18 @@ def send_request(
         for name in names:
             target = desired_after(manifest, request, name).encode()
             if nodes:
+                client.sadd(desired_nodes_key(prefix), *nodes)
                 for node in nodes:
                     remember_and_set(desired_key(prefix, node), name, target)
             else:
                 before = client.hget(desired_key(prefix), name)
-                # A fleet-wide state supersedes what earlier per-node requests pinned.
-                for key in client.scan_iter(match=f"{desired_key(prefix)}:*"):
-                    remember_and_set(key.decode() if isinstance(key, bytes) else key, name, None)
+                # A fleet-wide state supersedes what earlier per-node requests pinned: the nodes
+                # listed in PREFIX:desired-nodes, and the live ones (whose hash an earlier
+                # version may have written without listing it).
+                pinned = {n.decode() for n in client.smembers(desired_nodes_key(prefix))}
+                for node in sorted(pinned | {s.node for s in live if s.node}):
+                    if client.hexists(desired_key(prefix, node), name):
+                        remember_and_set(desired_key(prefix, node), name, None)
                 remember_and_set(desired_key(prefix), name, target)
                 if record_history and (before.decode() if before else None) != target:
                     client.lpush(history_key(prefix, name), before.decode() if before else "")
@@ -374,14 +385,17 @@ def collect_replies(
     expected = set(request.expected)
     deadline = time.monotonic() + timeout
     replies: list[ProcessReply] = []
+    got: set[tuple[str, int]] = set()
     while True:
-        replies = [ProcessReply.model_validate_json(r) for r in client.lrange(key, 0, -1)]
-        got = {(r.node, r.pid) for r in replies}
+        # only the replies not read yet: each is fetched and parsed once, however many polls
+        new = [ProcessReply.model_validate_json(r) for r in client.lrange(key, len(replies), -1)]
+        replies += new
+        got.update((r.node, r.pid) for r in new)
         if progress:
             progress(len(got & expected), len(expected))
         if expected <= got or time.monotonic() >= deadline:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     missing = sorted(expected - {(r.node, r.pid) for r in replies}, key=str)
     ok = bool(replies) and not missing and all(r.ok for r in replies)
     rolled_back: list[ReloadRequest] = []

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         "already inside MODELWORKERS_REDIS_URL. Unset: the default user, as with a plain "
         "requirepass.",
     )
+    redis_sentinel_master: str = Field(
+        "mymaster",
+        description="With a sentinel:// MODELWORKERS_REDIS_URL "
+        "(sentinel://HOST:26379;sentinel://HOST2:26379/0):"
+        " the name of the master the sentinels monitor. Celery, kombu and the registry all "
+        "connect to the master the sentinels name, and follow a failover.",
+    )
     redis_tls_ca_certs: str | None = Field(
         None, description="CA bundle for rediss:// URLs (passed to Celery and redis-py)."
     )

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redis_connection_url(settings: Any) -> str:
     """REDIS_URL (or the local default), with REDIS_USERNAME and REDIS_PASSWORD inserted where
-    the URL has none (a Redis ACL user: docs/security.md)."""
+    the URL has none (a Redis ACL user: docs/security.md). A Sentinel URL
+    (``sentinel://HOST:26379;sentinel://HOST2:26379/0``) gets them in each of its parts: they
+    are the master's credentials, as for Celery and kombu."""
     url: str = settings.redis_url or DEFAULT_REDIS_URL
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     username = getattr(settings, "redis_username", None)
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
+    if url.startswith("sentinel://"):
+        return ";".join(_with_credentials(part, username, password) for part in url.split(";"))
+    if urlsplit(url).scheme not in ("redis", "rediss"):
         return url
+    return _with_credentials(url, username, password)
+
+
+def _with_credentials(url: str, username: str | None, password: str | None) -> str:
+    parts = urlsplit(url)
     add_user = bool(username) and not parts.username
     add_password = bool(password) and not parts.password
     if add_user or add_password:
@@ -73,6 +81,30 @@ def check_celery_environment(settings: Any, environ: Any) -> None:
         )
 
 
+def is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The sentinels ``[(host, port)]`` of a ``sentinel://...;sentinel://...`` URL, and the
+    master's connection arguments it carries (db, username, password: those of the first part
+    that names them)."""
+    hosts: list[tuple[str, int]] = []
+    master: dict[str, Any] = {}
+    for part in url.split(";"):
+        parsed = urlsplit(part.strip())
+        if parsed.scheme != "sentinel" or not parsed.hostname:
+            raise ValueError(f"not a sentinel://HOST:PORT URL: {redact(part)!r}")
+        hosts.append((parsed.hostname, parsed.port or 26379))
+        if parsed.path.strip("/") and "db" not in master:
+            master["db"] = int(parsed.path.strip("/"))
+        if parsed.password and "password" not in master:
+            master["password"] = unquote(parsed.password)
+            if parsed.username:
+                master["username"] = unquote(parsed.username)
+    return hosts, master
+
+
 _SECRET = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]+)@")
 _QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)[^&\s]+", re.IGNORECASE)
 
@@ -84,7 +116,9 @@ def redact(text: str) -> str:
 
 
 def redis_client(settings: Any, **kwargs: Any) -> Any:
-    """A redis-py client for the registry keys, with the same URL and TLS settings as Celery."""
+    """A redis-py client for the registry keys, with the same URL and TLS settings as Celery;
+    with a ``sentinel://`` URL, one that connects to the master the sentinels name for
+    REDIS_SENTINEL_MASTER (and finds the new one after a failover)."""
     import redis
 
     url = redis_connection_url(settings)
@@ -98,4 +132,12 @@ def redis_client(settings: Any, **kwargs: Any) -> Any:
         options["ssl_cert_reqs"] = settings.redis_tls_cert_reqs
         if settings.redis_tls_ca_certs:
             options["ssl_ca_certs"] = settings.redis_tls_ca_certs
+    if is_sentinel(url):
+        from redis.sentinel import Sentinel
+
+        hosts, master = sentinel_parts(url)
+        timeouts = {"socket_timeout": 5, "socket_connect_timeout": 5}
+        sentinel = Sentinel(hosts, sentinel_kwargs=timeouts)
+        name = getattr(settings, "redis_sentinel_master", "mymaster")
+        return sentinel.master_for(name, **master, **options)
     return redis.Redis.from_url(url, **options)

@@ -246,6 +246,8 @@ def test_workers_drain_on_a_rolling_update_and_probe_their_own_node() -> None:
     assert env["NODE"] == "worker@$(POD_NAME)"
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert container["command"][-2:] == ["-n", "$(NODE)"]
+    # gossip and mingle cost Redis traffic that grows with the square of the nodes
+    assert {"--without-gossip", "--without-mingle"} <= set(container["command"])
     for probe in ("startupProbe", "readinessProbe"):
         command = probe_command(container, probe)
         assert 'modelworkers health --node "$NODE" --min-processes' in command

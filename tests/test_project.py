@@ -53,6 +53,7 @@ def test_compose_file_has_acl_redis_worker_replicas_with_health_checks_and_flowe
     redis = services["redis"]
     assert "/etc/redis/start-redis.sh" in redis["command"]
     assert "./deploy/redis:/etc/redis:ro" in redis["volumes"]
+    assert "redis-data:/data" in redis["volumes"] and "redis-data" in compose["volumes"]
     assert (ROOT / "deploy" / "redis" / "users.acl").exists()
     for role in ("WORKER", "CLIENT", "ADMIN"):
         assert redis["environment"][f"REDIS_{role}_PASSWORD"].startswith("${REDIS_")
@@ -63,6 +64,7 @@ def test_compose_file_has_acl_redis_worker_replicas_with_health_checks_and_flowe
         assert env["MODELWORKERS_REDIS_PASSWORD"].startswith(f"${{REDIS_{user.upper()}_PASSWORD:?")
     worker = services["worker"]
     assert worker["deploy"]["replicas"] >= 2
+    assert {"--without-gossip", "--without-mingle"} <= set(worker["command"])
     assert "modelworkers health" in " ".join(worker["healthcheck"]["test"])
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"]  # Flower reads it itself
     assert "basic-auth" not in " ".join(services["flower"]["command"])  # not where `ps` shows it

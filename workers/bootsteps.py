@@ -10,7 +10,7 @@ from celery import bootsteps
 
 from shared.records import ProcessSnapshot
 from shared.settings import get_settings
-from shared.state import fleet_summary, read_snapshots
+from shared.state import fleet_summary, read_node_snapshots
 from shared.urls import redact, redis_client
 
 log = logging.getLogger("modelworkers.worker")
@@ -21,9 +21,8 @@ STATS_KEY = "model_registry"
 
 def node_snapshots(node: str) -> list[ProcessSnapshot]:
     settings = get_settings()
-    return [
-        s for s in read_snapshots(redis_client(settings), settings.key_prefix) if s.node == node
-    ]
+    snaps = read_node_snapshots(redis_client(settings), settings.key_prefix, node)
+    return [s for s in snaps if s.node == node]
 
 
 def model_rows(snaps: list[ProcessSnapshot]) -> dict[str, str]:

@@ -27,7 +27,7 @@ from rich.text import Text
 from shared.queues import QueueStats
 from shared.records import ProcessSnapshot
 from shared.settings import ENV_PREFIX, Settings, get_settings
-from shared.state import fleet_summary, read_snapshots
+from shared.state import fleet_summary, read_node_snapshots, read_snapshots
 from shared.urls import broker_connection_url, redact, redis_client, redis_connection_url
 from workers.broker import queue_reader
 from workers.embedded import EmbeddedRedis
@@ -148,7 +148,8 @@ def worker_command(
     queue: str | None = None,
     events: bool = False,
 ) -> list[str]:
-    """The `celery worker` command line that `up`, `demo` (and the tests) run. ``events``:
+    """The `celery worker` command line that `up`, `demo` (and the tests) run, without gossip
+    and mingle. ``events``:
     task events from the start (-E), whatever TASK_EVENTS says (Flower enables them anyway)."""
     return [
         sys.executable,
@@ -167,6 +168,11 @@ def worker_command(
         node,
         "-Q",
         queue or get_settings().task_queue,
+        # Gossip makes every node consume every other node's heartbeats (Redis traffic grows
+        # with the square of the nodes), mingle asks every node at each start; nothing here
+        # uses either (docs/operations.md, fleet scale).
+        "--without-gossip",
+        "--without-mingle",
         *(["-E"] if events else []),
     ]
 
@@ -482,15 +488,19 @@ def print_status(snaps: list[ProcessSnapshot]) -> None:
         console.print("* serving the previous version after a failed reload")
 
 
-def read_fleet(settings: Settings) -> list[ProcessSnapshot]:
-    """Every live process's snapshot; exit 2 with a clear line when Redis cannot be read."""
+def read_fleet(settings: Settings, node: str | None = None) -> list[ProcessSnapshot]:
+    """Every live process's snapshot (``node``'s only, if given); exit 2 with a clear line when
+    Redis cannot be read."""
     log.debug(
         "reading the registry at %s, prefix %s",
         redact(redis_connection_url(settings)),
         settings.key_prefix,
     )
     try:
-        return read_snapshots(redis_client(settings), settings.key_prefix)
+        client = redis_client(settings)
+        if node:
+            return read_node_snapshots(client, settings.key_prefix, node)
+        return read_snapshots(client, settings.key_prefix)
     except Exception as exc:
         say(f"cannot read the registry from Redis: {redact(str(exc))}")
         raise typer.Exit(2) from None
@@ -570,17 +580,18 @@ def health(
     settings = get_settings()
     if live:
         try:
-            snaps = read_snapshots(redis_client(settings), settings.key_prefix)
+            client = redis_client(settings)
+            if node:
+                mine = read_node_snapshots(client, settings.key_prefix, node)
+            else:
+                mine = read_snapshots(client, settings.key_prefix)
         except Exception as exc:
             say(f"cannot read the registry from Redis: {redact(str(exc))}; counted as alive")
             sys.stdout.write('{"alive":true,"processes":null}\n')
             raise typer.Exit(0) from None
-        mine = [s for s in snaps if not node or node in (s.node, s.host)]
         sys.stdout.write(json.dumps({"alive": bool(mine), "processes": len(mine)}) + "\n")
         raise typer.Exit(0 if mine else 1)
-    snaps = read_fleet(settings)
-    if node:
-        snaps = [s for s in snaps if node in (s.node, s.host)]
+    snaps = read_fleet(settings, node)
     summary = fleet_summary(snaps, min_processes=min_processes)
     sys.stdout.write(
         summary.model_dump_json(include={"ready", "processes", "ready_processes", "not_ready"})

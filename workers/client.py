@@ -222,6 +222,8 @@ def _celery_app(settings: Settings, url: str, queue: str) -> Celery:
         broker_connection_retry_on_startup=False,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
     )
+    if url.startswith("sentinel://"):
+        app.conf.broker_transport_options = {"master_name": settings.redis_sentinel_master}
     if url.startswith("rediss://"):
         import ssl
 

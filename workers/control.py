@@ -17,7 +17,7 @@ from shared.errors import ModelWorkersError
 from shared.manifest import manifest_from_settings
 from shared.reload import send_reload
 from shared.settings import get_settings
-from shared.state import read_snapshots
+from shared.state import read_node_snapshots
 from shared.urls import redact, redis_client
 
 
@@ -27,7 +27,7 @@ def registry(state: Any) -> dict[str, Any]:
     node = state.consumer.hostname
     settings = get_settings()
     try:
-        snaps = read_snapshots(redis_client(settings), settings.key_prefix)
+        snaps = read_node_snapshots(redis_client(settings), settings.key_prefix, node)
     except Exception as exc:
         return {"error": f"cannot read the registry from Redis: {redact(str(exc))}"}
     return {"ok": [s.model_dump(mode="json") for s in snaps if s.node == node]}

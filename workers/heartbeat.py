@@ -24,10 +24,13 @@ from shared.reload import (
     restore_desired,
 )
 from shared.settings import Settings
-from shared.state import proc_key, publish_snapshot
+from shared.state import publish_snapshot, remove_snapshot
 from shared.urls import redact, redis_client
 
 log = logging.getLogger("modelworkers.worker")
+# Every this many beats a process also drops long-expired entries from the snapshot index (each
+# process's first beat does too): a third command on one beat in ten, not on every one.
+PRUNE_EVERY = 10
 
 
 def log_reload(result: ReloadResult, action: str = "reload") -> None:
@@ -78,6 +81,7 @@ class Heartbeat(threading.Thread):
         self.reload_lock = threading.Lock()  # shared with the listener: reloads never interleave
         self.attempted = set(attempted)  # (model, version) already tried here: not retried
         self._failing = False
+        self.beats = 0
 
     def converge(self) -> None:
         desired = read_desired(self.client, self.settings.key_prefix, self.registry.node)
@@ -102,7 +106,9 @@ class Heartbeat(threading.Thread):
                     self.settings.key_prefix,
                     self.registry.snapshot(),
                     self.settings.state_ttl_seconds,
+                    prune=self.beats % PRUNE_EVERY == 0,
                 )
+                self.beats += 1
                 if self._failing:
                     log.info("registry heartbeat to Redis resumed")
                 self._failing = False
@@ -121,11 +127,9 @@ class Heartbeat(threading.Thread):
         self.wake.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
-        try:
-            key = proc_key(self.settings.key_prefix, self.registry.snapshot().host, os.getpid())
-            self.client.delete(key)
-        except Exception:
-            pass
+        with suppress(Exception):
+            host = self.registry.snapshot().host
+            remove_snapshot(self.client, self.settings.key_prefix, host, os.getpid())
 
 
 class ControlListener(threading.Thread):

@@ -115,6 +115,17 @@ def test_a_node_reload_pins_that_node_only(
     }
 
 
+def test_a_fleet_reload_supersedes_the_pin_of_a_node_that_is_down(
+    manifest: Manifest, client: redis.Redis, prefix: str
+) -> None:
+    publish_snapshot(client, prefix, snap("a@h", 1, seg="READY@1"), ttl=60)
+    send_reload(client, prefix, manifest, models=["seg"], version="1", nodes=["gone@h"])
+    assert desired_of(client, prefix, "gone@h") == {"seg": "1"}  # pinned, no live process
+    sent = send_reload(client, prefix, manifest, models=["seg"], version="2")
+    assert desired_of(client, prefix, "gone@h") == {"seg": "2"}  # found without a SCAN
+    assert (desired_key(prefix, "gone@h"), "seg", "1") in sent.previous_desired
+
+
 def test_collecting_every_good_reply_is_ok_and_keeps_the_desired_version(
     manifest: Manifest, client: redis.Redis, prefix: str
 ) -> None:

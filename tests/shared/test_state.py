@@ -9,7 +9,15 @@ import redis
 
 from harness import wait_for
 from shared.records import ModelStatus, ProcessSnapshot
-from shared.state import fleet_summary, proc_key, publish_snapshot, read_snapshots
+from shared.state import (
+    fleet_summary,
+    index_key,
+    proc_key,
+    publish_snapshot,
+    read_node_snapshots,
+    read_snapshots,
+    remove_snapshot,
+)
 
 
 def snap(node: str, pid: int, *, ready: bool = True, **models: str) -> ProcessSnapshot:
@@ -50,6 +58,42 @@ def test_published_snapshots_come_back_typed_sorted_and_expire(redis_url: str) -
     assert all(s.heartbeat is not None and s.heartbeat >= before for s in got)
     assert got[0].models["seg"].status == "READY"
     wait_for(lambda: len(read_snapshots(client, prefix)) == 2, 5, "the 1 s snapshot to expire")
+
+
+def test_readers_find_processes_through_the_index_not_a_scan(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"t-{uuid.uuid4().hex[:6]}"
+    # no index yet (processes of an earlier version): a SCAN finds their keys
+    client.set(proc_key(prefix, "h", 5), snap("old@h", 5, seg="READY").model_dump_json(), ex=60)
+    assert [s.pid for s in read_snapshots(client, prefix)] == [5]
+
+    publish_snapshot(client, prefix, snap("a@h", 1, seg="READY"), ttl=60)
+    publish_snapshot(client, prefix, snap("a@h", 2, seg="READY"), ttl=60)
+    assert [s.pid for s in read_snapshots(client, prefix)] == [1, 2]  # the index, only
+    remove_snapshot(client, prefix, "h", 2)  # a process that stops
+    assert client.zrange(index_key(prefix), 0, -1) == [proc_key(prefix, "h", 1).encode()]
+    assert [s.pid for s in read_snapshots(client, prefix)] == [1]
+
+    # an entry whose key expired (a dead process) is skipped, then pruned a TTL later
+    client.zadd(index_key(prefix), {proc_key(prefix, "h", 3): time.time() - 120})
+    assert [s.pid for s in read_snapshots(client, prefix)] == [1]
+    publish_snapshot(client, prefix, snap("a@h", 1, seg="READY"), ttl=60, prune=True)
+    assert client.zcard(index_key(prefix)) == 1
+
+
+def test_a_node_reads_its_own_snapshots(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"t-{uuid.uuid4().hex[:6]}"
+    publish_snapshot(client, prefix, snap("w@h", 1, seg="READY"), ttl=60)  # host h
+    publish_snapshot(
+        client, prefix, snap("w@g", 2, seg="READY").model_copy(update={"host": "g"}), ttl=60
+    )
+    publish_snapshot(client, prefix, snap("odd@x", 3, seg="READY"), ttl=60)  # host h, not x
+    assert [s.pid for s in read_snapshots(client, prefix, hosts=["g"])] == [2]
+    assert [s.pid for s in read_node_snapshots(client, prefix, "w@g")] == [2]
+    assert [s.pid for s in read_node_snapshots(client, prefix, "w@h")] == [1]
+    assert [s.pid for s in read_node_snapshots(client, prefix, "odd@x")] == [3]  # all keys read
+    assert read_node_snapshots(client, prefix, "none@h") == []
 
 
 def test_the_fleet_is_ready_when_every_process_and_required_model_is() -> None:
