@@ -15,13 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from harness import WorkerProcess, close_app, wait_for
 from tests.reliability.hostile import body, deep_json, envelope, nested, push, task_headers
 from tests.reliability.tools import client_app, meta_key, seg_manifest
-from workers.embedded import EmbeddedRedis
+from tests.workers.test_flower_metrics import metric
+from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
@@ -179,6 +181,7 @@ def test_every_class_of_hostile_message_ends_one_task_and_the_node_serves_on(
 ) -> None:
     url = private_redis.url
     client = redis.Redis.from_url(url)
+    port = free_port()
     worker = start_worker(
         redis_url=url,
         pool=pool,
@@ -186,6 +189,7 @@ def test_every_class_of_hostile_message_ends_one_task_and_the_node_serves_on(
         env={
             "MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path)),
             "MODELWORKERS_MAX_MESSAGE_BYTES": str(2**20),
+            "MODELWORKERS_METRICS_PORT": str(port),
         },
     )
     worker.wait_ready(2 if pool == "prefork" else 1, timeout=90)
@@ -210,3 +214,8 @@ def test_every_class_of_hostile_message_ends_one_task_and_the_node_serves_on(
     assert not failures, "\n".join(failures) + "\n" + worker.log()[-3000:]
     log = worker.log()
     assert "Unrecoverable error" not in log and "Restoring" not in log
+    # every refusal of the worker's main process is counted, by reason
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    refused = metric(text, "modelworkers_messages_refused_total")
+    assert refused >= log.count("refused "), (refused, text[-2000:])
+    assert refused >= 1

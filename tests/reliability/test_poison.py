@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
 from harness import WorkerProcess, close_app, wait_for
 from tests.reliability.tools import client_app, queue_drained, seg_manifest, wait_final
-from workers.embedded import EmbeddedRedis
+from tests.workers.test_flower_metrics import metric
+from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration
 Start = Callable[..., WorkerProcess]
@@ -24,11 +26,14 @@ POISON = "tests.kill_own_process"
 ASSIGN = "clustering.assign"
 
 
-def poison_worker(start: Start, url: str, tmp_path: Path) -> WorkerProcess:
+def poison_worker(
+    start: Start, url: str, tmp_path: Path, metrics_port: int | None = None
+) -> WorkerProcess:
+    metrics = {"MODELWORKERS_METRICS_PORT": str(metrics_port)} if metrics_port else {}
     worker = start(
         redis_url=url,
         concurrency=2,
-        env={"MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path))},
+        env={"MODELWORKERS_MODEL_MANIFEST": str(seg_manifest(tmp_path)), **metrics},
         extra_args=["-I", "tests.support.poison_tasks"],
     )
     worker.wait_ready(2, timeout=90)
@@ -40,7 +45,8 @@ def test_a_task_that_kills_its_pool_process_fails_as_poison_after_three_deliveri
 ) -> None:
     url = private_redis.url
     client = redis.Redis.from_url(url)
-    worker = poison_worker(start_worker, url, tmp_path)
+    port = free_port()
+    worker = poison_worker(start_worker, url, tmp_path, metrics_port=port)
     app = client_app(url, worker.queue)
     try:
         before = [app.send_task(ASSIGN, [ROW], {"model": "seg"}).id for _ in range(100)]
@@ -66,6 +72,8 @@ def test_a_task_that_kills_its_pool_process_fails_as_poison_after_three_deliveri
     assert log.count("exited with 'signal 9 (SIGKILL)'") == 3
     assert worker.alive() and "Unrecoverable error" not in log
     worker.wait_ready(2, timeout=60)  # replacements serve
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert metric(text, "modelworkers_poison_tasks_total", task=POISON) == 1
 
 
 def test_the_lost_delivery_count_is_kept_in_redis_across_node_restarts(
