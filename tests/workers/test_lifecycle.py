@@ -364,5 +364,17 @@ def test_splits_share_requests_by_weight_keys_stick_and_pins_are_honoured(
             {v: s["weight"] for v, s in m["versions"].items() if s["weight"]} == {"1": 80, "2": 20}
             for m in statuses(worker, "ridge").values()
         )
+        # unload and load, as for a built-in family
+        gone = cli(worker, "unload", "ridge", "--json")
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        assert {m["status"] for m in statuses(worker, "ridge").values()} == {"UNLOADED"}
+        refused = app.send_task("models.predict", args=["ridge", x])
+        refused.get(timeout=30, propagate=False)
+        assert type(refused.result).__name__ == "ModelNotReady", refused.result
+        back = cli(worker, "load", "ridge", "--version", "1", "--json")
+        assert back.returncode == 0, back.stdout + back.stderr
+        answer = app.send_task("models.predict", args=["ridge", x]).get(timeout=30)
+        assert answer["version"] == "1"
+        assert answer["outputs"]["values"] == pytest.approx(fitted["1"].predict(x).tolist())
     finally:
         close_app(app)
