@@ -128,3 +128,30 @@ def test_records_still_answer_dict_style_reads() -> None:
     summary = fleet_summary([snap("a@h", 1, seg="READY")])
     assert summary["ready"] is True and summary["models"]["seg"]["ready_in"] == 1
     assert summary.get("nothing", "default") == "default"
+
+
+def test_the_demo_table_waits_for_a_heartbeat_after_the_last_job(redis_url: str) -> None:
+    """``modelworkers demo`` prints the registry once every process has published after its last
+    job: a snapshot from before it is not enough, a later one is (bounded by two heartbeats)."""
+    import threading
+
+    from shared.settings import Settings
+    from workers.cli import counted_snapshots
+
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"t-{uuid.uuid4().hex[:6]}"
+    settings = Settings(redis_url=redis_url, key_prefix=prefix, heartbeat_seconds=2.0)
+    stale = snap("a@h", 1, seg="READY")
+    stale.models["seg"].calls = 50  # counts calls already, but not the last jobs' ones
+    publish_snapshot(client, prefix, stale, ttl=60)
+    since = time.time()
+    fresh = snap("a@h", 1, seg="READY")
+    fresh.models["seg"].calls = 57
+    later = threading.Timer(0.5, publish_snapshot, (client, prefix, fresh), {"ttl": 60})
+    later.start()
+    try:
+        got = counted_snapshots(client, settings, since)
+    finally:
+        later.join()
+    assert [s.models["seg"].calls for s in got] == [57]
+    assert time.time() - since < 2 * 2.0 + 1
