@@ -151,7 +151,6 @@ def cli(url: str, worker: WorkerProcess, *args: str) -> subprocess.CompletedProc
         "MODELWORKERS_KEY_PREFIX": prefix,
         "MODELWORKERS_TASK_QUEUE": prefix,
     }
-    env.pop("MODELWORKERS_REDIS_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
         env=env,
