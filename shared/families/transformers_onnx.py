@@ -56,7 +56,7 @@ def onnxruntime_error() -> str | None:
     return None
 
 
-def _import_error(module: str) -> bool:
+def _missing(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is None
@@ -118,7 +118,7 @@ def export_onnx(
 ) -> OnnxExport:
     """Write ``folder/model.onnx`` (or ``output``) from the transformers classifier in
     ``folder``, checked against torch; raises ArtifactError when it does not answer alike."""
-    missing = [m for m in ("onnx", "onnxruntime") if _import_error(m)]
+    missing = [m for m in ("onnx", "onnxruntime") if _missing(m)]
     if missing:
         raise ImportError(
             f"exporting to ONNX needs {' and '.join(missing)}, not installed: pip install "
