@@ -86,17 +86,7 @@ def serving_worker(redis_serving_worker: WorkerProcess) -> WorkerProcess:
 @pytest.fixture(scope="session")
 def redis_serving_worker(redis_url: str, worker_logs: Path) -> Iterator[WorkerProcess]:
     """``serving_worker`` under a name no test module overrides (``broker_serving_worker``)."""
-    worker = WorkerProcess(
-        redis_url,
-        concurrency=2,
-        log_dir=worker_logs,
-        env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)},
-    ).start()
-    try:
-        worker.wait_ready(2, timeout=120)
-        yield worker
-    finally:
-        worker.stop()
+    yield from _serving_worker(redis_url, worker_logs)
 
 
 @pytest.fixture(scope="session")
@@ -107,18 +97,22 @@ def broker_serving_worker(
     if broker.vhost is None:
         yield request.getfixturevalue("redis_serving_worker")
         return
-    worker = WorkerProcess(
+    yield from _serving_worker(redis_url, worker_logs, broker_url=broker.url(redis_url))
+
+
+def _serving_worker(
+    redis_url: str, worker_logs: Path, broker_url: str | None = None
+) -> Iterator[WorkerProcess]:
+    """A two-process worker of the shipped models, READY, stopped after."""
+    with WorkerProcess(
         redis_url,
-        broker_url=broker.url(redis_url),
+        broker_url=broker_url,
         concurrency=2,
         log_dir=worker_logs,
         env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)},
-    ).start()
-    try:
+    ) as worker:
         worker.wait_ready(2, timeout=120)
         yield worker
-    finally:
-        worker.stop()
 
 
 @pytest.fixture(scope="session")
