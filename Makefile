@@ -108,7 +108,7 @@ test: install-dev     ## install, then lint, type-check and run the whole suite
 	$(BIN)/python -m pytest
 
 test-unit: install-dev  ## the tests that start no worker process (under a minute)
-	$(BIN)/python -m pytest -m "not integration" -q
+	$(BIN)/python -m pytest -m "not integration and not slow" -q
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

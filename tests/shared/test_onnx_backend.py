@@ -312,6 +312,7 @@ def test_export_takes_token_types_only_when_the_model_does(tmp_path: Path) -> No
         )
 
 
+@pytest.mark.slow
 def test_models_export_onnx_writes_a_loadable_file_and_updates_the_model_file(
     tmp_path: Path,
 ) -> None:
@@ -346,6 +347,7 @@ def test_models_export_onnx_writes_a_loadable_file_and_updates_the_model_file(
     assert bad.returncode == 2 and "not a transformers model folder" in bad.stderr
 
 
+@pytest.mark.slow
 def test_build_models_onnx_only_exports_into_a_repository_built_elsewhere(
     tmp_path: Path,
 ) -> None:

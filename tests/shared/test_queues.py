@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 from celery import Celery
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from harness import close_app
 from shared.metrics import QueueCollector
@@ -98,7 +100,13 @@ def test_the_collector_answers_with_the_queues_and_without_them_when_redis_is_do
     assert f'modelworkers_queue_oldest_age_seconds{{queue="{queue}"}}' in text
     client.delete(queue)
 
-    down = redis.Redis(port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5)
+    # no retries: the time bound below is the collector's, not redis-py's backoff
+    down = redis.Redis(
+        port=free_port(),
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
     broken = CollectorRegistry()
     broken.register(QueueCollector(down, [queue], "mwtest"))
     started = time.monotonic()
