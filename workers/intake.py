@@ -2,7 +2,8 @@
 
 One message must never stop a node. A message is checked at each step that it could break:
 
-1. **The envelope** (Redis transport). kombu pops a JSON envelope off the queue list and decodes
+1. **The envelope** (Redis transport). The worker takes a JSON envelope off the queue list (and
+   registers it as unacknowledged in the same atomic step, ``workers.receive``) and decodes
    it in the worker's event loop; an envelope that is not JSON, or lacks the fields kombu reads,
    used to raise out of the loop and stop the node. :class:`GuardedRedisTransport` decodes it
    under a guard and checks its shape (types, encoding, no compression, nesting) before kombu
@@ -48,6 +49,7 @@ from shared import metrics
 from shared.errors import InvalidMessage, PoisonTask
 from shared.settings import Settings, get_settings
 from shared.urls import redact, redis_client
+from workers.receive import AtomicReceive
 from workers.signing import SIGNATURE_ROOM, SIGNED_CONTENT_TYPE, BadSignature, Opened, Verifier
 
 log = logging.getLogger("modelworkers.intake")
@@ -377,9 +379,10 @@ def current_intake() -> Intake:
 _DECODE_ERRORS = (ValueError, TypeError, RecursionError, MemoryError)
 
 
-class GuardedRedisChannel(RedisChannel):
-    """kombu's Redis channel; an envelope that does not decode is dropped (it is already off the
-    queue list) instead of raising out of the event loop. Its acknowledgements and unacked-index
+class GuardedRedisChannel(AtomicReceive, RedisChannel):
+    """kombu's Redis channel, taking each message and registering it as unacknowledged in one
+    atomic step (:class:`~workers.receive.AtomicReceive`); an envelope that does not decode is
+    dropped instead of raising out of the event loop. Its acknowledgements and unacked-index
     writes share one client object over the channel's connection pool (kombu builds a new one
     for each, twice per task)."""
 
