@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billiard.exceptions import WorkerLostError
 from celery.worker import state as worker_state
@@ -42,6 +42,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.redis import Channel as RedisChannel
+from kombu.transport.redis import SentinelChannel, SentinelTransport
 from kombu.transport.redis import Transport as RedisTransport
 from vine import promise
 
@@ -379,14 +380,20 @@ def current_intake() -> Intake:
 _DECODE_ERRORS = (ValueError, TypeError, RecursionError, MemoryError)
 
 
-class GuardedRedisChannel(AtomicReceive, RedisChannel):
-    """kombu's Redis channel, taking each message and registering it as unacknowledged in one
-    atomic step (:class:`~workers.receive.AtomicReceive`); an envelope that does not decode is
-    dropped instead of raising out of the event loop. Its acknowledgements and unacked-index
-    writes share one client object over the channel's connection pool (kombu builds a new one
-    for each, twice per task)."""
+class _GuardedChannel(AtomicReceive):
+    """What the product adds to kombu's Redis channels (plain and Sentinel): each message taken
+    and registered as unacknowledged in one atomic step (:class:`~workers.receive.AtomicReceive`);
+    an envelope that does not decode dropped instead of raising out of the event loop; the
+    acknowledgements and unacked-index writes sharing one client object over the channel's
+    connection pool (kombu builds a new one for each, twice per task)."""
 
     _shared_client: Any = None
+    pool: Any
+    connection: Any
+
+    if TYPE_CHECKING:  # kombu's, on the Channel this mixes into
+
+        def _create_client(self, asynchronous: bool = False) -> Any: ...
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -407,7 +414,7 @@ class GuardedRedisChannel(AtomicReceive, RedisChannel):
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:
         try:
-            return super()._get(queue)
+            return super()._get(queue)  # type: ignore[misc]
         except _DECODE_ERRORS as exc:
             from queue import Empty
 
@@ -416,19 +423,25 @@ class GuardedRedisChannel(AtomicReceive, RedisChannel):
 
     def _receive_one(self, c: Any) -> Any:
         try:
-            return super()._receive_one(c)
+            return super()._receive_one(c)  # type: ignore[misc]
         except _DECODE_ERRORS as exc:  # a broadcast (remote control) that does not decode
             log.error("dropped a broadcast message that does not decode: %s", exc)
             metrics.record_refused("bad_envelope")
             return False
 
 
-class GuardedRedisTransport(RedisTransport):
-    """kombu's Redis transport with envelopes checked before kombu reads them (see the module
-    docstring). ``redis://`` and ``rediss://`` broker URLs use it in every process that imports
-    ``workers.app`` (``register_transport``)."""
+class GuardedRedisChannel(_GuardedChannel, RedisChannel):
+    """kombu's Redis channel with :class:`_GuardedChannel`'s additions."""
 
-    Channel = GuardedRedisChannel
+
+class GuardedSentinelChannel(_GuardedChannel, SentinelChannel):
+    """kombu's Redis Sentinel channel with :class:`_GuardedChannel`'s additions."""
+
+
+class _GuardedTransport:
+    """Envelopes checked before kombu reads them (see the module docstring)."""
+
+    connection_errors: Any
 
     def refuse_envelope(self, exc: Refused, payload: Any) -> None:
         headers = payload.get("headers") if isinstance(payload, dict) else None
@@ -441,7 +454,7 @@ class GuardedRedisTransport(RedisTransport):
             self.refuse_envelope(exc, message)
             return
         try:
-            super()._deliver(message, queue)
+            super()._deliver(message, queue)  # type: ignore[misc]
         except self.connection_errors:
             raise
         except Exception as exc:  # the consumers guard themselves: this is a last resort
@@ -449,10 +462,26 @@ class GuardedRedisTransport(RedisTransport):
             self.refuse_envelope(Refused("dispatch_error", f"{type(exc).__name__}: {exc}"), message)
 
 
+class GuardedRedisTransport(_GuardedTransport, RedisTransport):
+    """kombu's Redis transport with the product's channel and envelope checks. ``redis://`` and
+    ``rediss://`` broker URLs use it in every process that imports ``workers.app``
+    (``register_transport``)."""
+
+    Channel = GuardedRedisChannel
+
+
+class GuardedSentinelTransport(_GuardedTransport, SentinelTransport):
+    """The same for ``sentinel://`` broker URLs (kombu's Sentinel transport underneath)."""
+
+    Channel = GuardedSentinelChannel
+
+
 def register_transport() -> None:
-    """Serve ``redis://`` and ``rediss://`` broker URLs with :class:`GuardedRedisTransport`."""
+    """Serve ``redis://`` and ``rediss://`` broker URLs with :class:`GuardedRedisTransport` and
+    ``sentinel://`` ones with :class:`GuardedSentinelTransport`."""
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = "workers.intake:GuardedRedisTransport"
+    TRANSPORT_ALIASES["sentinel"] = "workers.intake:GuardedSentinelTransport"
 
 
 # ---- the consumer: task messages ---------------------------------------------------------

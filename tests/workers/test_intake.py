@@ -117,3 +117,25 @@ def test_a_body_that_is_not_json_content_is_refused_before_it_is_decoded() -> No
 def test_broken_envelopes_are_refused_before_kombu_reads_them(envelope: Any, problem: str) -> None:
     with pytest.raises(Refused, match=problem.replace("(", r"\(")):
         check_envelope(envelope, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://localhost", "GuardedRedisTransport"),
+        ("rediss://localhost", "GuardedRedisTransport"),
+        ("sentinel://localhost:26379", "GuardedSentinelTransport"),
+    ],
+)
+def test_every_redis_broker_url_gets_the_guarded_atomic_transport(url: str, transport: str) -> None:
+    """Plain, TLS and Sentinel URLs: envelopes checked, and a message taken and registered as
+    unacknowledged in one step (its channel is an AtomicReceive)."""
+    from kombu import Connection
+
+    from workers.intake import register_transport
+    from workers.receive import AtomicReceive
+
+    register_transport()
+    cls = Connection(url).get_transport_cls()
+    assert cls.__name__ == transport and cls.__module__ == "workers.intake"
+    assert issubclass(cls.Channel, AtomicReceive)
