@@ -12,7 +12,8 @@ unacknowledged, in the same atomic step on the server. The rest of the transport
 (acknowledgement, the visibility sweep, restore at shutdown). A script cannot block, so when
 every list is empty the channel waits with ``BLMOVE Q Q RIGHT RIGHT`` on the queue's main list: it
 returns as soon as the list holds a message and leaves the list exactly as it was (it moves
-the tail element back to the tail). Then the script runs again.
+the tail element back to the tail). Then the script runs again. (kombu's ``basic_get``, a one-off
+``Queue.get``, stays kombu's: a worker consumes, it never gets.)
 
 What it costs: one script run per message instead of ``BRPOP`` + ``MULTI``/``EXEC`` (one round
 trip fewer), and the wait watches one list. A worker that consumes one queue (as the docs run
