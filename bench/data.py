@@ -3,7 +3,9 @@ bench/.cache by ``python -m bench.data build-minilm``, a subprocess), model repo
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -35,9 +37,8 @@ GENERATED = [
 
 @lru_cache(maxsize=1)
 def texts() -> list[str]:
-    """Real sentences: the vaderSentiment ground-truth movie-review snippets and tweets when
-    present in models/cache (shipped by the vaderSentiment sdist, fetched by scripts/), else
-    generated sentences of similar length. Deterministic order, 512 texts of 40-300 chars."""
+    """512 texts of 40-300 chars: vaderSentiment's ground-truth snippets and tweets where
+    models/cache has them (scripts/ fetch its sdist), else generated sentences; a fixed order."""
     found: list[str] = []
     for name in ("movieReviewSnippets_GroundTruth.txt", "tweets_GroundTruth.txt"):
         if (path := VADER / name).exists():
@@ -60,42 +61,22 @@ def texts() -> list[str]:
     return [GENERATED[i % len(GENERATED)].format(**pick[i]) for i in range(512)]
 
 
-@lru_cache(maxsize=1)
-def prophet_series() -> dict[str, list[Any]]:
-    """A short daily series (60 points): what forecast.prophet fits per request."""
-    import datetime as dt
-    import math
-
-    start = dt.date(2024, 1, 1)
-    ds = [(start + dt.timedelta(days=i)).isoformat() for i in range(60)]
-    y = [
-        round(10 + 0.05 * i + 2 * math.sin(2 * math.pi * i / 7) + i % 5 * 0.1, 3) for i in range(60)
-    ]
-    return {"ds": ds, "y": y}
-
-
-@lru_cache(maxsize=1)
-def arima_series() -> dict[str, list[Any]]:
-    """100 yearly points (a Nile-like level series, generated, deterministic)."""
-    import math
-
-    y = [
-        round(900 + 150 * math.sin(i / 6) + 40 * math.cos(i / 2.3) + i % 7 * 5, 2)
-        for i in range(100)
-    ]
-    return {"ds": [f"{1871 + i}-01-01" for i in range(100)], "y": y}
-
-
 CUSTOMERS = [[12.0, 24.0, 1800.0, 40.0], [200.0, 2.0, 90.0, 6.0], [45.0, 8.0, 420.0, 18.0]]
 FIT_ROWS = [[float(i % 7), float(i % 5), float(i % 3)] for i in range(30)]
+# what forecast.prophet fits per request: a short daily series; forecast.arima: 100 yearly points
+DAILY = [10 + 0.05 * i + 2 * math.sin(2 * math.pi * i / 7) + i % 5 * 0.1 for i in range(60)]
+YEARLY = [900 + 150 * math.sin(i / 6) + 40 * math.cos(i / 2.3) + i % 7 * 5 for i in range(100)]
+DAYS = [(dt.date(2024, 1, 1) + dt.timedelta(days=i)).isoformat() for i in range(60)]
+PROPHET = {"ds": DAYS, "y": [round(v, 3) for v in DAILY]}
+ARIMA = {"ds": [f"{1871 + i}-01-01" for i in range(100)], "y": [round(v, 2) for v in YEARLY]}
 
 
 def task_jobs() -> dict[str, tuple[str, list[Any], dict[str, Any]]]:
     """family -> (task name, args, kwargs): one job for each task of the product."""
     return {
         "sentiment": ("sentiment.analyze", [texts()[0]], {}),
-        "prophet": ("forecast.prophet", [prophet_series(), 7], {"frequency": "D"}),
-        "arima": ("forecast.arima", [arima_series(), 5], {"order": [1, 1, 1]}),
+        "prophet": ("forecast.prophet", [PROPHET, 7], {"frequency": "D"}),
+        "arima": ("forecast.arima", [ARIMA, 5], {"order": [1, 1, 1]}),
         "predict": ("forecast.predict", ["co2_prophet", 6], {}),
         "clustering": ("clustering.assign", [CUSTOMERS], {}),
         "fit": ("clustering.fit", [FIT_ROWS, 3], {}),
@@ -113,9 +94,8 @@ def inproc_job(family: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 
 def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any]:
-    """BertForSequenceClassification (2 labels) from the MiniLM encoder, seeded head; with
-    ``random_from`` (a folder with its config and tokenizer): the same architecture and shapes
-    with seeded random weights, so the same time per forward pass without shipping weights."""
+    """BertForSequenceClassification (2 labels, seeded head) from the MiniLM encoder; with
+    ``random_from`` (its config and tokenizer): seeded random weights, the same speed."""
     from importlib.util import find_spec
 
     import torch
@@ -142,14 +122,14 @@ def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any
     return {"parameters": sum(p.numel() for p in model.parameters()), "files": files}
 
 
-def ensure_minilm() -> Path:
-    """Build the MiniLM classifier into bench/.cache/minilm-cls once (in a subprocess)."""
+def ensure_minilm(target: Path = MINILM_DIR, *args: str) -> Path:
+    """Build the MiniLM classifier into ``target`` once, in a subprocess, on the CPU."""
     ensure_cache()
-    if not (MINILM_DIR / "config.json").exists():
+    if not (target / "config.json").exists():
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-        cmd = [sys.executable, "-m", "bench.data", "build-minilm"]
-        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
-    return MINILM_DIR
+        cmd = [sys.executable, "-m", "bench.data", "build-minilm", str(target), *args]
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env | {"CUDA_VISIBLE_DEVICES": ""})
+    return target
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -163,10 +143,9 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def repository(name: str, *, sentiment: Path | None = None, lazy: bool = False, **kw: Any) -> Path:
-    """A model repository in bench/.cache/repos/NAME from the shipped one: ``sentiment``: its
-    model is this artifact instead (e.g. the MiniLM classifier); ``lazy``: every model loaded on
-    first use; ``only``: just these models; ``strict``: every model required, no fallback (one
-    would hide a failure); ``extra``: more transformers models, name -> artifact."""
+    """bench/.cache/repos/NAME from the shipped repository; ``sentiment``: this artifact instead;
+    ``lazy``: each model loaded on first use; ``only``: just these models; ``strict``: all
+    required, no fallback (one would hide a failure); ``extra``: transformers models by name."""
     from shared import repository as mr
     from shared.manifest import artifact_sha256
 

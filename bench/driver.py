@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.helper import JsonProc, clean_env, serve
+from bench.helper import Closing, JsonProc, clean_env, serve
 from bench.run import med, pct
 
 Jobs = list[tuple[list[Any], dict[str, Any]]]  # (args, kwargs) of each task
@@ -26,7 +27,7 @@ def release(app: Any, result: Any) -> None:
     result.backend = None  # nothing left for __del__ to cancel
 
 
-class Client:
+class Client(Closing):
     """A plain Celery client (what a web app uses): ``send_task(...).get()``."""
 
     def __init__(self, worker: Any) -> None:
@@ -44,9 +45,8 @@ class Client:
         return ms, value
 
     def warm(self) -> None:
-        """Open this client's broker connection, result-backend connection and result
-        subscription without sending a task: a web app's client is long-lived, and the first
-        task a worker serves should not be charged with the client's own cold start."""
+        """Connect to the broker and the result backend and subscribe, without a task: a web
+        app's client is long-lived, so a worker's first task must not pay the client's start."""
         with self.app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(max_retries=3)
             producer.maybe_declare(self.app.amqp.queues[self.app.conf.task_default_queue])
@@ -68,23 +68,20 @@ class Client:
 def alternate(
     ctx: Any, calls: dict[str, tuple[Client, str]], jobs: Any, rounds: int, n: int
 ) -> dict[str, list[list[float]]]:
-    """Sequential calls through several clients (workers side by side) in alternating blocks:
-    name -> (client, task) -> ms of each round's ``n`` calls, after 5 unrecorded ones; ``jobs``:
-    the same for every name, or name -> its jobs."""
+    """name -> (client, task) -> ms of each round's ``n`` sequential calls, the names in
+    alternating blocks after 5 unrecorded calls each; ``jobs``: shared, or name -> its jobs."""
     each = jobs if isinstance(jobs, dict) else dict.fromkeys(calls, jobs)
     for name, (client, task) in calls.items():
         client.sequential(task, each[name], 5)
     out: dict[str, list[list[float]]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, (client, task) in calls.items():
-            out[name].append(ctx.measure(partial(client.sequential, task, each[name], n)))
+    for _, (name, (client, task)) in itertools.product(range(rounds), calls.items()):
+        out[name].append(ctx.measure(partial(client.sequential, task, each[name], n)))
     return out
 
 
 def drive(app: Any, pubsub: Any, task: str, jobs: list[Any], **run: Any) -> dict[str, Any]:
-    """Keep ``inflight`` of ``total`` tasks in flight (args cycling through ``jobs``) from
-    ``start_at``: Celery publishes, the results come from one pattern subscription to
-    ``celery-task-meta-*`` (other drivers' results are skipped by channel name, not decoded)."""
+    """Keep ``inflight`` of ``total`` tasks in flight from ``start_at``; results come from one
+    pattern subscription (other drivers' results are skipped by channel name, not decoded)."""
     total, inflight, prefix = run["total"], run["inflight"], len(b"celery-task-meta-")
     sent: dict[str, float] = {}
     latencies, failures, next_i = [], [], 0
@@ -104,8 +101,7 @@ def drive(app: Any, pubsub: Any, task: str, jobs: list[Any], **run: Any) -> dict
         while len(latencies) < total:
             if time.monotonic() > stop:
                 raise TimeoutError(f"{len(latencies)}/{total} results after {run['timeout']} s")
-            msg = pubsub.get_message(timeout=1.0)
-            if not msg or msg.get("type") != "pmessage":
+            if not (msg := pubsub.get_message(timeout=1.0)) or msg.get("type") != "pmessage":
                 continue
             if (task_id := msg["channel"][prefix:].decode()) not in sent:
                 continue
@@ -119,7 +115,7 @@ def drive(app: Any, pubsub: Any, task: str, jobs: list[Any], **run: Any) -> dict
     return {"t_start": t_start, "t_end": time.time(), "latencies": latencies, "failures": failures}
 
 
-class Driver:
+class Driver(Closing):
     """``k`` driver processes sharing each run, from the first send to the last answer of any."""
 
     def __init__(self, worker: Any, logs: Path, k: int = 1) -> None:
@@ -135,11 +131,10 @@ class Driver:
             raise
 
     def run(
-        self, task: str, jobs: list[Any], total: int, inflight: int, **kw: Any
+        self, task: str, jobs: list[Any], total: int, inflight: int, timeout: float = 300
     ) -> dict[str, Any]:
         """Send ``total`` tasks (args cycling through ``jobs``), ``inflight`` at a time."""
-        k = max(1, min(kw.get("drivers") or len(self.procs), len(self.procs), inflight, total))
-        start_at, timeout = time.time() + 0.2, kw.get("timeout", 300)
+        k, start_at = max(1, min(len(self.procs), inflight, total)), time.time() + 0.2
         for i, p in enumerate(self.procs[:k]):
             share = {"total": total // k + (i < total % k), "jobs": jobs[i::k] or jobs}
             share |= {"inflight": inflight // k + (i < inflight % k), "start_at": start_at}
@@ -150,24 +145,9 @@ class Driver:
         lat = [x for a in answers for x in a["latencies"]]
         failures = [f for a in answers for f in a["failures"]]
         seconds = max(a["t_end"] for a in answers) - min(a["t_start"] for a in answers)
-        return {
-            "seconds": round(seconds, 4),
-            "tasks": total,
-            "tasks_per_s": round(total / seconds, 1),
-        } | {
-            "inflight": inflight,
-            "drivers": k,
-            "failures": failures[:20],
-            "failed": len(failures),
-            "p50_ms": round(med(lat), 3),
-            "p99_ms": round(pct(lat, 99), 3),
-        }
-
-    def __enter__(self) -> Driver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        out = dict(seconds=round(seconds, 4), tasks=total, tasks_per_s=round(total / seconds, 1))
+        out |= dict(inflight=inflight, drivers=k, failures=failures[:20], failed=len(failures))
+        return out | dict(p50_ms=round(med(lat), 3), p99_ms=round(pct(lat, 99), 3))
 
     def close(self) -> None:
         for p in self.procs:

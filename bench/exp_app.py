@@ -1,6 +1,5 @@
-"""The product's Celery app (``celery -A bench.exp_app worker``) with per-task settings switched
-by the environment (``1`` on, ``0`` off, unset: the product's), for the overhead section's
-ablation, and ``bench.noop``: the round trip of Celery and Redis alone, no model."""
+"""The product's Celery app with per-task settings switched by the environment (``1`` on, ``0``
+off, unset: the product's) for the ablation; ``bench.noop``: Celery and Redis alone, no model."""
 
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
 """The control plane at fleet scale, on one machine: N solo-pool nodes of one tiny scikit-learn
 model against a private Redis; per N, the time to start them, the Redis commands per second per
-process at rest, `modelworkers status` time and fleet reload time to the last reply.
-
-    .venv/bin/python -m bench.fleet --nodes 1 10 30 [--gossip] [--filler 100000] [--json F]
-
-``--gossip``: nodes as a plain `celery worker` runs by default (mingle, gossip, worker
-heartbeats); without it, as `modelworkers up`, compose and Kubernetes run them (--without-gossip
---without-mingle). ``--filler K``: K extra keys (as many task results) in the database, to show
-what status and reload cost grows with. The figures are in docs/operations.md.
-"""
+process at rest, `modelworkers status` time and fleet reload time to the last reply. How to run
+it and the figures: docs/operations.md."""
 
 from __future__ import annotations
 
@@ -25,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 
 from harness import ROOT, WorkerProcess
@@ -33,8 +27,6 @@ from shared.manifest import load_manifest
 from shared.reload import collect_replies, send_request
 from shared.state import read_snapshots
 from workers.embedded import EmbeddedRedis
-
-CLI = [sys.executable, "-m", "workers.cli"]
 
 
 def commands(client: redis.Redis) -> Counter[str]:
@@ -45,8 +37,6 @@ def commands(client: redis.Redis) -> Counter[str]:
 def at_rest(client: redis.Redis, nodes: list[WorkerProcess], seconds: float) -> dict[str, Any]:
     """Per process, over ``seconds``: Redis commands per second (and the busiest ones), bytes
     Redis sends per second (pub/sub fan-out shows here, not in the command counts) and CPU."""
-    import psutil
-
     procs = [psutil.Process(node.pid) for node in nodes]
     cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
     before, out0 = commands(client), client.info("stats")["total_net_output_bytes"]
@@ -65,16 +55,15 @@ def at_rest(client: redis.Redis, nodes: list[WorkerProcess], seconds: float) -> 
 
 
 def cli(env: dict[str, str], *args: str) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        [*CLI, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
-    )
+    """(seconds, stdout) of ``python -m workers.cli ARGS``."""
+    t0, cmd = time.perf_counter(), [sys.executable, "-m", "workers.cli", *args]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out.check_returncode()
     return time.perf_counter() - t0, out.stdout
 
 
 def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    server = EmbeddedRedis().start()
-    prefix = f"fleet-{uuid.uuid4().hex[:6]}"
+    server, prefix = EmbeddedRedis().start(), f"fleet-{uuid.uuid4().hex[:6]}"
     manifest = tiny_manifest(work / f"models-{n}")
     client = redis.Redis.from_url(server.url)
     nodes: list[WorkerProcess] = []
@@ -94,13 +83,8 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         time.sleep(3)  # startup traffic settles
         row["at_rest"] = at_rest(client, nodes, args.rest)
 
-        env = {
-            **os.environ,
-            "MODELWORKERS_REDIS_URL": server.url,
-            "MODELWORKERS_KEY_PREFIX": prefix,
-            "MODELWORKERS_TASK_QUEUE": prefix,
-            "MODELWORKERS_MODEL_MANIFEST": str(manifest),
-        }
+        env = os.environ | {"MODELWORKERS_REDIS_URL": server.url, "MODELWORKERS_KEY_PREFIX": prefix}
+        env |= {"MODELWORKERS_TASK_QUEUE": prefix, "MODELWORKERS_MODEL_MANIFEST": str(manifest)}
         status_cli = [cli(env, "status", "--json")[0] for _ in range(3)]
         status_read = []
         for _ in range(5):
@@ -123,12 +107,14 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             seconds, out = cli(env, "reload", "seg", "--version", version, "--json")
             assert json.loads(out)["ok"]
             cli_reloads.append(seconds)
-        row["reload_s"] = round(statistics.median(reloads), 3)
-        row["reload_cli_s"] = round(statistics.median(cli_reloads), 3)
-        row["reload_in_process_s"] = round(statistics.median(own), 3)  # each process's own
+        # reload_in_process_s: each process's own
+        times = {"reload_s": reloads, "reload_cli_s": cli_reloads, "reload_in_process_s": own}
+        row |= {k: round(statistics.median(v), 3) for k, v in times.items()}
         row["redis_used_memory_mib"] = round(client.info("memory")["used_memory"] / 2**20, 1)
         row["redis_clients_per_node"] = round(client.info("clients")["connected_clients"] / n, 1)
-        row["rss_per_node_mib"] = round(rss_mib([node.pid for node in nodes]) / n, 0)
+        procs = [psutil.Process(node.pid) for node in nodes]
+        rss = sum(p.memory_info().rss for p in procs + [c for p in procs for c in p.children()])
+        row["rss_per_node_mib"] = round(rss / 2**20 / n, 0)
     finally:
         stop_fleet(nodes)
         client.close()
@@ -136,21 +122,11 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return row
 
 
-def rss_mib(pids: list[int]) -> float:
-    import psutil
-
-    total = 0
-    for pid in pids:
-        proc = psutil.Process(pid)
-        total += proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children())
-    return total / 2**20
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 10, 30])
-    parser.add_argument("--gossip", action="store_true")
-    parser.add_argument("--filler", type=int, default=0)
+    parser.add_argument("--gossip", action="store_true", help="with mingle and gossip")
+    parser.add_argument("--filler", type=int, default=0, help="K task results in Redis first")
     parser.add_argument("--rest", type=float, default=10.0, help="seconds counted at rest")
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, help="append each row to this file")

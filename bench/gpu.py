@@ -1,25 +1,22 @@
 """The sections of ``bench.run --gpu`` (``--cpu-check``: on a CPU, tiny counts), each skipped
-when ``--budget`` runs short: ``gpu_prefork`` (every pool process on the device, the main process
-without CUDA, answers = in-process, first vs warm, p50 vs in-process, ``analyze_batch``),
-``gpu_raw`` (the raw forward pass), ``gpu_threads`` (micro-batching threads pool, a no-model task's
-ceiling, four workers on one device). MiniLM has seeded random weights from the config and
-tokenizer in ``bench/.cache/minilm-gpu-src`` (gpu_prepare.sh): same shapes, same speed."""
+when ``--budget`` runs short: prefork workers on the device, the raw forward pass, the threads
+pool. MiniLM has seeded random weights from the config and tokenizer in
+``bench/.cache/minilm-gpu-src`` (gpu_prepare.sh): same shapes, same speed."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.data import CACHE, REAL_MODELS, ROOT, repository, texts
+from bench.data import CACHE, REAL_MODELS, ensure_minilm, repository, texts
 from bench.driver import Client, Driver
-from bench.helper import Helper, clean_env
+from bench.helper import Helper
 from bench.overhead import one_round
 from bench.run import CORES, Ctx, med, ready_time
 
@@ -42,16 +39,11 @@ def setup(ctx: Ctx) -> dict[str, Any]:
     """Repositories of one sentiment model each (tiny-bert; MiniLM with random weights), required
     and without a fallback (one would hide a failure); the in-process helper with both."""
     if not _state:
-        tiny, minilm = REAL_MODELS / "sentiment" / "1.0.0", CACHE / "minilm-rand"
-        cmd = ["-m", "bench.data", "build-minilm", str(minilm), "--random"]
-        env = clean_env({"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"})
-        src = str(CACHE / "minilm-gpu-src")
-        subprocess.run([sys.executable, *cmd, src], cwd=ROOT, env=env, check=True, timeout=300)
+        tiny = REAL_MODELS / "sentiment" / "1.0.0"
+        minilm = ensure_minilm(CACHE / "minilm-rand", "--random", str(CACHE / "minilm-gpu-src"))
         kw: dict[str, Any] = {"only": ("sentiment",), "strict": True}
-        _state["models"] = {
-            "tiny": repository("gpu-tiny", sentiment=tiny, **kw),
-            "minilm": repository("gpu-minilm", sentiment=minilm, **kw),
-        }
+        both = {"tiny": tiny, "minilm": minilm}
+        _state["models"] = {k: repository(f"gpu-{k}", sentiment=v, **kw) for k, v in both.items()}
         inproc = repository("gpu-inproc", sentiment=tiny, extra={"minilm": minilm}, **kw)
         _state["helper"] = helper = Helper(inproc, threads=CORES, logs=ctx.logs, raw_model=minilm)
         if ctx.device == "cuda" and not helper.first["cuda_available"]:
@@ -62,8 +54,8 @@ def setup(ctx: Ctx) -> dict[str, Any]:
 
 def started(ctx: Ctx, stack: ExitStack, model: str, processes: int, **kw: Any) -> Any:
     """A worker of ``model``, READY (seconds in ``worker.ready_s``), stopped with ``stack``."""
-    env = {"MODELWORKERS_MODEL_REPOSITORY": str(setup(ctx)["models"][model]), **kw.pop("env", {})}
-    worker = ctx.worker(concurrency=kw.pop("concurrency", processes), env=env, **kw)
+    kw.setdefault("concurrency", processes)
+    worker = ctx.worker(setup(ctx)["models"][model], **kw)
     t_launch, timeout = time.time(), max(20.0, min(150.0, ctx.left()))
     stack.enter_context(ctx.running(worker, wait=False))
     worker.ready_s = ready_time(worker, processes, t_launch, timeout)["observed_s"]
@@ -75,8 +67,7 @@ def prefork_part(ctx: Ctx, model: str, processes: int, out: dict[str, Any]) -> N
     with ExitStack() as stack:
         env = {"MODELWORKERS_TORCH_THREADS": str(max(1, CORES // processes))}
         worker = started(ctx, stack, model, processes, env=env)
-        client = Client(worker)
-        stack.callback(client.close)
+        client = stack.enter_context(Client(worker))
         client.warm()  # the client's own connections first: the worker is measured
         first_ms = client.call("sentiment.analyze", [texts()[0]], timeout=60)[0]
         jobs = [([t], {}) for t in texts()[1:]]
@@ -123,26 +114,25 @@ def gpu_prefork(ctx: Ctx, out: dict[str, Any]) -> None:
 
 
 def gpu_raw(ctx: Ctx, out: dict[str, Any]) -> None:
+    helper, rounds = setup(ctx)["helper"], ctx.n(3, 1)
     for batch, count in ((1, ctx.n(256, 16)), (32, ctx.n(512, 64)), (256, ctx.n(1024, 256))):
-        sample = (texts() * (count // 512 + 1))[:count]
-        args = {"texts": sample, "batch": batch, "rounds": ctx.n(3, 1)}
-        helper = setup(ctx)["helper"]
-        res = out[f"batch_{batch}"] = helper.cmd(
-            "raw_throughput", timeout=max(60, ctx.left()), **args
-        )
+        args = {"texts": (texts() * (count // 512 + 1))[:count], "batch": batch, "rounds": rounds}
+        res = out[f"batch_{batch}"] = helper.cmd("raw_throughput", max(60, ctx.left()), **args)
         out["summary"][f"MiniLM batch {batch} texts/s"] = round(max(res["rates"]), 1)
 
 
 def points(
-    ctx: Ctx, driver: Driver, task: str, pairs: Any, out: dict[str, Any], workers: list[Any]
+    ctx: Ctx, task: str, pairs: Any, out: dict[str, Any], workers: list[Any], k: int
 ) -> None:
-    """Tasks/s of single-text tasks at each (in flight, total), and the mean micro-batch."""
-    for inflight, total in pairs:
-        driver.run(task, SINGLE, min(total, 256), inflight, timeout=60)  # warm
-        with ctx.block():
-            res = out[f"{task} {inflight}"] = driver.run(task, SINGLE, total, inflight, timeout=120)
-        key = f"{task}, {inflight} in flight, {len(workers)} worker(s): tasks/s, p50 ms"
-        out["summary"][key] = f"{res['tasks_per_s']:.0f}, {res['p50_ms']:.2f}"
+    """Tasks/s at each (in flight, total) from ``k`` driver processes; the mean micro-batch."""
+    with Driver(workers[0], ctx.logs, k) as driver:
+        for inflight, total in pairs:
+            driver.run(task, SINGLE, min(total, 256), inflight, timeout=60)  # warm
+            with ctx.block():
+                res = driver.run(task, SINGLE, total, inflight, timeout=120)
+            key = f"{task}, {inflight} in flight, {len(workers)} worker(s): tasks/s, p50 ms"
+            out[f"{task} {inflight}"] = res
+            out["summary"][key] = f"{res['tasks_per_s']:.0f}, {res['p50_ms']:.2f}"
     snaps = [s for w in workers for s in w.snapshots() if s.get("node") == w.node]
     stats = [(s.get("stats") or {}).get("sentiment_batching") or {} for s in snaps]
     if batches := sum(b.get("batches", 0) for b in stats):
@@ -154,36 +144,28 @@ def gpu_threads(ctx: Ctx, out: dict[str, Any]) -> None:
     k, kw = 2 if ctx.device == "cpu" else 4, {"concurrency": 256, "pool": "threads", "env": THREADS}
     with ExitStack() as stack:
         worker = started(ctx, stack, "minilm", 1, **kw)
-        client = Client(worker)
-        stack.callback(client.close)
+        client = stack.enter_context(Client(worker))
         lone = client.sequential("sentiment.analyze", [([t], {}) for t in texts()], ctx.n(30, 6))
         out["summary"]["threads -c 256: lone request p50 ms"] = round(med(lone[3:]), 2)
-        driver = stack.enter_context(Driver(worker, ctx.logs, k))
         pairs = ((64, ctx.n(2048, 64)), (ctx.n(256, 32), ctx.n(4096, 128)))
-        points(ctx, driver, "sentiment.analyze", pairs, out, [worker])
+        points(ctx, "sentiment.analyze", pairs, out, [worker], k)
     with ExitStack() as stack:  # the ceiling: a task without a model on the same pool
         worker = started(ctx, stack, "tiny", 1, app="bench.exp_app", **kw)
-        driver = stack.enter_context(Driver(worker, ctx.logs, k))
-        points(ctx, driver, "bench.noop", ((ctx.n(256, 32), ctx.n(4096, 128)),), out, [worker])
+        points(ctx, "bench.noop", ((ctx.n(256, 32), ctx.n(4096, 128)),), out, [worker], k)
     with ExitStack() as stack:  # four threads-pool workers (one queue) sharing the device
         kw |= {"concurrency": 128, "prefix": (prefix := f"gpux4-{uuid.uuid4().hex[:6]}")}
         nodes = [f"{prefix}-{i}@gpu" for i in range(4)]
         workers = [started(ctx, stack, "minilm", 1, node=node, **kw) for node in nodes]
-        driver = stack.enter_context(Driver(workers[0], ctx.logs, 2 * k))
         pairs = ((ctx.n(256, 16), ctx.n(4096, 64)), (ctx.n(1024, 32), ctx.n(8192, 128)))
-        points(ctx, driver, "sentiment.analyze", pairs, out, workers)
+        points(ctx, "sentiment.analyze", pairs, out, workers, 2 * k)
 
 
-def section(need_s: float, fn: Callable[[Ctx, dict[str, Any]], None]) -> Any:
+def section(need_s: float, fn: Callable[[Ctx, dict[str, Any]], None], ctx: Ctx) -> dict[str, Any]:
     """A GPU section, skipped when less than ``need_s`` of the budget is left."""
-
-    def run(ctx: Ctx, out: dict[str, Any] | None = None) -> dict[str, Any]:
-        if ctx.left() < need_s:
-            return {"skipped": f"{ctx.left():.0f} s of budget left"}
-        fn(ctx, out := {"summary": {}})
-        return out
-
-    return run
+    if ctx.left() < need_s:
+        return {"skipped": f"{ctx.left():.0f} s of budget left"}
+    fn(ctx, out := {"summary": {}})
+    return out
 
 
 def close(ctx: Ctx, out: dict[str, Any]) -> None:  # the last section: the helper stops
@@ -193,9 +175,8 @@ def close(ctx: Ctx, out: dict[str, Any]) -> None:  # the last section: the helpe
 
 
 SECTIONS = {
-    "gpu_prefork": section(90, gpu_prefork),
-    "gpu_raw": section(15, gpu_raw),
-    "gpu_threads": section(60, gpu_threads),
-    "gpu_close": section(-float("inf"), close),
+    "gpu_prefork": partial(section, 90, gpu_prefork),
+    "gpu_raw": partial(section, 15, gpu_raw),
+    "gpu_threads": partial(section, 60, gpu_threads),
+    "gpu_close": partial(section, -float("inf"), close),
 }
-GPU_DEFAULT = list(SECTIONS)

@@ -1,7 +1,6 @@
-"""The in-process side of every comparison (``python -m bench.helper --models REPOSITORY``: the
-repository's models loaded by ``ModelRegistry.load_all`` as in a worker process, one ``sentiment``
-answer, then ``Server``'s commands), and the JSON-lines protocol of the bench's processes (a
-command a line on stdin, an answer a line on stdout). Top-level imports are stdlib only."""
+"""The in-process side of every comparison (``python -m bench.helper --models REPOSITORY``: its
+models loaded as in a worker process, one ``sentiment`` answer, then ``Server``'s commands) and
+the JSON-lines protocol of the bench's processes. Top-level imports are stdlib only."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def serve(first: dict[str, Any], handle: Callable[..., dict[str, Any]]) -> int:
-    """Answer ``first``, then each command with ``handle(**command)`` until ``quit``. Answers go
-    to a private copy of stdout; fd 1 then points at stderr, so that whatever a library prints
-    lands in the log instead of the protocol."""
+    """Answer ``first``, then each command with ``handle(**command)`` until ``quit``, on a copy of
+    stdout: fd 1 points at stderr, so that what a library prints lands in the log instead."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     out.write(json.dumps(first, default=str) + "\n")
@@ -50,7 +48,16 @@ def serve(first: dict[str, Any], handle: Callable[..., dict[str, Any]]) -> int:
     return 0
 
 
-class JsonProc:
+class Closing(AbstractContextManager):  # type: ignore[type-arg]
+    """``with X(...) as x:`` calls ``x.close()`` at the end."""
+
+    close: Callable[[], None]
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JsonProc(Closing):
     """A helper process (``python ARGS``), its stderr in ``logs``, every read with a deadline."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
@@ -69,12 +76,10 @@ class JsonProc:
         while b"\n" not in self._buf:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: no answer within {timeout:g} s")
-            if select.select([self.proc.stdout], [], [], 1.0)[0]:
-                chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
-                self._buf += chunk
-                if chunk:
-                    continue
-            elif self.proc.poll() is None:
+            readable = select.select([self.proc.stdout], [], [], 1.0)[0]
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 20) if readable else b""
+            self._buf += chunk
+            if chunk or (not readable and self.proc.poll() is None):  # else: EOF or exited
                 continue
             self._log.flush()
             tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -118,11 +123,9 @@ class Helper(JsonProc):
             raise
         self.t_answer = time.time()
 
-    def latency(
-        self, family: str, inputs: list[Any], n: int, gap: float = 0.0, model: str = "sentiment"
-    ) -> list[float]:
-        args = {"family": family, "inputs": inputs, "n": n, "gap": gap, "model": model}
-        return list(self.cmd("latency", **args)["ms"])  # ms of each call
+    def latency(self, family: str, inputs: list[Any], n: int, **kw: Any) -> list[float]:
+        """ms of each call (``gap``, ``model``: ``Server.latency``'s)."""
+        return list(self.cmd("latency", family=family, inputs=inputs, n=n, **kw)["ms"])
 
     def raw_rates(self, texts: list[str], batch: int = 32, rounds: int = 1) -> list[float]:
         return list(self.cmd("raw_throughput", texts=texts, batch=batch, rounds=rounds)["rates"])
@@ -231,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     from shared.registry import ModelRegistry
     from shared.repository import load_repository
 
-    registry = ModelRegistry(
-        device=settings.model_device, load_timeout=settings.load_timeout_seconds, warmup=True
-    )
+    timeout = settings.load_timeout_seconds
+    registry = ModelRegistry(device=settings.model_device, load_timeout=timeout, warmup=True)
     registry.load_all(load_repository(Path(args.models)).active())
     t_loaded = time.time()
     ready, reasons = registry.readiness()

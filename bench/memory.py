@@ -1,11 +1,10 @@
-"""Memory: total PSS of a worker (main + pool processes) with 1, 2, 4 pool processes,
-copy-on-write (PRELOAD_MODE=parent) vs child mode, MiniLM as sentiment, after each process served
-requests, vs one plain Python process serving the same models. CPU backends, torch vs ONNX
-Runtime: ``backend_speed`` (``classify`` in this process, one text and batches of 32 at 1 and 2
-threads) and ``backend_memory`` (worker PSS per backend)."""
+"""Memory: total PSS of a worker (main + pool processes) by pool size, copy-on-write
+(PRELOAD_MODE=parent) vs child mode, vs one plain Python process serving the same models; and
+torch vs ONNX Runtime on a CPU: ``backend_speed`` (in this process), ``backend_memory``."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from contextlib import suppress
@@ -16,6 +15,7 @@ from typing import Any
 from bench import data
 from bench.data import CUSTOMERS, MINILM_DIR, REAL_MODELS, repository, texts
 from bench.driver import Client, Driver
+from bench.helper import Helper
 from bench.report import target
 from bench.run import Ctx, med, pct, rnd
 
@@ -41,9 +41,8 @@ def tree_memory(root_pid: int) -> dict[str, Any]:
 
 
 def unique_resident_mib(pids: list[int]) -> float | None:
-    """Distinct physical pages resident in any of ``pids`` (a shared page counted once): a check
-    on PSS that does not depend on other processes mapping the same libraries; None where page
-    frame numbers are not readable."""
+    """MiB of distinct physical pages resident in ``pids``: a check on PSS that other processes
+    mapping the same libraries do not skew; None where page frame numbers are not readable."""
     import numpy as np
 
     page, frames = os.sysconf("SC_PAGE_SIZE"), [np.zeros(0, dtype=np.uint64)]
@@ -62,46 +61,35 @@ def unique_resident_mib(pids: list[int]) -> float | None:
     return round(np.unique(found[found != 0]).size * page / 2**20, 1) if found.any() else None
 
 
-def touch_worker(
-    ctx: Ctx, worker: Any, processes: int, calls: int = 3, batches: bool = False
-) -> dict[int, int]:
-    """Send bursts until every pool process has served ``calls`` sentiment tasks."""
-    corpus, counts = texts(), {}
-    with Driver(worker, ctx.logs) as driver:
-        for _ in range(12):
-            n = 2 * processes
-            driver.run("sentiment.analyze", [[t] for t in corpus[:64]], 2 * n, n)
-            if batches:
-                driver.run("sentiment.analyze_batch", [[corpus[i : i + 32]] for i in (0, 32)], n, n)
-            driver.run("clustering.assign", [[CUSTOMERS]], n, n)
-            driver.run("forecast.predict", [["co2_prophet", 6]], n, n)
-            time.sleep(1.2)  # one heartbeat: fresh snapshots
-            snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
-            counts = {s["pid"]: s["models"]["sentiment"]["calls"] for s in snaps}
-            if len(counts) >= processes and min(counts.values()) >= calls:
-                break
-    client = Client(worker)
-    try:
-        client.call("sentiment.analyze", [corpus[2]])
-    finally:
-        client.close()
-    return counts
-
-
 def measure_worker(
-    ctx: Ctx, worker: Any, n: int, at_ready: bool = True, **touch: Any
+    ctx: Ctx, worker: Any, n: int, at_ready: bool = True, calls: int = 3, batches: bool = False
 ) -> dict[str, Any]:
-    """Total PSS at READY (``at_ready``) and after every process served requests."""
-    with ctx.running(worker, ready_timeout=300):
+    """Total PSS at READY (``at_ready``) and once every pool process served ``calls`` sentiments."""
+    corpus, counts = texts(), {}
+    with ctx.running(worker, wait=False):
+        ctx.ready(worker, timeout=300)
         time.sleep(1.0)
-        before = tree_memory(worker.pid) if at_ready else {"total_pss_mib": None}
-        counts = touch_worker(ctx, worker, n, **touch)
+        before = tree_memory(worker.pid)["total_pss_mib"] if at_ready else None
+        with Driver(worker, ctx.logs) as driver:
+            for _ in range(12):
+                driver.run("sentiment.analyze", [[t] for t in corpus[:64]], 4 * n, 2 * n)
+                if batches:
+                    jobs = [[corpus[i : i + 32]] for i in (0, 32)]
+                    driver.run("sentiment.analyze_batch", jobs, 2 * n, 2 * n)
+                driver.run("clustering.assign", [[CUSTOMERS]], 2 * n, 2 * n)
+                driver.run("forecast.predict", [["co2_prophet", 6]], 2 * n, 2 * n)
+                time.sleep(1.2)  # one heartbeat: fresh snapshots
+                snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
+                counts = {s["pid"]: s["models"]["sentiment"]["calls"] for s in snaps}
+                if len(counts) >= n and min(counts.values()) >= calls:
+                    break
+        with Client(worker) as client:
+            client.call("sentiment.analyze", [corpus[2]])
         time.sleep(0.5)
         mem = tree_memory(worker.pid)
         mem["sentiment_calls_per_process"] = counts
-        mem["at_ready"] = {"total_pss_mib": before.get("total_pss_mib")}
-        snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
-        details = [s["models"]["sentiment"].get("details", {}) for s in snaps]
+        mem["at_ready"] = {"total_pss_mib": before}
+        details = [s["models"]["sentiment"].get("details", {}) for s in worker.snapshots()]
         mem["backend"] = sorted({str(d.get("backend")) for d in details})
     return mem
 
@@ -112,7 +100,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     jobs = {"sentiment": texts()[1], "clustering": CUSTOMERS, "predict": ["co2_prophet", 6]}
 
     def baseline() -> None:
-        with ctx.helper(models, threads=2) as helper:
+        with Helper(models, threads=2, logs=ctx.logs) as helper:
             for family, job in jobs.items():  # as the workers' processes do before measuring
                 helper.latency(family, [job], 4)
             time.sleep(0.5)
@@ -121,13 +109,10 @@ def run(ctx: Ctx) -> dict[str, Any]:
     baseline()
     for mode in ["parent", "child"] if not ctx.quick else ["parent"]:
         for n in [1, 2, 4] if not ctx.quick else [2]:
-            env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), "MODELWORKERS_PRELOAD_MODE": mode}
-            worker = ctx.worker(concurrency=n, env=env)
+            worker = ctx.worker(models, {"MODELWORKERS_PRELOAD_MODE": mode}, concurrency=n)
             raw["workers"][f"{mode}_c{n}"] = measure_worker(ctx, worker, n)
     if not ctx.quick:  # one Celery process serving the same models: Celery's consumer included
-        worker = ctx.worker(
-            concurrency=1, pool="solo", env={"MODELWORKERS_MODEL_REPOSITORY": str(models)}
-        )
+        worker = ctx.worker(models, concurrency=1, pool="solo")
         raw["workers"]["solo_c1"] = measure_worker(ctx, worker, 1, at_ready=False)
     baseline()
     base = med([b["total_pss_mib"] for b in raw["baseline"]])
@@ -146,11 +131,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         if "solo_c1" in pss and key.startswith("parent_c"):
             summary[f"{key} / one Celery process (solo pool)"] = rnd(pss[key] / pss["solo_c1"])
     what = "total PSS, {} pool processes, copy-on-write / one plain process"
-    targets = [
-        target(what.format(n), pss[f"parent_c{n}"] / base, limit)
-        for n, limit in ((2, 1.2), (4, 1.4))
-        if f"parent_c{n}" in pss
-    ]
+    limits = {n: limit for n, limit in ((2, 1.2), (4, 1.4)) if f"parent_c{n}" in pss}
+    targets = [target(what.format(n), pss[f"parent_c{n}"] / base, v) for n, v in limits.items()]
     config = {"model": "MiniLM as sentiment + the shipped forecasting/clustering models"}
     config["measure"] = "Pss of /proc/PID/smaps_rollup over main + children; distinct = pagemap"
     return {"raw": raw, "summary": summary, "targets": targets, "config": config}
@@ -197,16 +179,13 @@ def timed(model: Any, batch: int) -> float:
 def backend_speed(ctx: Ctx) -> dict[str, Any]:
     folders = {"tiny-bert": REAL_MODELS / "sentiment" / "1.0.0", "minilm": minilm_onnx()}
     raw: dict[str, Any] = {}
-    for label, folder in folders.items():
-        for threads in (1, 2):
-            models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
-            for _ in range(ctx.n(3, 1)):
-                for backend, model in models.items():
-                    for name, batch in (("single_p50_ms", 1), ("batch32_texts_per_s", 32))[
-                        threads - 1 :
-                    ]:
-                        key = f"{label}, {backend}, {threads} thread(s): {name}"
-                        raw.setdefault(key, []).append(ctx.measure(partial(timed, model, batch)))
+    for (label, folder), threads in itertools.product(folders.items(), (1, 2)):
+        models = {b: loaded(folder, b, threads) for b in ("torch", "onnx", "onnx+prepack")}
+        shapes = (("single_p50_ms", 1), ("batch32_texts_per_s", 32))[threads - 1 :]
+        rounds = itertools.product(range(ctx.n(3, 1)), models.items(), shapes)
+        for _, (backend, model), (name, batch) in rounds:
+            key = f"{label}, {backend}, {threads} thread(s): {name}"
+            raw.setdefault(key, []).append(ctx.measure(partial(timed, model, batch)))
     return {"raw": raw, "summary": {k: rnd(med(v), 2) for k, v in raw.items()}}
 
 
@@ -214,19 +193,11 @@ def backend_memory(ctx: Ctx) -> dict[str, Any]:
     repos = {"shipped": REAL_MODELS, "minilm": repository("minilm-onnx", sentiment=minilm_onnx())}
     raw: dict[str, Any] = {}
     summary: dict[str, Any] = {}
-    for label, repo in repos.items():
-        for n in (1, 2, 4):
-            for backend in ("torch", "onnx"):
-                env = {
-                    "MODELWORKERS_MODEL_REPOSITORY": str(repo),
-                    "MODELWORKERS_TRANSFORMERS_BACKEND": backend,
-                }
-                worker = ctx.worker(concurrency=n, env=env)
-                key = f"{label}, {n} process(es), {backend}"
-                touch = {"at_ready": False, "calls": 6, "batches": True}
-                mem = raw[key] = measure_worker(ctx, worker, n, **touch)
-                private = [p["private_mib"] for p in mem["processes"] if p["role"] == "child"]
-                summary[f"{key}: total PSS MiB (distinct) / private per child"] = (
-                    f"{mem['total_pss_mib']:.0f} ({mem['unique_resident_mib']}) / {private}"
-                )
+    for (label, repo), n, backend in itertools.product(repos.items(), (1, 2, 4), ("torch", "onnx")):
+        worker = ctx.worker(repo, {"MODELWORKERS_TRANSFORMERS_BACKEND": backend}, concurrency=n)
+        key = f"{label}, {n} process(es), {backend}"
+        mem = raw[key] = measure_worker(ctx, worker, n, at_ready=False, calls=6, batches=True)
+        private = [p["private_mib"] for p in mem["processes"] if p["role"] == "child"]
+        what = f"{key}: total PSS MiB (distinct) / private per child"
+        summary[what] = f"{mem['total_pss_mib']:.0f} ({mem['unique_resident_mib']}) / {private}"
     return {"raw": raw, "summary": summary}

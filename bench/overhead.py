@@ -1,9 +1,9 @@
-"""Overhead: one request at a time through Celery vs the same model in-process, alternating
-rounds; CPU per task without a model; ``models.predict`` vs ``sentiment.analyze``; an ablation
-of per-task settings (``bench/exp_app.py``); and the ``signing`` section."""
+"""Overhead: one request at a time through Celery vs the same model in-process; CPU per task
+without a model; ``models.predict``; an ablation of per-task settings; the ``signing`` section."""
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from contextlib import ExitStack
@@ -33,8 +33,7 @@ def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]
 def one_round(
     ctx: Ctx, helper: Helper, client: Client, family: str, n: int, out: dict[str, Any], **kw: Any
 ) -> None:
-    """``n`` in-process calls (``model``: the helper's name of the worker's sentiment model),
-    then ``n`` Celery calls (one in flight), each side a block; appended to ``out``."""
+    """``n`` in-process calls, then ``n`` Celery calls (one in flight), a block each, to ``out``."""
     inputs, celery_jobs = jobs(family)
     local: list[float] = ctx.measure(partial(helper.latency, family, inputs, n, **kw))
     remote = ctx.measure(partial(client.sequential, task_jobs()[family][0], celery_jobs, n))
@@ -64,13 +63,12 @@ def measure(
     ctx: Ctx, models: Path, families: list[str], threads: int, extras: bool = False
 ) -> dict[str, Any]:
     """In-process vs Celery rounds on one prefork -c 1 worker (``extras``: no-op CPU, predict)."""
-    env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), "MODELWORKERS_TORCH_THREADS": str(threads)}
-    worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
+    env = {"MODELWORKERS_TORCH_THREADS": str(threads)}
+    worker = ctx.worker(models, env, concurrency=1, app="bench.exp_app")
     out: dict[str, Any] = {f: {} for f in families}
-    with ctx.running(worker, wait=False), ctx.helper(models, threads=threads) as helper:
+    with ctx.running(worker, wait=False), Helper(models, threads=threads, logs=ctx.logs) as helper:
         ctx.ready(worker)  # the helper loaded meanwhile
-        client = Client(worker)
-        try:
+        with Client(worker) as client:
             for family in families:  # warm both sides, not recorded
                 helper.latency(family, jobs(family)[0], 3)
                 client.sequential(task_jobs()[family][0], jobs(family)[1], 3)
@@ -88,8 +86,6 @@ def measure(
                 jobs_ = {"sentiment.analyze": SINGLE, "models.predict": predict}
                 out["predict_vs_analyze"] = alternate(ctx, calls, jobs_, ctx.n(10, 3), 20)
                 out["noop_cpu"] = noop_cpu(ctx, worker, ctx.n(2000, 500))
-        finally:
-            client.close()
     return out
 
 
@@ -110,18 +106,13 @@ def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
     calls: dict[str, tuple[Client, str]] = {}
     with ExitStack() as stack:
         for name, (env, args) in ABLATION.items():
-            env = {
-                "MODELWORKERS_MODEL_REPOSITORY": str(REAL_MODELS),
-                "MODELWORKERS_TORCH_THREADS": str(threads),
-                **env,
-            }
-            worker = ctx.worker(concurrency=1, env=env, app="bench.exp_app")
+            env = {"MODELWORKERS_TORCH_THREADS": str(threads), **env}
+            worker = ctx.worker(REAL_MODELS, env, concurrency=1, app="bench.exp_app")
             if args:
                 at = worker.args.index(args[0])
                 worker.args[at : at + 2] = args
             stack.enter_context(ctx.running(worker, wait=False))
-            calls[name] = (Client(worker), "sentiment.analyze")
-            stack.callback(calls[name][0].close)
+            calls[name] = (stack.enter_context(Client(worker)), "sentiment.analyze")
         for client, _ in calls.values():
             ctx.ready(client.worker, timeout=240)
         calls[FLOOR] = (calls["product config"][0], "bench.noop")
@@ -180,9 +171,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
     pairs = zip(pva["models.predict"], pva["sentiment.analyze"], strict=True)
     ratio = med([med(p) / med(a) for p, a in pairs])
     p50 = {k: med([x for r in v for x in r]) for k, v in pva.items()}
-    summary["p50 ms models.predict / sentiment.analyze (tiny-bert), ratio"] = (
-        f"{p50['models.predict']:.2f} / {p50['sentiment.analyze']:.2f}, {ratio:.3f}x"
-    )
+    key = "p50 ms models.predict / sentiment.analyze (tiny-bert), ratio"
+    summary[key] = f"{p50['models.predict']:.2f} / {p50['sentiment.analyze']:.2f}, {ratio:.3f}x"
     targets.append(target("models.predict p50 / sentiment.analyze p50", ratio, 1.05))
     config = {"torch_threads": threads, "worker": "prefork -c 1", "rounds": ctx.n(*ROUNDS)}
     config["ratio"] = "median over rounds of (Celery p50 / in-process p50) in that round"
@@ -190,10 +180,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
 
 def signing(ctx: Ctx) -> dict[str, Any]:
-    """What MESSAGE_SIGNING adds to a task's round trip: two ``bench.exp_app`` nodes (prefork -c 1,
-    one small model), one signing (RSA-2048 keys made here), one not; a typed client per node
-    (the signing one with its own key) sends ``bench.noop`` one at a time, alternating blocks of
-    50; and one signature and one verification in-process."""
+    """What MESSAGE_SIGNING adds to a task's round trip: a signing node (RSA-2048 keys made here)
+    and a plain one, a typed client each; and one signature and one verification in-process."""
     from celery.security.certificate import Certificate
     from celery.security.key import PrivateKey
     from celery.security.serialization import SecureSerializer
@@ -206,27 +194,24 @@ def signing(ctx: Ctx) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="signing-", dir=ctx.logs))
     worker_id, client_id = (make_identity(folder / "keys", who) for who in ("worker", "client"))
     store = cert_store(folder / "store", worker_id, client_id)
-    models = {
-        "MODELWORKERS_MODEL_REPOSITORY": str(repository("signing", only=("customer_segments",)))
-    }
+    models = repository("signing", only=("customer_segments",))
     keys = {"message_signing": True, "signing_key": client_id.key, "signing_cert": client_id.cert}
     times: dict[str, list[float]] = {"json": [], "signed": []}
     with ExitStack() as stack:
         clients = {}
         for name, env in (("json", {}), ("signed", worker_id.env(store))):
-            node = ctx.worker(concurrency=1, env=models | env, app="bench.exp_app")
+            node = ctx.worker(models, env, concurrency=1, app="bench.exp_app")
             worker = stack.enter_context(ctx.running(node))
             signed = {**keys, "signing_cert_store": store} if name == "signed" else {}
             where = {"task_queue": worker.queue, "key_prefix": worker.prefix}
             settings = Settings(redis_url=ctx.redis_url, **where, **signed)  # type: ignore[arg-type]
             clients[name] = stack.enter_context(ModelClient(settings=settings, timeout=30))
         for rounds, record in ((1, False), (ctx.n(8, 2), True)):  # 50 untimed tasks each first
-            for _ in range(rounds):
-                for name, client in clients.items():
-                    for i in range(50):
-                        t0 = time.perf_counter()
-                        assert client.result(client.send("bench.noop", i)) == i
-                        times[name] += [(time.perf_counter() - t0) * 1000] if record else []
+            tasks = itertools.product(range(rounds), clients.items(), range(50))
+            for _, (name, client), i in tasks:
+                t0 = time.perf_counter()
+                assert client.result(client.send("bench.noop", i)) == i
+                times[name] += [(time.perf_counter() - t0) * 1000] if record else []
     key, cert = PrivateKey(client_id.key.read_text()), Certificate(client_id.cert.read_text())
     serializer, verifier, n = SecureSerializer(key, cert, None), Verifier(str(store)), 2000
     t0 = time.perf_counter()
@@ -237,9 +222,8 @@ def signing(ctx: Ctx) -> dict[str, Any]:
         verifier.open(body.encode() if isinstance(body, str) else body)
     verify_us, p50 = (time.perf_counter() - t0) / n * 1e6, {k: med(v) for k, v in times.items()}
     summary = {f"{k}: p50 / p90 ms": f"{p50[k]:.2f} / {pct(v, 90):.2f}" for k, v in times.items()}
-    summary["signed - json p50 ms; signed / json"] = (
-        f"{p50['signed'] - p50['json']:+.2f}; {p50['signed'] / p50['json']:.2f}x"
-    )
+    key = "signed - json p50 ms; signed / json"
+    summary[key] = f"{p50['signed'] - p50['json']:+.2f}; {p50['signed'] / p50['json']:.2f}x"
     summary["in-process sign / verify, microseconds"] = f"{sign_us:.0f} / {verify_us:.0f}"
     raw = {"times_ms": times, "sign_us": sign_us, "verify_us": verify_us}
     return {"raw": raw, "summary": summary}

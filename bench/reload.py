@@ -21,10 +21,9 @@ from harness import wait_for
 
 
 class Stream:
-    """``inflight`` threads of one Celery client, each sending one sentiment.analyze and waiting
-    for it, recording (sent, answered, outcome, answer) of every task. One task per thread on
-    purpose: ``AsyncResult.get()`` on several results in order waits a full drain interval (1 s)
-    for a result that had already arrived, latencies the workers did not cause."""
+    """``inflight`` threads sending sentiment.analyze, one task each at a time (``get()`` on
+    several results in order waits a drain interval, 1 s, for one that had already arrived):
+    (sent, answered, outcome, answer) of every task."""
 
     def __init__(self, worker: Any, inflight: int = 4) -> None:
         self.client, self.stop, self.inflight = Client(worker), threading.Event(), inflight
@@ -56,8 +55,7 @@ class Stream:
 
 
 def watch_replies(worker: Any, expected: int, out: dict[str, Any]) -> threading.Thread:
-    """A thread that catches the reload request on the control channel, then polls its reply
-    list every 10 ms: seconds from the request's publication to each reply (in ``out``)."""
+    """A thread: seconds from the reload request's publication to each reply, in ``out``."""
     from shared.reload import channel, reply_key
 
     pubsub = worker.client.pubsub(ignore_subscribe_messages=True)
@@ -104,9 +102,8 @@ def reload_once(alpha: Any, version: str) -> dict[str, Any]:
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    prefix = f"mwbench-fleet-{uuid.uuid4().hex[:6]}"
-    env = {"MODELWORKERS_MODEL_REPOSITORY": str(REAL_MODELS)}
-    nodes = [ctx.worker(concurrency=2, env=env, prefix=prefix, node=f"{n}@{prefix}") for n in "ab"]
+    kw = {"concurrency": 2, "prefix": f"mwbench-fleet-{uuid.uuid4().hex[:6]}"}
+    nodes = [ctx.worker(REAL_MODELS, node=f"{n}@{kw['prefix']}", **kw) for n in "ab"]
     reloads = []
     with ExitStack() as stack:
         for node in nodes:
@@ -131,12 +128,11 @@ def run(ctx: Ctx) -> dict[str, Any]:
     lat_in, lat_out = [ms for ms, w in ok if w], [ms for ms, w in ok if not w]
     send_all = [r["send_to_all_replies_s"] for r in reloads if r["send_to_all_replies_s"]]
     per_process = [s for r in reloads for s in r["seconds"] if s]
+    cli_wall = med([r["cli_wall_s"] for r in reloads])
     summary = {
         "reloads (all 4 processes ok)": f"{sum(bool(r['ok']) for r in reloads)}/{len(reloads)}",
         "send -> all four replies, s (median)": rnd(med(send_all), 2),
-        "CLI wall time (incl. its start), s (median)": rnd(
-            med([r["cli_wall_s"] for r in reloads]), 2
-        ),
+        "CLI wall time (incl. its start), s (median)": rnd(cli_wall, 2),
         "per-process reload seconds (median)": rnd(med(per_process), 2),
         "stream tasks total / during reloads": f"{len(events)} / {sum(inside)}",
         "failed tasks": len(failed),

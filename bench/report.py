@@ -13,10 +13,8 @@ def target(name: str, value: float | None, limit: float, **kw: str) -> dict[str,
     measured = value is not None and value == value
     met = measured and (value <= limit if op == "<=" else value >= limit)  # type: ignore[operator]
     shown = round(value, 3) if measured else None  # type: ignore[arg-type]
-    return {"name": name, "value": shown, "target": f"{op} {limit:g}{unit}", "unit": unit} | {
-        "met": met,
-        "detail": detail,
-    }
+    out = {"name": name, "value": shown, "target": f"{op} {limit:g}{unit}", "unit": unit}
+    return out | {"met": met, "detail": detail}
 
 
 def fmt(value: Any, unit: str = "") -> str:
@@ -30,20 +28,15 @@ def print_table(results: dict[str, Any]) -> str:
     lines = []
     for section, data in results["sections"].items():
         lines.append(f"== {section} ({data.get('seconds', 0):.0f} s)")
-        for problem in ("error", "skipped"):
-            if data.get(problem):
-                lines.append(f"   {problem.upper()}: {data[problem]}")
-        for key, value in (data.get("summary") or {}).items():
-            lines.append(f"   {key:<58} {fmt(value)}")
+        lines += [f"   {p.upper()}: {data[p]}" for p in ("error", "skipped") if data.get(p)]
+        lines += [f"   {k:<58} {fmt(v)}" for k, v in (data.get("summary") or {}).items()]
     targets = [(s, t) for s, data in results["sections"].items() for t in data.get("targets", [])]
     if targets:
         lines += ["", f"{'target':<62} {'value':>12} {'target':>10}  result"]
     for section, t in targets:
-        lines.append(
-            f"{(section + ': ' + t['name'])[:62]:<62} {fmt(t['value'], t['unit']):>12} "
-            f"{t['target']:>10}  {'met' if t['met'] else 'NOT MET'}"
-            + (f" ({t['detail']})" if t.get("detail") else "")
-        )
+        row = f"{(section + ': ' + t['name'])[:62]:<62} {fmt(t['value'], t['unit']):>12}"
+        row += f" {t['target']:>10}  {'met' if t['met'] else 'NOT MET'}"
+        lines.append(row + (f" ({t['detail']})" if t.get("detail") else ""))
     text = "\n".join(lines)
     print(text)
     return text
@@ -64,11 +57,9 @@ POINTS = {
 
 def plot_throughput(data: dict[str, Any], path: Path, cores: int) -> Path:
     """Texts/s vs requests in flight per worker configuration, with the raw pipeline line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for key, label in CURVES.items():
         if curve := data.get("curves", {}).get(key):

@@ -1,8 +1,7 @@
 """The driver: ``python -m bench.run [--quick] [--gpu [--cpu-check]] [--only S,...] [--out F]``:
 a private Redis, then each section (every process stopped by PID); writes every measurement, the
 machine and the commit to ``--out`` after each section, prints the figures and the targets of
-docs/benchmarks.md. ``Ctx`` is what a section gets: workers, helpers, and measurement on a
-shared machine (quiet gates, and blocks that record what other tenants used)."""
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bench.data import ROOT, VADER, ensure_cache, ensure_minilm
-from bench.helper import Helper
+from bench.data import ROOT, VADER, ensure_minilm
 from bench.report import print_table
 
 if TYPE_CHECKING:
@@ -86,19 +84,18 @@ def about() -> dict[str, Any]:
 
     cpu = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
     versions = {d.name: d.version for d in metadata.distributions() if d.name in PACKAGES}
-    return {"nproc": CORES, "cpu_model": cpu[0].split(":", 1)[1].strip() if cpu else "?"} | {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "gpu": out("nvidia-smi", "-L").strip() or None,
-        "commit": out("git", "rev-parse", "HEAD").strip(),
-        "uncommitted": out("git", "status", "--porcelain", "shared", "tasks", "workers").split(),
-    }
+    info = {"nproc": CORES, "cpu_model": cpu[0].split(":", 1)[1].strip() if cpu else "?"}
+    info |= {"python": platform.python_version(), "platform": platform.platform()}
+    info |= {"versions": versions, "gpu": out("nvidia-smi", "-L").strip() or None}
+    info["commit"] = out("git", "rev-parse", "HEAD").strip()
+    info["uncommitted"] = out("git", "status", "--porcelain", "shared", "tasks", "workers").split()
+    return info
 
 
 @dataclass
 class Ctx:
-    """One benchmark run: its Redis, log folder, mode, quiet gates and measurement blocks."""
+    """What a section gets: the run's Redis, logs, mode, workers, and measurement on a shared
+    machine (quiet gates, and blocks that record what other tenants used)."""
 
     redis_url: str
     logs: Path
@@ -109,15 +106,14 @@ class Ctx:
     redis_pid: int | None = None
     gates: list[dict[str, float]] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)  # the sections so far (Runner's)
+    results: dict[str, Any] = field(default_factory=dict)  # meta and the sections so far
     gate_budget_s: float = 120.0
     retry_budget: int = 30  # most measurement blocks one section may repeat
     _gate_spent: float = 0.0
 
     def new_section(self) -> None:
-        self._gate_spent = 0.0
+        self._gate_spent, self.retry_budget = 0.0, self.n(30, 2)
         self.gate_budget_s = self.gate_s or (5.0 if self.quick else 120.0)
-        self.retry_budget = 2 if self.quick else 30
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -127,9 +123,8 @@ class Ctx:
 
     @contextmanager
     def block(self) -> Iterator[dict[str, Any]]:
-        """``with ctx.block() as b:``: wait for quiet, then record what other tenants of the
-        machine used meanwhile, ``b["foreign_cores"]`` (cores, averaged over the block): all CPU
-        busy time in /proc/stat minus the CPU time of this run's processes."""
+        """``with ctx.block() as b:`` waits for quiet, then sets ``b["foreign_cores"]``: the cores
+        that other tenants used meanwhile (busy CPU time minus this run's), averaged."""
         self.quiet()
         record, ours0, stat0, t0 = {}, cpu_seconds(), cpu_times(), time.monotonic()
         yield record
@@ -142,8 +137,7 @@ class Ctx:
         self.blocks.append(record)
 
     def measure(self, fn: Callable[[], T], tries: int = 3) -> T:
-        """Run ``fn`` in a block; repeat it (bounded) while other tenants used more than
-        FOREIGN_CORES on average during it. Returns the cleanest attempt's value."""
+        """``fn()`` in a block, redone (bounded) while others used > FOREIGN_CORES; the cleanest."""
         attempts: list[tuple[dict[str, Any], T]] = []
         for attempt in range(tries):
             with self.block() as b:
@@ -157,9 +151,8 @@ class Ctx:
         best["kept"] = True
         return value
 
-    def quiet(self, threshold: float = QUIET_CORES) -> float:
-        """Wait (bounded) until the rest of the machine uses at most ``threshold`` cores; called
-        between blocks, when this run's processes are idle. Returns the busy cores last seen."""
+    def quiet(self) -> None:
+        """Wait (bounded) until the machine uses at most QUIET_CORES (between blocks: we idle)."""
         limit = max(0.0, min(1.0 if self.quick else 20.0, self.gate_budget_s - self._gate_spent))
         t0 = time.monotonic()
         while True:
@@ -168,11 +161,10 @@ class Ctx:
             total1, idle1 = cpu_times()
             spent = max(1, total1 - total0)
             busy, waited = (spent - (idle1 - idle0)) / spent * CORES, time.monotonic() - t0
-            if busy <= threshold or waited >= limit:
+            if busy <= QUIET_CORES or waited >= limit:
                 break
         self._gate_spent += waited
         self.gates.append({"busy_cores": round(busy, 2), "waited_s": round(waited, 2)})
-        return busy
 
     def summaries(self, gates: int, blocks: int) -> dict[str, Any]:
         """What the quiet gates and blocks since these counts waited for and saw."""
@@ -186,45 +178,33 @@ class Ctx:
             "max_foreign_cores": max((x["foreign_cores"] for x in b), default=0.0),
         }
 
-    def worker(self, *, env: dict[str, str], app: str = "workers.app", **kw: Any) -> WorkerProcess:
-        """A worker node (not started) of the Celery ``app``, its own queue and prefix."""
+    def worker(
+        self, models: Path, env: dict[str, str] | None = None, app: str = "workers.app", **kw: Any
+    ) -> WorkerProcess:
+        """A worker node (not started) of ``app`` serving ``models``, its own queue and prefix."""
         from harness import WorkerProcess
 
+        env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), **(env or {})}
         env = {"MODELWORKERS_HEARTBEAT_SECONDS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
         worker = WorkerProcess(self.redis_url, env=env, log_dir=self.logs, **kw)
         worker.args[worker.args.index("workers.app")] = app
         return worker
 
     @contextmanager
-    def running(
-        self, worker: WorkerProcess, ready_timeout: float = 180.0, *, wait: bool = True
-    ) -> Iterator[WorkerProcess]:
+    def running(self, worker: WorkerProcess, *, wait: bool = True) -> Iterator[WorkerProcess]:
         """Start ``worker``, wait for READY unless ``wait=False``; always stop it by PID."""
-        worker.start()
-        try:
+        with worker:
             if wait:
-                self.ready(worker, ready_timeout)
+                self.ready(worker)
             yield worker
-        finally:
-            worker.stop()
 
     def ready(self, worker: WorkerProcess, timeout: float = 180.0) -> None:
         threads = worker.args[worker.args.index("--pool") + 1] in ("threads", "solo")
         worker.wait_ready(1 if threads else None, timeout=timeout)
 
-    @contextmanager
-    def helper(self, models: Path, *, threads: int, **kwargs: Any) -> Iterator[Helper]:
-        """A ``bench.helper`` process (the in-process side), always stopped by PID."""
-        helper = Helper(models, threads=threads, logs=self.logs, **kwargs)
-        try:
-            yield helper
-        finally:
-            helper.close()
-
 
 def ready_time(worker: WorkerProcess, processes: int, t_launch: float, timeout: float = 180) -> Any:
-    """Seconds from launch until the registry snapshots in Redis show ``processes`` READY, and
-    to each process's last ``loaded_at`` (same host clock)."""
+    """Seconds from launch to ``processes`` READY in Redis, and to each one's last ``loaded_at``."""
     from harness import wait_for
 
     def ready() -> list[dict[str, Any]]:
@@ -292,7 +272,7 @@ def on_sigterm(*_: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.gpu import GPU_DEFAULT
+    from bench.gpu import SECTIONS as GPU
     from workers.embedded import EmbeddedRedis
 
     everything, argv = sections(), sys.argv[1:] if argv is None else argv
@@ -308,12 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if unknown := [s for s in only if s not in everything]:
         parser.error(f"unknown section(s) {unknown}; choose from {list(everything)}")
-    names = only or (GPU_DEFAULT if args.gpu else QUICK if args.quick else FULL)
+    names = only or (list(GPU) if args.gpu else QUICK if args.quick else FULL)
     device = "cuda" if args.gpu and not args.cpu_check else "cpu"
     quick = args.quick or args.cpu_check
     if args.gpu:
         os.environ.update(MODEL_DEVICE=device, TOKENIZERS_PARALLELISM="false")  # every process
-    ensure_cache()
     if not args.gpu and set(names) & {"overhead", "throughput", "memory", "backends"}:
         ensure_minilm()
     out = ROOT / (args.out or f"bench/results/{'gpu' if args.gpu else 'latest'}.json")
@@ -342,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     results["table"] = print_table(results)
     write()
     print(f"\nwall time {meta['wall_s']:.0f} s; results: {out}", flush=True)
-    failed = [k for k, v in results["sections"].items() if v.get("error") or v.get("ok") is False]
-    return 1 if failed else 0
+    return int(any(v.get("error") or v.get("ok") is False for v in results["sections"].values()))
 
 
 if __name__ == "__main__":

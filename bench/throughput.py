@@ -1,6 +1,5 @@
-"""Throughput: sentiment texts/s (MiniLM) per pool configuration at 1, 8 and 64 in flight vs the
-raw batched pipeline in-process (batch 32, 2 threads), measured fresh before any worker starts
-and beside each configuration; lone-request p50 of the threads pool vs prefork."""
+"""Throughput: sentiment texts/s (MiniLM) per pool configuration vs the raw batched pipeline
+in-process (fresh, and beside each); lone-request p50 of the threads pool vs prefork."""
 
 from __future__ import annotations
 
@@ -16,10 +15,8 @@ from bench.helper import Helper
 from bench.report import plot_throughput, target
 from bench.run import CORES, Ctx, med, rnd
 
-W2, T1 = (
-    {"MODELWORKERS_BATCH_WINDOW_MS": "2"},
-    {"MODELWORKERS_BATCH_WINDOW_MS": "2", "MODELWORKERS_TORCH_THREADS": "1"},
-)
+W2 = {"MODELWORKERS_BATCH_WINDOW_MS": "2"}
+T1 = W2 | {"MODELWORKERS_TORCH_THREADS": "1"}
 W = ("threads_w2", "threads_w0")  # the configurations with a target on their ratio to raw
 CONFIGS: dict[str, tuple[str, int, dict[str, str], bool]] = {  # pool, -c, env, analyze_batch
     "prefork_c1": ("prefork", 1, {}, False),
@@ -35,23 +32,19 @@ CONFIGS: dict[str, tuple[str, int, dict[str, str], bool]] = {  # pool, -c, env, 
 def batch_stats(worker: Any) -> dict[str, int]:
     """The threads pool's micro-batcher counters (its snapshot, after one heartbeat)."""
     time.sleep(1.2)
-    for snap in worker.snapshots():
-        if stats := (snap.get("stats") or {}).get("sentiment_batching"):
-            return dict(stats)
-    return {}
+    stats = [(snap.get("stats") or {}).get("sentiment_batching") for snap in worker.snapshots()]
+    return next((dict(s) for s in stats if s), {})
 
 
 def lone_latency(ctx: Ctx, models: Path) -> dict[str, Any]:
     """One request at a time: prefork -c 1 and threads -c 64 workers side by side, alternating."""
-    env = {"MODELWORKERS_MODEL_REPOSITORY": str(models)}
-    workers = {"prefork_c1": ctx.worker(concurrency=1, env=env)}
-    workers["threads_w2"] = ctx.worker(concurrency=64, pool="threads", env=env)
+    workers = {"prefork_c1": ctx.worker(models, concurrency=1)}
+    workers["threads_w2"] = ctx.worker(models, concurrency=64, pool="threads")
     with ExitStack() as stack:
         calls = {}
         for k, w in workers.items():
             stack.enter_context(ctx.running(w))
-            calls[k] = (Client(w), "sentiment.analyze")
-            stack.callback(calls[k][0].close)
+            calls[k] = (stack.enter_context(Client(w)), "sentiment.analyze")
         rounds = alternate(ctx, calls, [([t], {}) for t in texts()[:64]], ctx.n(8, 2), 10)
     pairs = zip(rounds["prefork_c1"], rounds["threads_w2"], strict=True)
     rises = [med(t) - med(p) for p, t in pairs]
@@ -60,12 +53,10 @@ def lone_latency(ctx: Ctx, models: Path) -> dict[str, Any]:
 
 
 def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[str, Any]:
-    """Texts/s of one worker configuration at 64 in flight (``analyze_batch``: 32 texts per
-    task, 2 in flight per process), each run beside a raw round; then 1 and 8 in flight."""
+    """Texts/s of a configuration at 64 in flight, each run beside a raw round; then 1 and 8."""
     pool, concurrency, env, batch = CONFIGS[name]
     corpus, n_single, n_raw = texts(), ctx.n(384, 64), ctx.n(256, 64)
-    env = {"MODELWORKERS_MODEL_REPOSITORY": str(models), **env}
-    worker = ctx.worker(concurrency=concurrency, pool=pool, env=env)
+    worker = ctx.worker(models, env, concurrency=concurrency, pool=pool)
     rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
     task, per_task, inflight, total = "sentiment.analyze", 1, 64, n_single
     jobs: list[Any] = [[t] for t in corpus]
@@ -102,7 +93,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     models = repository("minilm", sentiment=MINILM_DIR)
     raw: dict[str, Any] = {"configs": {}}
     raw_side = repository("minilm-only", sentiment=MINILM_DIR, only=("sentiment", "textblob"))
-    with ctx.helper(raw_side, threads=2, raw_model=minilm) as helper:
+    with Helper(raw_side, threads=2, logs=ctx.logs, raw_model=minilm) as helper:
         helper.raw_rates(texts()[:64])  # warm
         # fresh process, no worker alive yet: the quiet baseline
         fresh = partial(helper.raw_rates, texts()[: ctx.n(256, 64)], rounds=3)
@@ -113,11 +104,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
     raw["raw_median"] = med([r for rec in raw["configs"].values() for r in rec["raw_rates"]])
     quiet = med(raw["quiet_raw_rates"])
     summary: dict[str, Any] = {
-        "raw, fresh process before any worker (quiet), texts/s": rnd(quiet, 1)
+        "raw, fresh process before any worker (quiet), texts/s": rnd(quiet, 1),
+        "raw in-process pipeline texts/s (batch 32, 2 threads), median": rnd(raw["raw_median"], 1),
     }
-    summary["raw in-process pipeline texts/s (batch 32, 2 threads), median"] = rnd(
-        raw["raw_median"], 1
-    )
     ratios, tps = {}, {}
     for name, rec in raw["configs"].items():
         tps[name], raw_here = med([r["texts_per_s"] for r in rec["runs"]]), med(rec["raw_rates"])
@@ -130,9 +119,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 f"{curve[k]:.1f} ({curve[k] / quiet:.2f}x)" for k in ("1", "8", "64")
             )
         if mb := rec.get("micro_batches"):
-            summary[f"{name}: mean micro-batch at 64 in flight (largest)"] = (
-                f"{mb['items'] / mb['batches']:.1f} ({mb['largest']})"
-            )
+            key = f"{name}: mean micro-batch at 64 in flight (largest)"
+            summary[key] = f"{mb['items'] / mb['batches']:.1f} ({mb['largest']})"
         if failures := sum(r["failed"] for r in rec["runs"]):
             summary[f"{name}: failed tasks"] = failures
     for name, ms in raw["lone"]["ms"].items():
