@@ -48,6 +48,8 @@ CURVES = {
     "threads_w0": "threads -c 64, micro-batching, window 0 ms",
     "threads_w2": "threads -c 64, micro-batching, window 2 ms",
     "threads_w2_t1": "threads -c 64, window 2 ms, MODELWORKERS_TORCH_THREADS=1",
+    "prefork_c2_onnx": "prefork -c 2, ONNX Runtime (the defaults), single-text tasks",
+    "threads_w2_onnx": "threads -c 64, window 2 ms, ONNX Runtime",
 }
 POINTS = {
     "batch32_c1": ("analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),

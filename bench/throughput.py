@@ -1,4 +1,4 @@
-"""Throughput: sentiment texts/s (MiniLM) per pool configuration vs the raw batched pipeline
+"""Throughput: sentiment texts/s (MiniLM) per pool and backend vs the raw batched torch pipeline
 in-process (fresh, and beside each); lone-request p50 of the threads pool vs prefork."""
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ CONFIGS: dict[str, tuple[str, int, dict[str, str], bool]] = {  # pool, -c, env, 
     "threads_w2_t1": ("threads", 64, T1, False),  # no target: a core left for message intake
     "batch32_c1": ("prefork", 1, {}, True),
     "batch32_c2": ("prefork", 2, {}, True),
+    "prefork_c2_onnx": ("prefork", 2, {}, False),  # the defaults: prefork, pool batching, ONNX
+    "threads_w2_onnx": ("threads", 64, W2, False),
 }
+DEFAULT = "prefork_c2_onnx"  # the worker as it starts with no settings, on the CPU
 
 
 def batch_stats(worker: Any) -> dict[str, int]:
@@ -89,8 +92,11 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
+    from bench.memory import minilm_onnx
+
     minilm = ensure_minilm()
-    models = repository("minilm", sentiment=MINILM_DIR)
+    models = repository("minilm", sentiment=MINILM_DIR)  # torch: the folder has no model.onnx
+    onnx_models = repository("minilm-onnx", sentiment=minilm_onnx())
     raw: dict[str, Any] = {"configs": {}}
     raw_side = repository("minilm-only", sentiment=MINILM_DIR, only=("sentiment", "textblob"))
     with Helper(raw_side, threads=2, logs=ctx.logs, raw_model=minilm) as helper:
@@ -98,8 +104,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
         # fresh process, no worker alive yet: the quiet baseline
         fresh = partial(helper.raw_rates, texts()[: ctx.n(256, 64)], rounds=3)
         raw["quiet_raw_rates"] = ctx.measure(fresh)
-        for name in list(CONFIGS) if not ctx.quick else ["threads_w2"]:
-            raw["configs"][name] = measure_config(ctx, helper, name, models)
+        for name in list(CONFIGS) if not ctx.quick else [DEFAULT]:
+            repo = onnx_models if name.endswith("_onnx") else models
+            raw["configs"][name] = measure_config(ctx, helper, name, repo)
     raw["lone"] = lone_latency(ctx, models) if not ctx.quick else {"ms": {}, "round_rises_ms": []}
     raw["raw_median"] = med([r for rec in raw["configs"].values() for r in rec["raw_rates"]])
     quiet = med(raw["quiet_raw_rates"])
@@ -127,6 +134,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
         summary[f"lone request p50 ms, {name}"] = rnd(med(ms), 2)
     what = "threads pool, 64 single-text in flight / raw (window {} ms)"
     targets = [target(what.format(k[-1]), ratios[k], 1, op=">=") for k in W if k in ratios]
+    if DEFAULT in ratios:
+        what = "default worker (prefork -c 2, ONNX), 64 single-text in flight / raw torch"
+        targets.append(target(what, ratios[DEFAULT], 1, op=">="))
     if batch := [ratios[k] for k in ("batch32_c1", "batch32_c2") if k in ratios]:
         what = "analyze_batch, 32 texts per task / raw (best of -c 1, -c 2)"
         targets.append(target(what, max(batch), 1.0, op=">="))
