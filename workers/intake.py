@@ -40,6 +40,7 @@ from billiard.exceptions import WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from kombu import transport as kombu_transport
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.redis import Channel as RedisChannel
 from kombu.transport.redis import SentinelChannel, SentinelTransport
@@ -482,6 +483,11 @@ def register_transport() -> None:
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = "workers.intake:GuardedRedisTransport"
     TRANSPORT_ALIASES["sentinel"] = "workers.intake:GuardedSentinelTransport"
+    # kombu caches each scheme's class on first use: a process that opened a Redis connection
+    # before this call would go on with kombu's own transport
+    cache = getattr(kombu_transport, "_transport_cache", {})
+    for scheme in ("redis", "rediss", "sentinel"):
+        cache.pop(scheme, None)
 
 
 # ---- the consumer: task messages ---------------------------------------------------------

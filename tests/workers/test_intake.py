@@ -127,14 +127,24 @@ def test_broken_envelopes_are_refused_before_kombu_reads_them(envelope: Any, pro
         ("sentinel://localhost:26379", "GuardedSentinelTransport"),
     ],
 )
-def test_every_redis_broker_url_gets_the_guarded_atomic_transport(url: str, transport: str) -> None:
+def test_every_redis_broker_url_gets_the_guarded_atomic_transport(
+    url: str, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Plain, TLS and Sentinel URLs: envelopes checked, and a message taken and registered as
-    unacknowledged in one step (its channel is an AtomicReceive)."""
+    unacknowledged in one step (its channel is an AtomicReceive); also in a process that used
+    kombu's own transport first (kombu caches the class a scheme resolved to)."""
     from kombu import Connection
+    from kombu.transport import TRANSPORT_ALIASES
 
     from workers.intake import register_transport
     from workers.receive import AtomicReceive
 
+    scheme = url.split(":", 1)[0]
+    kombus = "kombu.transport.redis:" + (
+        "SentinelTransport" if scheme == "sentinel" else "Transport"
+    )
+    monkeypatch.setitem(TRANSPORT_ALIASES, scheme, kombus)
+    assert Connection(url).get_transport_cls().__module__ == "kombu.transport.redis"  # cached
     register_transport()
     cls = Connection(url).get_transport_cls()
     assert cls.__name__ == transport and cls.__module__ == "workers.intake"
