@@ -180,15 +180,17 @@ class AtomicReceive:
                 self._wait_next = True
                 raise virtual.Empty()
             index, item, tag = reply
-            return self._deliver_taken(keys[int(index)], item, tag.decode() if tag else None)
+            return self._deliver_taken(keys[int(index)], item, tag or None)
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _deliver_taken(self, key: str, item: bytes, tag: str | None) -> bool:
+    def _deliver_taken(self, key: str, item: bytes, tag: bytes | None) -> bool:
         queue = key.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
-        self._registered_tag = tag
+        # the tag as kombu's message will carry it; a tag that is not UTF-8 never matches, and
+        # the message fails to decode below anyway
+        self._registered_tag = tag.decode("utf-8", "replace") if tag else None
         self._appended = False
         try:
             self.connection._deliver(loads(item.decode()), queue)
@@ -200,11 +202,11 @@ class AtomicReceive:
                 self._unregister(tag)
         return True
 
-    def _unregister(self, tag: str) -> None:
+    def _unregister(self, tag: bytes) -> None:
         try:
             self.qos._remove_from_indices(tag).execute()
         except self.connection_errors:
-            log.warning("could not remove refused message %s from the unacked index", tag)
+            log.warning("could not remove refused message %r from the unacked index", tag)
 
     def _fall_back(self, command: str, exc: ResponseError) -> None:
         self._atomic = False

@@ -134,6 +134,7 @@ def test_every_redis_broker_url_gets_the_guarded_atomic_transport(
     unacknowledged in one step (its channel is an AtomicReceive); also in a process that used
     kombu's own transport first (kombu caches the class a scheme resolved to)."""
     from kombu import Connection
+    from kombu import transport as kombu_transport
     from kombu.transport import TRANSPORT_ALIASES
 
     from workers.intake import register_transport
@@ -144,6 +145,7 @@ def test_every_redis_broker_url_gets_the_guarded_atomic_transport(
         "SentinelTransport" if scheme == "sentinel" else "Transport"
     )
     monkeypatch.setitem(TRANSPORT_ALIASES, scheme, kombus)
+    monkeypatch.delitem(kombu_transport._transport_cache, scheme, raising=False)
     assert Connection(url).get_transport_cls().__module__ == "kombu.transport.redis"  # cached
     register_transport()
     cls = Connection(url).get_transport_cls()
