@@ -142,6 +142,17 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
 
 
+def minilm_onnx() -> Path:
+    """A copy of the MiniLM classifier with its ``model.onnx`` (the original stays torch-only)."""
+    from shared.families.transformers_onnx import ONNX_FILE, export_onnx
+
+    folder = CACHE / "minilm-onnx"
+    if not (folder / ONNX_FILE).exists():
+        _link(ensure_minilm(), folder)
+        export_onnx(folder)
+    return folder
+
+
 def repository(name: str, *, sentiment: Path | None = None, lazy: bool = False, **kw: Any) -> Path:
     """bench/.cache/repos/NAME from the shipped repository; ``sentiment``: this artifact instead;
     ``lazy``: each model loaded on first use; ``only``: just these models; ``strict``: all

@@ -12,8 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import data
-from bench.data import CUSTOMERS, MINILM_DIR, REAL_MODELS, repository, texts
+from bench.data import CUSTOMERS, MINILM_DIR, REAL_MODELS, minilm_onnx, repository, texts
 from bench.driver import Client, Driver
 from bench.helper import Helper
 from bench.report import target
@@ -136,17 +135,6 @@ def run(ctx: Ctx) -> dict[str, Any]:
     config = {"model": "MiniLM as sentiment + the shipped forecasting/clustering models"}
     config["measure"] = "Pss of /proc/PID/smaps_rollup over main + children; distinct = pagemap"
     return {"raw": raw, "summary": summary, "targets": targets, "config": config}
-
-
-def minilm_onnx() -> Path:
-    """A copy of the MiniLM classifier with its ``model.onnx`` (the original stays torch-only)."""
-    from shared.families.transformers_onnx import ONNX_FILE, export_onnx
-
-    folder = data.CACHE / "minilm-onnx"
-    if not (folder / ONNX_FILE).exists():
-        data._link(data.ensure_minilm(), folder)
-        export_onnx(folder)
-    return folder
 
 
 def loaded(folder: Path, backend: str, threads: int) -> Any:

@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.data import CACHE, MINILM_DIR, ROOT, ensure_minilm, repository, texts
+from bench.data import CACHE, MINILM_DIR, ROOT, ensure_minilm, minilm_onnx, repository, texts
 from bench.driver import Client, Driver, alternate
 from bench.helper import Helper
 from bench.report import plot_throughput, target
@@ -92,8 +92,6 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    from bench.memory import minilm_onnx
-
     minilm = ensure_minilm()
     models = repository("minilm", sentiment=MINILM_DIR)  # torch: the folder has no model.onnx
     onnx_models = repository("minilm-onnx", sentiment=minilm_onnx())

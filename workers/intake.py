@@ -477,16 +477,21 @@ class GuardedSentinelTransport(_GuardedTransport, SentinelTransport):
     Channel = GuardedSentinelChannel
 
 
+GUARDED_TRANSPORTS = {
+    "redis": "GuardedRedisTransport",
+    "rediss": "GuardedRedisTransport",
+    "sentinel": "GuardedSentinelTransport",
+}
+
+
 def register_transport() -> None:
     """Serve ``redis://`` and ``rediss://`` broker URLs with :class:`GuardedRedisTransport` and
     ``sentinel://`` ones with :class:`GuardedSentinelTransport`."""
-    for scheme in ("redis", "rediss"):
-        TRANSPORT_ALIASES[scheme] = "workers.intake:GuardedRedisTransport"
-    TRANSPORT_ALIASES["sentinel"] = "workers.intake:GuardedSentinelTransport"
     # kombu caches each scheme's class on first use: a process that opened a Redis connection
     # before this call would go on with kombu's own transport
     cache = getattr(kombu_transport, "_transport_cache", {})
-    for scheme in ("redis", "rediss", "sentinel"):
+    for scheme, name in GUARDED_TRANSPORTS.items():
+        TRANSPORT_ALIASES[scheme] = f"workers.intake:{name}"
         cache.pop(scheme, None)
 
 

@@ -11,6 +11,7 @@ kombu's, it is gone: the second case shows what the first one guards against.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -57,8 +58,6 @@ def publish(url: str, queue: str, prefix: str) -> str:
         Producer(conn).publish({"n": 1}, routing_key=queue, declare=[Queue(queue)])
     raw = redis.Redis.from_url(url).lindex(prefix + queue, 0)
     assert raw is not None
-    import json
-
     return str(json.loads(raw)["properties"]["delivery_tag"])
 
 
