@@ -226,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.ensure_dirs()  # HF_HOME / offline flags, as a worker does
     threads = args.threads or settings.resolved_torch_threads(1)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-    import transformers
+    if args.raw_model or settings.model_device != "cpu":  # else only what the models import
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     from shared.families.transformers_sentiment import resolve_device
     from shared.registry import ModelRegistry
     from shared.repository import load_repository
@@ -245,9 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("status", "device", "error", "load_seconds")
     models = registry.snapshot()["models"].items()
     first["models"] = {name: {k: m.get(k) for k in keys} for name, m in models}
-    cuda = torch.cuda.is_available()
-    first.update(torch_threads=threads, torch=torch.__version__, torch_cuda=torch.version.cuda)
-    first.update(transformers=transformers.__version__, cuda_available=cuda)
+    torch, transformers = sys.modules.get("torch"), sys.modules.get("transformers")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    cuda = torch is not None and torch.cuda.is_available()
+    first.update(torch_threads=threads, torch=getattr(torch, "__version__", None))
+    first.update(transformers=getattr(transformers, "__version__", None), cuda_available=cuda)
+    first["torch_cuda"] = torch.version.cuda if torch is not None else None
     first["gpu_name"] = torch.cuda.get_device_name(0) if cuda else None
     server = Server(registry, args.raw_model, resolve_device(settings.model_device))
     return serve(first, server.handle)

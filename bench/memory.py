@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.data import CUSTOMERS, MINILM_DIR, REAL_MODELS, minilm_onnx, repository, texts
+from bench.data import CUSTOMERS, REAL_MODELS, minilm_onnx, repository, texts
 from bench.driver import Client, Driver
 from bench.helper import Helper
 from bench.report import target
@@ -94,7 +94,7 @@ def measure_worker(
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    models = repository("minilm", sentiment=MINILM_DIR)
+    models = repository("minilm-onnx", sentiment=minilm_onnx())  # the default backend: ONNX
     raw: dict[str, Any] = {"baseline": [], "workers": {}}
     jobs = {"sentiment": texts()[1], "clustering": CUSTOMERS, "predict": ["co2_prophet", 6]}
 

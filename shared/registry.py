@@ -71,9 +71,10 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _give_back_memory() -> None:
-    """After an unload: collect, and hand freed heap pages back to the system (glibc keeps
-    them otherwise, and the process's memory would not drop)."""
+def give_back_memory() -> None:
+    """After an unload, and once a serving process has warmed up: collect, and hand freed heap
+    pages back to the system (glibc keeps them otherwise, and the process's memory would not
+    drop)."""
     gc.collect()
     with suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -371,7 +372,7 @@ class ModelRegistry:
                 model.warmup()
             seconds = time.perf_counter() - t0
             # what the load keeps, not its passing buffers (read chunks, a warm-up's arrays)
-            _give_back_memory()
+            give_back_memory()
             grown = (_rss_bytes() - rss0) / 2**20
 
         reported = model.memory_bytes()
@@ -581,7 +582,7 @@ class ModelRegistry:
             except Exception:
                 log.exception("unload of %s@%s failed", version.meta.name, version.meta.version)
             del model
-            _give_back_memory()
+            give_back_memory()
         self._notify(version.meta)
         return True
 

@@ -34,7 +34,7 @@ from shared.batching import BatchPolicy
 from shared.families import family_class
 from shared.manifest import Manifest, ModelSpec, manifest_from_settings
 from shared.records import Desired
-from shared.registry import ModelRegistry, get_registry, set_registry
+from shared.registry import ModelRegistry, get_registry, give_back_memory, set_registry
 from shared.reload import converge, read_desired
 from shared.settings import Settings
 from shared.urls import redact, redis_client
@@ -196,6 +196,7 @@ class ServingProcess:
         warm_result_backend()
         if self.settings.rehearse_tasks:
             rehearse(registry, fits=self.settings.rehearse_fit_tasks)
+        give_back_memory()  # what the warm-up and the rehearsal freed, back to the system
         if self.tracing_config is not None:  # after the rehearsal: no spans for its runs
             self.tracing = start_tracing(self.tracing_config)
         self.heartbeat = Heartbeat(
