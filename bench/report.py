@@ -47,7 +47,6 @@ CURVES = {
     "prefork_c2": "prefork -c 2, single-text tasks",
     "threads_w0": "threads -c 64, micro-batching, window 0 ms",
     "threads_w2": "threads -c 64, micro-batching, window 2 ms",
-    "threads_w2_t1": "threads -c 64, window 2 ms, MODELWORKERS_TORCH_THREADS=1",
     "prefork_c2_onnx": "prefork -c 2, ONNX Runtime (the defaults), single-text tasks",
     "threads_w2_onnx": "threads -c 64, window 2 ms, ONNX Runtime",
 }

@@ -98,6 +98,12 @@ WARM_N = {"sentiment": 30, "clustering": 30, "models_predict": 30, "prophet": 8}
 IDLE_GAP_S = 0.5  # the model's own cost of a call after a pause, per family
 
 
+def paused_call(client: Client, name: str, args: Any, kwargs: Any) -> float:
+    """ms of one call after ``IDLE_GAP_S`` of silence: what any call after a pause costs."""
+    time.sleep(IDLE_GAP_S)
+    return float(client.call(name, args, kwargs)[0])
+
+
 def first_tasks(ctx: Ctx, models: Any, order: list[str], rep: int) -> list[dict[str, Any]]:
     """One -c 1 worker: each family's first task in ``order``, then its warm calls."""
     rows = []
@@ -111,6 +117,8 @@ def first_tasks(ctx: Ctx, models: Any, order: list[str], rep: int) -> list[dict[
             n = ctx.n(n, max(4, n // 3))
             warm = ctx.measure(partial(client.sequential, name, [(args, kwargs)], n))
             row = {"rep": rep, "family": family, "position": position, "first_ms": first_ms}
+            if not ctx.quick and not models.name.startswith("lazy"):  # a warm worker, paused
+                row["paused_ms"] = [paused_call(client, name, args, kwargs) for _ in range(2)]
             rows.append(row | {"first_foreign_cores": blk["foreign_cores"], "warm_ms": warm})
     return rows
 
@@ -136,6 +144,10 @@ def first_job(ctx: Ctx) -> dict[str, Any]:
         summary[key] = f"{first:.1f} / {warm:.1f} / {first / warm:.2f}x ({very_first or '-'})"
         if mode == "eager":
             targets.append(target(f"first {task} after READY / warm p50", first / warm, 1.5))
+        if paused := [ms for r in rows for ms in r.get("paused_ms", [])]:
+            key = f"{mode} {task}: a warm worker's call after {IDLE_GAP_S} s idle / warm p50"
+            summary[key] = f"{med(paused):.1f} / {warm:.1f} ms = {med(paused) / warm:.2f}x"
+            targets[-1]["detail"] = f"after a pause, warm: {med(paused) / warm:.2f}x"
     if not ctx.quick:
         # the model itself, in one process with the worker child's torch threads: a call after
         # an idle pause (as the first task after READY comes) vs back to back (as the warm p50)
@@ -150,7 +162,7 @@ def first_job(ctx: Ctx) -> dict[str, Any]:
                 ratio = med(idle) / med(b2b)
                 key = f"in-process {family}: after {IDLE_GAP_S} s idle / back to back"
                 summary[key] = f"{med(idle):.2f} / {med(b2b):.2f} ms = {ratio:.2f}x"
-                t["detail"] = f"in-process after a pause {ratio:.2f}x"
+                t["detail"] = f"{t.get('detail', '')}; in-process: {ratio:.2f}x".lstrip("; ")
         for family in families:
             saved = firsts["lazy", family] - firsts["eager", family]
             summary[f"preloading saves on the first {family} task, ms"] = rnd(saved, 1)

@@ -17,7 +17,6 @@ from bench.report import plot_throughput, target
 from bench.run import CORES, Ctx, med, rnd
 
 W2 = {"MODELWORKERS_BATCH_WINDOW_MS": "2"}
-T1 = W2 | {"MODELWORKERS_TORCH_THREADS": "1"}
 W = ("threads_w2", "threads_w0")  # the configurations with a target on their ratio to raw
 # pool, -c, env, analyze_batch tasks in flight (0: single-text sentiment.analyze, 64 in flight)
 CONFIGS: dict[str, tuple[str, int, dict[str, str], int]] = {
@@ -25,7 +24,6 @@ CONFIGS: dict[str, tuple[str, int, dict[str, str], int]] = {
     "prefork_c2": ("prefork", 2, {}, 0),
     "threads_w0": ("threads", 64, {"MODELWORKERS_BATCH_WINDOW_MS": "0"}, 0),
     "threads_w2": ("threads", 64, W2, 0),
-    "threads_w2_t1": ("threads", 64, T1, 0),  # no target: a core left for message intake
     "batch32_c1": ("prefork", 1, {}, 2),
     "batch32_c2": ("prefork", 2, {}, 4),
     "prefork_c2_onnx": ("prefork", 2, {}, 0),  # the defaults: prefork, pool batching, ONNX
