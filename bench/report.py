@@ -53,6 +53,7 @@ CURVES = {
 POINTS = {
     "batch32_c1": ("analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),
     "batch32_c2": ("analyze_batch, 32 texts/task, prefork -c 2 (4 tasks in flight)", "D"),
+    "mlserver_adaptive": ("MLServer 1.7.1, adaptive batching (torch), 64 in flight", "*"),
 }
 
 

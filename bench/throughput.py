@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench import mlserver
 from bench.data import CACHE, MINILM_DIR, ROOT, ensure_minilm, minilm_onnx, repository, texts
 from bench.driver import Client, Driver, alternate
 from bench.helper import Helper
@@ -119,6 +120,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
         for name in list(CONFIGS) if not ctx.quick else [DEFAULT]:
             repo = onnx_models if name.endswith("_onnx") else models
             raw["configs"][name] = measure_config(ctx, helper, name, repo)
+        if not ctx.quick:  # the same work on MLServer, for comparison; a failure is recorded
+            try:
+                if not mlserver.ensure_env():
+                    raise RuntimeError(f"no MLServer venv, see {mlserver.LOG}")
+                raw["configs"]["mlserver_adaptive"] = mlserver.measure(ctx, helper)
+            except Exception as exc:
+                raw["mlserver_adaptive"] = f"not measured: {type(exc).__name__}: {exc}"[:500]
     raw["lone"] = lone_latency(ctx, models, onnx_models) if not ctx.quick else {"ms": {}}
     raw["raw_median"] = med([r for rec in raw["configs"].values() for r in rec["raw_rates"]])
     quiet = med(raw["quiet_raw_rates"])
@@ -142,6 +150,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
             summary[key] = f"{mb['items'] / mb['batches']:.1f} ({mb['largest']})"
         if failures := sum(r["failed"] for r in rec["runs"]):
             summary[f"{name}: failed tasks"] = failures
+    if why := raw.get("mlserver_adaptive"):
+        summary["mlserver_adaptive"] = why
     for name, ms in raw["lone"]["ms"].items():
         summary[f"lone request p50 ms, {name}"] = rnd(med(ms), 2)
     what = "threads pool, 64 single-text in flight / raw (window {} ms)"
@@ -158,7 +168,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
             summary[what + ", ms (median of rounds)"] = rnd(med(rises), 2)
             targets.append(target(what, med(rises), limit, unit="ms"))
     raw["curves"] = {n: rec["curve"] for n, rec in raw["configs"].items() if rec["curve"]}
-    raw["batch_points"] = {n: tps[n] for n in CONFIGS if CONFIGS[n][3] and n in tps}
+    points = [n for n in tps if n == "mlserver_adaptive" or CONFIGS[n][3] > 1]  # at 64 in flight
+    raw["batch_points"] = {n: tps[n] for n in points}
     plot = CACHE / "throughput-quick.png" if ctx.quick else ROOT / "docs" / "img" / "throughput.png"
     if raw["curves"]:
         summary["plot"] = str(plot_throughput(raw, plot, CORES).relative_to(ROOT))
