@@ -76,10 +76,13 @@ class TransformersSentiment(TextClassifier):
     Option ``backend`` (``auto``, ``onnx``, ``torch``): the forward passes run in torch, or in
     ONNX Runtime on the folder's ``model.onnx`` (CPU only; ``auto``: ONNX Runtime on a CPU when
     the file exists and onnxruntime imports). An ONNX Runtime session has the process's thread
-    budget as intra-op threads and is created in the process that runs it: the copy-on-write
-    parent drops its own before fork (``before_fork``), and a pool process opens its own. The
-    sessions share the weights read at load (copy-on-write across pool processes) unless option
-    ``onnx_prepack`` is true: each session then pre-packs a copy of its own.
+    budget as intra-op threads. With one thread (prefork with a pool process per core, the
+    default) it has no thread pool, so the session opened at load crosses fork: the
+    copy-on-write parent's session, its weights pre-packed once, is run by every pool process
+    and shared by them. With more threads a session is created in the process that runs it:
+    the parent drops its own before fork (``before_fork``), and a pool process opens its own;
+    those sessions share the weights read at load (copy-on-write across pool processes) unless
+    option ``onnx_prepack`` is true: each session then pre-packs a copy of its own.
     """
 
     _model: Any = None
@@ -87,6 +90,7 @@ class TransformersSentiment(TextClassifier):
     _session: Any = None
     _session_pid: int | None = None
     _weights: dict[str, Any] | None = None
+    fork_safe = False  # ONNX Runtime: the session crosses fork (set at load)
     backend = "torch"
     family = "transformers"
     uses_device = True
@@ -166,10 +170,12 @@ class TransformersSentiment(TextClassifier):
         self._np = numpy
         self._onnx_path = folder / ONNX_FILE
         self._session_lock = threading.Lock()
-        # read once: in the copy-on-write parent, shared by the sessions of every pool process;
-        # option onnx_prepack: each session pre-packs its own copy instead (faster small passes)
+        # one intra-op thread: no thread pool, so this session may cross fork (pre-packed, and
+        # shared by every pool process); more threads: each process opens its own, on weights
+        # read once here (shared copy-on-write), or pre-packed per session with onnx_prepack
+        self.fork_safe = self.context.threads <= 1
         self.prepack = bool(self.option("onnx_prepack", False))
-        self._weights = {} if self.prepack else weights(self._onnx_path)
+        self._weights = {} if self.prepack or self.fork_safe else weights(self._onnx_path)
         self._ort()  # opened here, so that a file ONNX Runtime refuses fails the load
         self.small_forward_mflop = 0.0  # a torch thread switch: not for ONNX Runtime
         self.flop_per_token = 0
@@ -181,6 +187,8 @@ class TransformersSentiment(TextClassifier):
         if self._session is not None and self._session_pid == os.getpid():
             return self._session
         with self._session_lock:
+            if self._session is not None and self._session_pid != os.getpid() and self.fork_safe:
+                self._session_pid = os.getpid()  # no thread pool: run the parent's session
             if self._session is not None and self._session_pid != os.getpid():
                 # inherited through a fork nobody announced: never destroyed here, since its
                 # destructor would join thread-pool threads that only the parent has
@@ -193,8 +201,9 @@ class TransformersSentiment(TextClassifier):
             return self._session
 
     def before_fork(self) -> None:
-        # ORT thread pools do not survive fork: each pool process opens its own session.
-        if self.backend == "onnx" and self._session_pid == os.getpid():
+        # ORT thread pools do not survive fork: each pool process opens its own session (a
+        # one-thread session has none: the pool processes share it)
+        if self.backend == "onnx" and self._session_pid == os.getpid() and not self.fork_safe:
             self._session = None
 
     def warmup(self) -> None:
@@ -340,7 +349,9 @@ class TransformersSentiment(TextClassifier):
         }
         if self.backend == "onnx":
             facts["onnx_threads"] = max(1, self.context.threads)
-            facts["onnx_shared_weights"] = bool(self._weights)
+            # shared by the pool processes: the weights read at load, or the whole session
+            facts["onnx_shared_weights"] = bool(self._weights) or self.fork_safe
+            facts["onnx_session_crosses_fork"] = self.fork_safe
             return facts
         params = sum(p.numel() for p in self._model.parameters()) if self._model else 0
         return {**facts, "parameters": params, "small_forward_mflop": self.small_forward_mflop}

@@ -56,9 +56,11 @@ def with_options(spec: ModelSpec, **options: Any) -> ModelSpec:
     return spec.model_copy(update={"options": {**spec.options, **options}})
 
 
-def loaded(spec: ModelSpec, backend: str, **options: Any) -> TransformersSentiment:
+def loaded(
+    spec: ModelSpec, backend: str, threads: int = 1, **options: Any
+) -> TransformersSentiment:
     model = TransformersSentiment(
-        with_options(spec, backend=backend, **options), ModelContext(device="cpu", threads=1)
+        with_options(spec, backend=backend, **options), ModelContext(device="cpu", threads=threads)
     )
     model.load()
     return model
@@ -122,9 +124,12 @@ def test_describe_names_the_backend_and_its_threads(pair: tuple[Any, Any]) -> No
     facts = onnx_model.describe()
     assert facts["backend"] == "onnx" and facts["onnx_threads"] == 1
     assert facts["onnx_shared_weights"] is True
-    assert onnx_model.memory_bytes() == pytest.approx(
-        (Path(onnx_model.spec.location) / ONNX_FILE).stat().st_size, rel=0.05
-    )
+    assert onnx_model.memory_bytes() is None  # one thread: the session holds the weights
+    two = loaded(onnx_model.spec, "onnx", 2)  # read at load, for every process's session
+    assert two.describe()["onnx_threads"] == 2 and two.describe()["onnx_shared_weights"] is True
+    size = (Path(onnx_model.spec.location) / ONNX_FILE).stat().st_size
+    assert two.memory_bytes() == pytest.approx(size, rel=0.05)
+    two.unload()
     assert facts["labels"] == torch_model.describe()["labels"]
 
 
@@ -144,7 +149,8 @@ def test_auto_runs_onnx_on_a_cpu_when_the_folder_has_model_onnx_else_torch(
 
 def test_onnx_prepack_gives_each_session_its_own_weights_and_the_same_answers() -> None:
     spec = load_repository(REPOSITORY).get("sentiment")
-    shared, own = loaded(spec, "onnx"), loaded(spec, "onnx", onnx_prepack=True)
+    shared, own = loaded(spec, "onnx", 2), loaded(spec, "onnx", 2, onnx_prepack=True)
+    assert shared.describe()["onnx_shared_weights"] is True and shared.memory_bytes()
     assert own.describe()["onnx_shared_weights"] is False and own.memory_bytes() is None
     assert_alike(own.classify(CONTRACT + EDGES), shared.classify(CONTRACT + EDGES))
 
@@ -204,8 +210,8 @@ def test_explicit_onnx_without_model_onnx_fails_that_version_and_the_others_load
         registry.close()
 
 
-def test_before_fork_drops_the_session_and_the_next_call_opens_one() -> None:
-    model = loaded(load_repository(REPOSITORY).get("sentiment"), "onnx")
+def test_before_fork_drops_a_session_with_a_thread_pool_and_the_next_call_opens_one() -> None:
+    model = loaded(load_repository(REPOSITORY).get("sentiment"), "onnx", 2)
     first = model._session
     want = model.classify(CONTRACT)
     model.before_fork()
@@ -214,20 +220,33 @@ def test_before_fork_drops_the_session_and_the_next_call_opens_one() -> None:
     assert model._session is not None and model._session is not first
 
 
-def test_a_forked_child_opens_its_own_session_and_answers_alike() -> None:
+def test_a_one_thread_session_is_kept_across_fork() -> None:
+    model = loaded(load_repository(REPOSITORY).get("sentiment"), "onnx", 1)
+    first = model._session
+    model.before_fork()
+    assert model._session is first and model.describe()["onnx_session_crosses_fork"] is True
+    assert model.describe()["onnx_shared_weights"] is True
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-thread-shared", "two-threads-own"])
+def test_a_forked_child_answers_alike_on_the_parents_session_or_its_own(threads: int) -> None:
     """The copy-on-write path: load (a session opened here), before_fork, fork; the child
-    classifies with a session of its own. The child leaves through os._exit, as billiard's pool
-    processes do (onnxruntime's exit-time destructors would wait for a thread only the parent
-    has). Bounded: the child is killed after 60 s."""
-    model = loaded(load_repository(REPOSITORY).get("sentiment"), "onnx")
+    classifies on the parent's session (one thread: no thread pool to lose) or on a session of
+    its own (two threads). The child leaves through os._exit, as billiard's pool processes do
+    (onnxruntime's exit-time destructors would wait for a thread only the parent has).
+    Bounded: the child is killed after 60 s."""
+    model = loaded(load_repository(REPOSITORY).get("sentiment"), "onnx", threads)
     want = model.classify(CONTRACT)
     model.before_fork()
+    inherited = model._session
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            os.write(write, json.dumps(model.classify(CONTRACT)).encode())
+            answers = model.classify(CONTRACT)
+            same = model._session is inherited
+            os.write(write, json.dumps({"answers": answers, "same": same}).encode())
             code = 0
         finally:
             os._exit(code)
@@ -248,7 +267,9 @@ def test_a_forked_child_opens_its_own_session_and_answers_alike() -> None:
         if pid:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    assert_alike([(label, score) for label, score in json.loads(data)], want)
+    got = json.loads(data)
+    assert_alike([(label, score) for label, score in got["answers"]], want)
+    assert got["same"] is (threads == 1)  # the parent's session, or one of its own
 
 
 # ---- export ----------------------------------------------------------------------------------
