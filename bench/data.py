@@ -1,5 +1,4 @@
-"""Inputs and models: texts, series, one job per task, the MiniLM classifier (built once into
-bench/.cache by ``python -m bench.data build-minilm``, a subprocess), model repositories."""
+"""Inputs and models: texts, series, one job per task, the MiniLM classifier, model repositories."""
 
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ GENERATED = [
 
 @lru_cache(maxsize=1)
 def texts() -> list[str]:
-    """512 texts of 40-300 chars: vaderSentiment's ground-truth snippets and tweets where
-    models/cache has them (scripts/ fetch its sdist), else generated sentences; a fixed order."""
+    """512 texts (40-300 chars, fixed order): vaderSentiment's if in models/cache, or made up."""
     found: list[str] = []
     for name in ("movieReviewSnippets_GroundTruth.txt", "tweets_GroundTruth.txt"):
         if (path := VADER / name).exists():
@@ -84,13 +82,17 @@ def task_jobs() -> dict[str, tuple[str, list[Any], dict[str, Any]]]:
     }
 
 
-def inproc_job(family: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """A task's arguments as ``bench.helper``'s in-process call of ``family`` takes them."""
+def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]]:
+    """(inputs of ``bench.helper``'s in-process call, Celery (args, kwargs)) for the same work."""
+    if family == "sentiment":
+        return texts()[:64], [([t], {}) for t in texts()[:64]]
+    _, args, kwargs = task_jobs()[family]
+    job = args if family in ("predict", "fit") else args[0]
     if family in ("prophet", "arima"):
-        return [args[0], args[1], kwargs["frequency" if family == "prophet" else "order"]]
-    if family == "models_predict":
-        return args[1]
-    return args if family in ("predict", "fit") else args[0]
+        job = [args[0], args[1], kwargs["frequency" if family == "prophet" else "order"]]
+    elif family == "models_predict":
+        job = args[1]
+    return [job], [(args, kwargs)]
 
 
 def build_minilm(target: Path, random_from: Path | None = None) -> dict[str, Any]:
@@ -133,8 +135,7 @@ def ensure_minilm(target: Path = MINILM_DIR, *args: str) -> Path:
 
 
 def _link(src: Path, dst: Path) -> None:
-    """Hard links of ``src`` (a file or a folder) at ``dst``: the same pages as the shipped
-    artifact, inside the model's folder (a symlink would point outside it)."""
+    """Hard links of ``src`` (file or folder) at ``dst``: the same pages (a symlink leads out)."""
     if src.is_dir():
         shutil.copytree(src, dst, copy_function=os.link)
     else:
@@ -154,9 +155,8 @@ def minilm_onnx() -> Path:
 
 
 def repository(name: str, *, sentiment: Path | None = None, lazy: bool = False, **kw: Any) -> Path:
-    """bench/.cache/repos/NAME from the shipped repository; ``sentiment``: this artifact instead;
-    ``lazy``: each model loaded on first use; ``only``: just these models; ``strict``: all
-    required, no fallback (one would hide a failure); ``extra``: transformers models by name."""
+    """bench/.cache/repos/NAME from models/; ``sentiment``: this artifact; ``lazy``; ``only``: those
+    models; ``strict``: all required, no fallback (it would hide failures); ``extra``: by name."""
     from shared import repository as mr
     from shared.manifest import artifact_sha256
 

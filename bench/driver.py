@@ -1,5 +1,4 @@
-"""What loads the workers: ``Client`` (a web app's Celery client, one task at a time) and
-``Driver`` (keeps N tasks in flight from driver processes, ``python -m bench.driver URL QUEUE``)."""
+"""What loads the workers: ``Client`` (one task at a time), ``Driver`` (N in flight, processes)."""
 
 from __future__ import annotations
 
@@ -45,8 +44,7 @@ class Client(Closing):
         return ms, value
 
     def warm(self) -> None:
-        """Connect to the broker and the result backend and subscribe, without a task: a web
-        app's client is long-lived, so a worker's first task must not pay the client's start."""
+        """Connect and subscribe without a task: a web app's client is long-lived (not measured)."""
         with self.app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(max_retries=3)
             producer.maybe_declare(self.app.amqp.queues[self.app.conf.task_default_queue])
@@ -68,8 +66,7 @@ class Client(Closing):
 def alternate(
     ctx: Any, calls: dict[str, tuple[Client, str]], jobs: Any, rounds: int, n: int
 ) -> dict[str, list[list[float]]]:
-    """name -> (client, task) -> ms of each round's ``n`` sequential calls, the names in
-    alternating blocks after 5 unrecorded calls each; ``jobs``: shared, or name -> its jobs."""
+    """name -> ms of each round's ``n`` calls, names alternating; ``jobs``: shared, or by name."""
     each = jobs if isinstance(jobs, dict) else dict.fromkeys(calls, jobs)
     for name, (client, task) in calls.items():
         client.sequential(task, each[name], 5)
@@ -80,8 +77,7 @@ def alternate(
 
 
 def drive(app: Any, pubsub: Any, task: str, jobs: list[Any], **run: Any) -> dict[str, Any]:
-    """Keep ``inflight`` of ``total`` tasks in flight from ``start_at``; results come from one
-    pattern subscription (other drivers' results are skipped by channel name, not decoded)."""
+    """Keep ``inflight`` of ``total`` in flight; other drivers' results skipped by channel name."""
     total, inflight, prefix = run["total"], run["inflight"], len(b"celery-task-meta-")
     sent: dict[str, float] = {}
     latencies, failures, next_i = [], [], 0

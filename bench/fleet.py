@@ -1,7 +1,5 @@
-"""The control plane at fleet scale, on one machine: N solo-pool nodes of one tiny scikit-learn
-model against a private Redis; per N, the time to start them, the Redis commands per second per
-process at rest, `modelworkers status` time and fleet reload time to the last reply. How to run
-it and the figures: docs/operations.md."""
+"""The control plane at fleet scale on one machine: per N solo-pool nodes of a tiny model, start
+time, Redis commands/s per process at rest, status and reload times (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -82,7 +80,6 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row["start_s"] = round(time.monotonic() - t0, 1)
         time.sleep(3)  # startup traffic settles
         row["at_rest"] = at_rest(client, nodes, args.rest)
-
         env = os.environ | {"MODELWORKERS_REDIS_URL": server.url, "MODELWORKERS_KEY_PREFIX": prefix}
         env |= {"MODELWORKERS_TASK_QUEUE": prefix, "MODELWORKERS_MODEL_MANIFEST": str(manifest)}
         status_cli = [cli(env, "status", "--json")[0] for _ in range(3)]
@@ -93,7 +90,6 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             status_read.append(time.perf_counter() - t)
         row["status_cli_s"] = round(statistics.median(status_cli), 3)
         row["status_read_ms"] = round(statistics.median(status_read) * 1000, 2)
-
         loaded = load_manifest(manifest)
         reloads, cli_reloads, own = [], [], []
         for version in ("1.1.0", "1.0.0", "1.1.0"):
@@ -107,7 +103,6 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             seconds, out = cli(env, "reload", "seg", "--version", version, "--json")
             assert json.loads(out)["ok"]
             cli_reloads.append(seconds)
-        # reload_in_process_s: each process's own
         times = {"reload_s": reloads, "reload_cli_s": cli_reloads, "reload_in_process_s": own}
         row |= {k: round(statistics.median(v), 3) for k, v in times.items()}
         row["redis_used_memory_mib"] = round(client.info("memory")["used_memory"] / 2**20, 1)

@@ -1,7 +1,4 @@
-"""The sections of ``bench.run --gpu`` (``--cpu-check``: on a CPU, tiny counts), each skipped
-when ``--budget`` runs short: prefork workers on the device, the raw forward pass, the threads
-pool. MiniLM has seeded random weights from the config and tokenizer in
-``bench/.cache/minilm-gpu-src`` (gpu_prepare.sh): same shapes, same speed."""
+"""``bench.run --gpu`` (``--cpu-check``: on a CPU), each section skipped when out of budget."""
 
 from __future__ import annotations
 
@@ -36,8 +33,7 @@ def cuda_evidence(pid: int) -> dict[str, bool]:
 
 
 def setup(ctx: Ctx) -> dict[str, Any]:
-    """Repositories of one sentiment model each (tiny-bert; MiniLM with random weights), required
-    and without a fallback (one would hide a failure); the in-process helper with both."""
+    """Repositories of one required sentiment model each (tiny-bert; MiniLM, random weights)."""
     if not _state:
         tiny = REAL_MODELS / "sentiment" / "1.0.0"
         minilm = ensure_minilm(CACHE / "minilm-rand", "--random", str(CACHE / "minilm-gpu-src"))
@@ -73,7 +69,7 @@ def prefork_part(ctx: Ctx, model: str, processes: int, out: dict[str, Any]) -> N
         jobs = [([t], {}) for t in texts()[1:]]
         warm = med(client.sequential("sentiment.analyze", jobs, ctx.n(40, 8))[1:])
         snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
-        out["children"] = [s["models"]["sentiment"]["device"] for s in snaps]
+        devices = out["children"] = [s["models"]["sentiment"]["device"] for s in snaps]
         cuda = [any(cuda_evidence(s["pid"]).values()) for s in snaps]
         out["parent"] = cuda_evidence(worker.pid)  # libcuda mapped by its imports: no context
         remote = [client.call("sentiment.analyze", [t], timeout=30)[1] for t in texts()[:8]]
@@ -81,7 +77,7 @@ def prefork_part(ctx: Ctx, model: str, processes: int, out: dict[str, Any]) -> N
         pairs = list(zip(remote, local, strict=True))
         diff = max(abs(float(r["score"]) - float(score)) for r, (_, score) in pairs)
         labels = all(r["label"] == label and not r["fallback"] for r, (label, _) in pairs)
-        rec: dict[str, Any] = {}
+        rec: dict[str, Any] = out.setdefault("raw", {})
         for _ in range(ctx.n(4, 2)):
             one_round(ctx, helper, client, "sentiment", ctx.n(50, 10), rec, model=name)
         a, b = med(rec["inproc_ms"]), med(rec["celery_ms"])
@@ -89,20 +85,17 @@ def prefork_part(ctx: Ctx, model: str, processes: int, out: dict[str, Any]) -> N
         for size, tasks in ((32, ctx.n(32, 2)), (256, ctx.n(8, 1))) if processes == 1 else ():
             jobs = [[(texts() * 2)[i : i + size]] for i in range(0, 512, size)]
             driver.run("sentiment.analyze_batch", jobs, 2, 2, timeout=120)  # warm
-            res = driver.run("sentiment.analyze_batch", jobs, tasks, 2, timeout=180)
-            rate = tasks * size / res["seconds"]
-            out["summary"][f"analyze_batch {size} texts/s"] = round(rate, 1)
+            seconds = driver.run("sentiment.analyze_batch", jobs, tasks, 2, timeout=180)["seconds"]
+            out["summary"][f"analyze_batch {size} texts/s"] = round(tasks * size / seconds, 1)
     parent_ok = not out["parent"]["nvidia_uvm_open"]
-    ok = out["children"] == [ctx.device] * processes and (ctx.device == "cpu" or all(cuda))
+    ok = devices == [ctx.device] * processes and (ctx.device == "cpu" or all(cuda))
     out["ok"] = bool(ok and parent_ok and labels and diff <= 1e-3)
-    devices = out["children"]
     out["summary"] |= {
         "READY s, devices, parent CUDA-free": f"{worker.ready_s:.2f}, {devices}, {parent_ok}",
         "answers = in-process (labels, max |score diff|)": f"{labels} ({diff:.2e})",
         "first task / warm p50 ms": f"{first_ms:.2f} / {warm:.2f} ({first_ms / warm:.2f}x)",
         "p50 ms in-process vs Celery": f"{a:.2f} vs {b:.2f} (+{b - a:.2f})",
     }
-    out["raw"] = rec
 
 
 def gpu_prefork(ctx: Ctx, out: dict[str, Any]) -> None:
@@ -121,22 +114,20 @@ def gpu_raw(ctx: Ctx, out: dict[str, Any]) -> None:
         out["summary"][f"MiniLM batch {batch} texts/s"] = round(max(res["rates"]), 1)
 
 
-def points(
-    ctx: Ctx, task: str, pairs: Any, out: dict[str, Any], workers: list[Any], k: int
-) -> None:
+def points(ctx: Ctx, task: str, pairs: Any, out: dict[str, Any], nodes: list[Any], k: int) -> None:
     """Tasks/s at each (in flight, total) from ``k`` driver processes; the mean micro-batch."""
-    with Driver(workers[0], ctx.logs, k) as driver:
+    with Driver(nodes[0], ctx.logs, k) as driver:
         for inflight, total in pairs:
             driver.run(task, SINGLE, min(total, 256), inflight, timeout=60)  # warm
             with ctx.block():
                 res = driver.run(task, SINGLE, total, inflight, timeout=120)
-            key = f"{task}, {inflight} in flight, {len(workers)} worker(s): tasks/s, p50 ms"
+            key = f"{task}, {inflight} in flight, {len(nodes)} worker(s): tasks/s, p50 ms"
             out[f"{task} {inflight}"] = res
             out["summary"][key] = f"{res['tasks_per_s']:.0f}, {res['p50_ms']:.2f}"
-    snaps = [s for w in workers for s in w.snapshots() if s.get("node") == w.node]
+    snaps = [s for w in nodes for s in w.snapshots() if s.get("node") == w.node]
     stats = [(s.get("stats") or {}).get("sentiment_batching") or {} for s in snaps]
     if batches := sum(b.get("batches", 0) for b in stats):
-        key = f"mean micro-batch, {len(workers)} worker(s)"
+        key = f"mean micro-batch, {len(nodes)} worker(s)"
         out["summary"][key] = round(sum(b.get("items", 0) for b in stats) / batches, 2)
 
 

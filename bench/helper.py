@@ -1,6 +1,4 @@
-"""The in-process side of every comparison (``python -m bench.helper --models REPOSITORY``: its
-models loaded as in a worker process, one ``sentiment`` answer, then ``Server``'s commands) and
-the JSON-lines protocol of the bench's processes. Top-level imports are stdlib only."""
+"""The in-process side of every comparison, and the JSON-lines protocol; stdlib-only top imports."""
 
 from __future__ import annotations
 
@@ -8,13 +6,13 @@ import argparse
 import json
 import os
 import select
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path
+from subprocess import PIPE, Popen, TimeoutExpired
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,10 +62,8 @@ class JsonProc(Closing):
         self.name, self._buf, self.t_spawn = name, b"", time.time()
         self.log_path = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("wb")
-        pipe = subprocess.PIPE
-        self.proc = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=env, stdin=pipe, stdout=pipe, stderr=self._log
-        )
+        cmd = [sys.executable, *args]
+        self.proc = Popen(cmd, cwd=ROOT, env=env, stdin=PIPE, stdout=PIPE, stderr=self._log)
         self.pid = self.proc.pid
 
     def read(self, timeout: float) -> dict[str, Any]:
@@ -101,7 +97,7 @@ class JsonProc(Closing):
     def close(self) -> None:
         with suppress(Exception):
             self.send({"cmd": "quit"})
-        with suppress(subprocess.TimeoutExpired):
+        with suppress(TimeoutExpired):
             self.proc.wait(timeout=10)
         self.proc.kill()  # not if it has exited
         self.proc.wait(timeout=5)
@@ -139,7 +135,7 @@ class Server:
         self._raw: tuple[Any, Any] | None = None
 
     def call(self, family: str, job: Any, model: str = "sentiment") -> Any:
-        """What the task of ``family`` calls, on the arguments ``bench.data.inproc_job`` gives."""
+        """What the task of ``family`` calls, on the arguments ``bench.data.jobs`` gives."""
         reg = self.registry
         if family in ("sentiment", "models_predict"):
             return reg.get(model).classify([job])
@@ -226,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.ensure_dirs()  # HF_HOME / offline flags, as a worker does
     threads = args.threads or settings.resolved_torch_threads(1)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    if args.raw_model or settings.model_device != "cpu":  # else only what the models import
-        import torch
+    import torch  # as a worker's parent preimports its families (also before the loader threads)
+    import transformers
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     from shared.families.transformers_sentiment import resolve_device
     from shared.registry import ModelRegistry
     from shared.repository import load_repository
@@ -245,13 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("status", "device", "error", "load_seconds")
     models = registry.snapshot()["models"].items()
     first["models"] = {name: {k: m.get(k) for k in keys} for name, m in models}
-    torch, transformers = sys.modules.get("torch"), sys.modules.get("transformers")
-    if torch is not None:
-        torch.set_num_threads(threads)
-    cuda = torch is not None and torch.cuda.is_available()
-    first.update(torch_threads=threads, torch=getattr(torch, "__version__", None))
-    first.update(transformers=getattr(transformers, "__version__", None), cuda_available=cuda)
-    first["torch_cuda"] = torch.version.cuda if torch is not None else None
+    cuda = torch.cuda.is_available()
+    first.update(torch_threads=threads, torch=torch.__version__, torch_cuda=torch.version.cuda)
+    first.update(transformers=transformers.__version__, cuda_available=cuda)
     first["gpu_name"] = torch.cuda.get_device_name(0) if cuda else None
     server = Server(registry, args.raw_model, resolve_device(settings.model_device))
     return serve(first, server.handle)

@@ -1,6 +1,4 @@
-"""Memory: total PSS of a worker (main + pool processes) by pool size, copy-on-write
-(PRELOAD_MODE=parent) vs child mode, vs one plain Python process serving the same models; and
-torch vs ONNX Runtime on a CPU: ``backend_speed`` (in this process), ``backend_memory``."""
+"""Memory: a worker's total PSS by pool size and preload mode vs one process; torch vs ONNX."""
 
 from __future__ import annotations
 
@@ -15,8 +13,7 @@ from typing import Any
 from bench.data import CUSTOMERS, REAL_MODELS, minilm_onnx, repository, texts
 from bench.driver import Client, Driver
 from bench.helper import Helper
-from bench.report import target
-from bench.run import Ctx, med, pct, rnd
+from bench.run import Ctx, med, pct, rnd, target
 
 
 def tree_memory(root_pid: int) -> dict[str, Any]:
@@ -86,8 +83,7 @@ def measure_worker(
             client.call("sentiment.analyze", [corpus[2]])
         time.sleep(0.5)
         mem = tree_memory(worker.pid)
-        mem["sentiment_calls_per_process"] = counts
-        mem["at_ready"] = {"total_pss_mib": before}
+        mem |= {"sentiment_calls_per_process": counts, "at_ready": {"total_pss_mib": before}}
         details = [s["models"]["sentiment"].get("details", {}) for s in worker.snapshots()]
         mem["backend"] = sorted({str(d.get("backend")) for d in details})
     return mem

@@ -1,6 +1,5 @@
-"""MLServer's adaptive batching on the throughput section's model and work: its venv (built once
-into bench/.cache), bench/mlserver_runtime.py, 64 single-text V2 requests in flight (http.client,
-a thread each: httpx's client took 0.5 of the 2 cores, halving the rate), as ``measure_config``."""
+"""MLServer's adaptive batching on the throughput section's model and work (its venv in .cache), 64
+single-text V2 requests in flight: http.client, a thread each (httpx's took 0.5 of the 2 cores)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from bench.data import CACHE, MINILM_DIR, ROOT, ensure_cache, texts
@@ -32,10 +30,10 @@ SERVER["parallel_workers"] = 0
 Conn = http.client.HTTPConnection
 
 
-def ensure_env() -> Path | None:
-    """MLServer's venv, built once (pip, about a minute); None if it cannot be (why: in LOG)."""
+def ensure_env() -> None:
+    """MLServer's venv, built once (pip, about a minute); RuntimeError if it cannot be (see LOG)."""
     if (stamp := VENV / "pins.txt").exists() and stamp.read_text() == " ".join(PINS):
-        return VENV
+        return
     ensure_cache()
     venv = [sys.executable, "-m", "venv", "--clear", str(VENV)]  # .venv's Python (mlserver: < 3.13)
     with LOG.open("w") as log:
@@ -43,10 +41,8 @@ def ensure_env() -> Path | None:
             for cmd in (venv, [f"{VENV}/bin/pip", "install", *PINS]):
                 subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1200)
         except (OSError, subprocess.SubprocessError) as exc:
-            print(f"mlserver: no venv ({exc}); see {LOG}", file=sys.stderr, flush=True)
-            return None
+            raise RuntimeError(f"no MLServer venv ({exc}); see {LOG}") from exc
     stamp.write_text(" ".join(PINS))
-    return VENV
 
 
 def free_port() -> int:
@@ -95,6 +91,7 @@ def ready(conn: Conn) -> bool:
 
 def measure(ctx: Ctx, helper: Helper) -> dict[str, Any]:
     """Texts/s of MLServer at 64 in flight, each run beside a raw round, as ``measure_config``."""
+    ensure_env()
     corpus, total, n_raw, port = texts(), ctx.n(384, 64), ctx.n(256, 64), free_port()
     settings = SERVER | {"http_port": port, "grpc_port": free_port()}  # gRPC: unused
     model = {"name": "minilm", "implementation": "bench.mlserver_runtime.MiniLM", **BATCH}

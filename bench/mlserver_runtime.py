@@ -1,5 +1,4 @@
-"""MLServer's runtime for bench/mlserver.py, imported in MLServer's own venv (mlserver, torch,
-transformers, numpy only): on each adaptive batch, the raw pipeline of ``bench.helper``."""
+"""MLServer's runtime, in its own venv (mlserver, torch, transformers): the raw pipeline."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ class MiniLM(MLModel):
         enc = self.tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
         with torch.inference_mode():
             scores, idx = torch.softmax(self.model(**enc).logits.float(), dim=-1).max(dim=-1)
-        labels = [self.labels[i] for i in idx.tolist()]
-        outputs = [StringCodec.encode_output("label", labels)]
+        outputs = [StringCodec.encode_output("label", [self.labels[i] for i in idx.tolist()])]
         outputs.append(NumpyCodec.encode_output("score", scores.numpy()))
         return InferenceResponse(model_name=self.name, outputs=outputs)

@@ -1,5 +1,4 @@
-"""Overhead: one request at a time through Celery vs the same model in-process; CPU per task
-without a model; ``models.predict``; an ablation of per-task settings; the ``signing`` section."""
+"""Overhead: Celery vs in-process, one request at a time; no-op CPU; an ablation; ``signing``."""
 
 from __future__ import annotations
 
@@ -11,31 +10,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.data import (
-    MINILM_DIR,
-    REAL_MODELS,
-    inproc_job,
-    minilm_onnx,
-    repository,
-    task_jobs,
-    texts,
-)
+from bench.data import MINILM_DIR, REAL_MODELS, jobs, minilm_onnx, repository, task_jobs, texts
 from bench.driver import Client, Driver, alternate
 from bench.helper import Helper
-from bench.report import target
-from bench.run import CORES, Ctx, cpu_seconds, med, pct, rnd
+from bench.run import CORES, Ctx, cpu_seconds, med, pct, rnd, target
 
 FAMILIES = {"sentiment": (20, 20), "clustering": (20, 20), "arima": (4, 2), "prophet": (3, 2)}
 ROUNDS = (15, 3)  # full, quick: short alternating blocks, so both sides see the same machine
-SINGLE = [([t], {}) for t in texts()[:64]]
-
-
-def jobs(family: str) -> tuple[list[Any], list[tuple[list[Any], dict[str, Any]]]]:
-    """(in-process inputs, Celery (args, kwargs)) for the same work."""
-    if family == "sentiment":
-        return texts()[:64], SINGLE
-    _, args, kwargs = task_jobs()[family]
-    return [inproc_job(family, args, kwargs)], [(args, kwargs)]
+SINGLE = jobs("sentiment")[1]
 
 
 def one_round(
@@ -80,9 +62,8 @@ def measure(
             for family in families:  # warm both sides, not recorded
                 helper.latency(family, jobs(family)[0], 3)
                 client.sequential(task_jobs()[family][0], jobs(family)[1], 3)
-            for _ in range(ctx.n(*ROUNDS)):
-                for f in families:
-                    one_round(ctx, helper, client, f, ctx.n(*FAMILIES[f]), out[f])
+            for _, f in itertools.product(range(ctx.n(*ROUNDS)), families):
+                one_round(ctx, helper, client, f, ctx.n(*FAMILIES[f]), out[f])
             time.sleep(1.2)  # one heartbeat: the snapshot's serving counters are fresh
             snaps = [s for s in worker.snapshots() if s.get("node") == worker.node]
             for family, model in (("sentiment", "sentiment"), ("clustering", "customer_segments")):
@@ -109,8 +90,7 @@ FLOOR = "bench.noop on the product config (Celery + Redis floor)"
 
 
 def ablation(ctx: Ctx, threads: int) -> dict[str, Any]:
-    """tiny-bert sentiment.analyze p50 with some of celeryconfig.py's settings switched
-    (bench/exp_app.py): one -c 1 worker per variant, side by side, alternating blocks."""
+    """tiny-bert's p50 with celeryconfig.py settings switched (exp_app.py), a -c 1 worker each."""
     calls: dict[str, tuple[Client, str]] = {}
     with ExitStack() as stack:
         for name, (env, args) in ABLATION.items():
@@ -136,10 +116,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     targets, noop = [], float("nan")
     if not ctx.quick:
-        # the same at 1 torch thread on both sides: robust to other tenants of a shared machine
-        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MODELS, ["sentiment"], 1)
-        # MiniLM at one thread, as in each process of the default worker (-c 2 on 2 cores)
-        minilm = repository("minilm", sentiment=MINILM_DIR)
+        raw["tiny-bert, 1 thread"] = measure(ctx, REAL_MODELS, ["sentiment"], 1)  # noise-robust
+        minilm = repository("minilm", sentiment=MINILM_DIR)  # one thread: the default worker's
         raw["minilm, torch, 1 thread"] = measure(ctx, minilm, ["sentiment"], 1)
         onnx = repository("minilm-onnx", sentiment=minilm_onnx())
         raw["minilm, onnx, 1 thread"] = measure(ctx, onnx, ["sentiment"], 1)
@@ -163,8 +141,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 )
             if family != "sentiment":
                 continue
-            # the floor: the model's own p50 plus a no-model task's round trip (same run)
-            floor, detail = (ip50 + noop) / ip50, ""
+            floor, detail = (ip50 + noop) / ip50, ""  # the model's p50 + a no-model round trip
             if noop == noop:  # measured (not in --quick)
                 key = f"{label}: floor, (in-process + bench.noop p50) / in-process"
                 summary[key], detail = f"{floor:.2f}x (+{noop:.2f} ms)", f"floor {floor:.2f}x"
@@ -197,8 +174,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
 
 def signing(ctx: Ctx) -> dict[str, Any]:
-    """What MESSAGE_SIGNING adds to a task's round trip: a signing node (RSA-2048 keys made here)
-    and a plain one, a typed client each; and one signature and one verification in-process."""
+    """What MESSAGE_SIGNING adds: a signing and a plain node, a client each; sign/verify alone."""
     from celery.security.certificate import Certificate
     from celery.security.key import PrivateKey
     from celery.security.serialization import SecureSerializer

@@ -1,5 +1,4 @@
-"""Reload under load: two nodes x 2 pool processes, a steady stream of sentiment.analyze,
-``python -m workers.cli reload sentiment --version V --wait --json``."""
+"""Reload under load: ``modelworkers reload --wait`` on two nodes x 2 processes under a stream."""
 
 from __future__ import annotations
 
@@ -15,15 +14,13 @@ from typing import Any
 
 from bench.data import REAL_MODELS, ROOT, texts
 from bench.driver import Client
-from bench.report import target
-from bench.run import Ctx, med, pct, rnd
+from bench.run import Ctx, med, pct, rnd, target
 from harness import wait_for
 
 
 class Stream:
-    """``inflight`` threads sending sentiment.analyze, one task each at a time (``get()`` on
-    several results in order waits a drain interval, 1 s, for one that had already arrived):
-    (sent, answered, outcome, answer) of every task."""
+    """(sent, answered, outcome, answer) of every sentiment.analyze from ``inflight`` threads, one
+    task each at a time (``get()`` on several in order waits 1 s for one that had arrived)."""
 
     def __init__(self, worker: Any, inflight: int = 4) -> None:
         self.client, self.stop, self.inflight = Client(worker), threading.Event(), inflight

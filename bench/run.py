@@ -1,7 +1,5 @@
 """The driver: ``python -m bench.run [--quick] [--gpu [--cpu-check]] [--only S,...] [--out F]``:
-a private Redis, then each section (every process stopped by PID); writes every measurement, the
-machine and the commit to ``--out`` after each section, prints the figures and the targets of
-docs/benchmarks.md."""
+a private Redis, then each section, its results written to ``--out`` as it ends; the table."""
 
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.data import ROOT, VADER, ensure_minilm
-from bench.report import print_table
 
 if TYPE_CHECKING:
     from harness import WorkerProcess
@@ -50,6 +47,16 @@ def med(values: list[float]) -> float:
 
 def rnd(value: float, digits: int = 3) -> float:
     return round(value, digits) if value == value else value  # keep NaN
+
+
+def target(name: str, value: float | None, limit: float, **kw: str) -> dict[str, Any]:
+    """One target of docs/benchmarks.md: ``value op limit``; None or NaN: not measured, not met."""
+    op, unit, detail = kw.get("op", "<="), kw.get("unit", "x"), kw.get("detail", "")
+    measured = value is not None and value == value
+    met = measured and (value <= limit if op == "<=" else value >= limit)  # type: ignore[operator]
+    shown = round(value, 3) if measured else None  # type: ignore[arg-type]
+    out = {"name": name, "value": shown, "target": f"{op} {limit:g}{unit}", "unit": unit}
+    return out | {"met": met, "detail": detail}
 
 
 def loadavg() -> list[float]:
@@ -94,8 +101,7 @@ def about() -> dict[str, Any]:
 
 @dataclass
 class Ctx:
-    """What a section gets: the run's Redis, logs, mode, workers, and measurement on a shared
-    machine (quiet gates, and blocks that record what other tenants used)."""
+    """A section's Redis, logs, mode and workers; measurement blocks on a shared machine."""
 
     redis_url: str
     logs: Path
@@ -123,8 +129,7 @@ class Ctx:
 
     @contextmanager
     def block(self) -> Iterator[dict[str, Any]]:
-        """``with ctx.block() as b:`` waits for quiet, then sets ``b["foreign_cores"]``: the cores
-        that other tenants used meanwhile (busy CPU time minus this run's), averaged."""
+        """``with ctx.block() as b:`` waits for quiet; ``b["foreign_cores"]``: the others' cores."""
         self.quiet()
         record, ours0, stat0, t0 = {}, cpu_seconds(), cpu_times(), time.monotonic()
         yield record
@@ -244,6 +249,31 @@ FULL += ["signing"]
 QUICK = ["overhead", "throughput"]  # --quick: reduced repeats of the cheap sections
 
 
+def fmt(value: Any, unit: str = "") -> str:
+    if not isinstance(value, float):
+        return "-" if value is None else str(value)
+    return f"{value:.2f}x" if unit == "x" else f"{value:.3g}{(' ' + unit) if unit else ''}"
+
+
+def print_table(results: dict[str, Any]) -> str:
+    """The figures of every section, then the targets with met / not met."""
+    lines = []
+    for section, data in results["sections"].items():
+        lines.append(f"== {section} ({data.get('seconds', 0):.0f} s)")
+        lines += [f"   {p.upper()}: {data[p]}" for p in ("error", "skipped") if data.get(p)]
+        lines += [f"   {k:<58} {fmt(v)}" for k, v in (data.get("summary") or {}).items()]
+    targets = [(s, t) for s, data in results["sections"].items() for t in data.get("targets", [])]
+    if targets:
+        lines += ["", f"{'target':<62} {'value':>12} {'target':>10}  result"]
+    for section, t in targets:
+        row = f"{(section + ': ' + t['name'])[:62]:<62} {fmt(t['value'], t['unit']):>12}"
+        row += f" {t['target']:>10}  {'met' if t['met'] else 'NOT MET'}"
+        lines.append(row + (f" ({t['detail']})" if t.get("detail") else ""))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 def run_section(ctx: Ctx, name: str, fn: Section, write: Callable[[], None]) -> None:
     """One section; its entry (an error included) is written as soon as it ends."""
     print(f"--- {name} ...", flush=True)
@@ -265,8 +295,7 @@ def run_section(ctx: Ctx, name: str, fn: Section, write: Callable[[], None]) -> 
 
 
 def on_sigterm(*_: Any) -> None:
-    """SIGTERM unwinds like Ctrl-C (every process is stopped by its finally block); a second one
-    is ignored so that it cannot cut the clean-up short."""
+    """SIGTERM unwinds like Ctrl-C (finally blocks stop every process); a second one is ignored."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(143)
 

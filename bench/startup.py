@@ -1,6 +1,4 @@
-"""Starting: cold start (launch -> every pool process READY by loading strategy; launch -> first
-answer vs a bare Python process) and the first job (the first call of each task after READY vs
-its warm p50; eager vs lazy loading)."""
+"""Starting: cold start by loading strategy vs a bare process; each task's first job after READY."""
 
 from __future__ import annotations
 
@@ -9,14 +7,12 @@ import time
 from functools import partial
 from typing import Any
 
-from bench.data import REAL_MODELS, inproc_job, repository, task_jobs, texts
+from bench.data import REAL_MODELS, jobs, repository, task_jobs, texts
 from bench.driver import Client, release
 from bench.helper import Helper
-from bench.report import target
-from bench.run import CORES, Ctx, cpu_seconds, med, ready_time, rnd
+from bench.run import CORES, Ctx, cpu_seconds, med, ready_time, rnd, target
 
-# (a), (b), (c): three loading strategies, all in PRELOAD_MODE=child (each pool process loads its
-# own weights); (d) is the default (PRELOAD_MODE=auto -> parent on a CPU-only host).
+# (a)-(c): each pool process loads its own weights (PRELOAD_MODE=child); (d): the default
 LOADING = ("MODELWORKERS_PRELOAD_MODE", "MODELWORKERS_PREIMPORT", "MODELWORKERS_LOADER_THREADS")
 CONFIGS = {
     "a_child_sequential": dict(zip(LOADING, ("child", "false", "1"), strict=True)),
@@ -98,12 +94,6 @@ WARM_N = {"sentiment": 30, "clustering": 30, "models_predict": 30, "prophet": 8}
 IDLE_GAP_S = 0.5  # the model's own cost of a call after a pause, per family
 
 
-def paused_call(client: Client, name: str, args: Any, kwargs: Any) -> float:
-    """ms of one call after ``IDLE_GAP_S`` of silence: what any call after a pause costs."""
-    time.sleep(IDLE_GAP_S)
-    return float(client.call(name, args, kwargs)[0])
-
-
 def first_tasks(ctx: Ctx, models: Any, order: list[str], rep: int) -> list[dict[str, Any]]:
     """One -c 1 worker: each family's first task in ``order``, then its warm calls."""
     rows = []
@@ -117,8 +107,9 @@ def first_tasks(ctx: Ctx, models: Any, order: list[str], rep: int) -> list[dict[
             n = ctx.n(n, max(4, n // 3))
             warm = ctx.measure(partial(client.sequential, name, [(args, kwargs)], n))
             row = {"rep": rep, "family": family, "position": position, "first_ms": first_ms}
-            if not ctx.quick and not models.name.startswith("lazy"):  # a warm worker, paused
-                row["paused_ms"] = [paused_call(client, name, args, kwargs) for _ in range(2)]
+            for _ in range(2) if not ctx.quick and not models.name.startswith("lazy") else ():
+                time.sleep(IDLE_GAP_S)  # a warm worker, paused: what any call after a pause costs
+                row.setdefault("paused_ms", []).append(client.call(name, args, kwargs)[0])
             rows.append(row | {"first_foreign_cores": blk["foreign_cores"], "warm_ms": warm})
     return rows
 
@@ -149,12 +140,11 @@ def first_job(ctx: Ctx) -> dict[str, Any]:
             summary[key] = f"{med(paused):.1f} / {warm:.1f} ms = {med(paused) / warm:.2f}x"
             targets[-1]["detail"] = f"after a pause, warm: {med(paused) / warm:.2f}x"
     if not ctx.quick:
-        # the model itself, in one process with the worker child's torch threads: a call after
-        # an idle pause (as the first task after READY comes) vs back to back (as the warm p50)
+        # the model alone, a worker child's threads: after an idle pause (as a first task comes)
         raw["in_process_idle"] = {}
         with Helper(REAL_MODELS, threads=CORES, logs=ctx.logs) as helper:
             for family, t in zip(families, targets, strict=True):
-                job = inproc_job(family, *task_jobs()[family][1:])
+                job = jobs(family)[0][0]  # the task's one job (sentiment: its text)
                 helper.latency(family, [job], 5)
                 idle = ctx.measure(partial(helper.latency, family, [job], 8, gap=IDLE_GAP_S))
                 b2b = ctx.measure(partial(helper.latency, family, [job], 30))  # back to back

@@ -1,6 +1,4 @@
-"""Throughput: sentiment texts/s (MiniLM) per pool and backend vs the raw batched torch pipeline
-in-process (fresh, and beside each); lone-request p50: the threads pool vs prefork, and the
-default worker with and without pool batching."""
+"""Throughput: MiniLM texts/s per pool and backend vs the raw in-process pipeline; lone p50s."""
 
 from __future__ import annotations
 
@@ -14,11 +12,9 @@ from bench import mlserver
 from bench.data import CACHE, MINILM_DIR, ROOT, ensure_minilm, minilm_onnx, repository, texts
 from bench.driver import Client, Driver, alternate
 from bench.helper import Helper
-from bench.report import plot_throughput, target
-from bench.run import CORES, Ctx, med, rnd
+from bench.run import CORES, Ctx, med, rnd, target
 
 W2 = {"MODELWORKERS_BATCH_WINDOW_MS": "2"}
-W = ("threads_w2", "threads_w0")  # the configurations with a target on their ratio to raw
 # pool, -c, env, analyze_batch tasks in flight (0: single-text sentiment.analyze, 64 in flight)
 CONFIGS: dict[str, tuple[str, int, dict[str, str], int]] = {
     "prefork_c1": ("prefork", 1, {}, 0),
@@ -32,16 +28,32 @@ CONFIGS: dict[str, tuple[str, int, dict[str, str], int]] = {
     "batch32_lone_onnx": ("prefork", 2, {}, 1),  # the default worker, one batch at a time
 }
 DEFAULT = "prefork_c2_onnx"  # the worker as it starts with no settings, on the CPU
-NO_POOL_BATCHING = {"MODELWORKERS_POOL_BATCHING": "false"}
 LONE = {  # name: pool, -c, env, ONNX; side by side, one request at a time
     "prefork_c1": ("prefork", 1, {}, False),
     "threads_w2": ("threads", 64, W2, False),
     "default": ("prefork", 2, {}, True),
-    "default_no_pool_batching": ("prefork", 2, NO_POOL_BATCHING, True),
+    "default_no_pool_batching": ("prefork", 2, {"MODELWORKERS_POOL_BATCHING": "false"}, True),
 }
-RISES = {  # lone p50 of the first minus the second: limit, ms
-    ("threads_w2", "prefork_c1"): 5.0,
-    ("default", "default_no_pool_batching"): 2.0,
+# lone p50 of the first minus the second: limit, ms
+RISES = {("threads_w2", "prefork_c1"): 5.0, ("default", "default_no_pool_batching"): 2.0}
+RATIOS = {  # configuration: its target, texts/s >= the raw pipeline's of the same rounds
+    "threads_w2": "threads pool, 64 single-text in flight / raw (window 2 ms)",
+    "threads_w0": "threads pool, 64 single-text in flight / raw (window 0 ms)",
+    DEFAULT: "default worker (prefork -c 2, ONNX), 64 single-text in flight / raw torch",
+    "batch32_lone_onnx": "a lone analyze_batch of 32 texts, default worker / raw torch",
+}
+CURVES = {  # the throughput plot's lines, then its points
+    "prefork_c1": "prefork -c 1, single-text tasks",
+    "prefork_c2": "prefork -c 2, single-text tasks",
+    "threads_w0": "threads -c 64, micro-batching, window 0 ms",
+    "threads_w2": "threads -c 64, micro-batching, window 2 ms",
+    "prefork_c2_onnx": "prefork -c 2, ONNX Runtime (the defaults), single-text tasks",
+    "threads_w2_onnx": "threads -c 64, window 2 ms, ONNX Runtime",
+}
+POINTS = {
+    "batch32_c1": ("analyze_batch, 32 texts/task, prefork -c 1 (2 tasks in flight)", "s"),
+    "batch32_c2": ("analyze_batch, 32 texts/task, prefork -c 2 (4 tasks in flight)", "D"),
+    "mlserver_adaptive": ("MLServer 1.7.1, adaptive batching (torch), 64 in flight", "*"),
 }
 
 
@@ -57,8 +69,7 @@ def lone_latency(ctx: Ctx, models: Path, onnx_models: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         calls = {}
         for k, (pool, concurrency, env, onnx) in LONE.items():
-            repo = onnx_models if onnx else models
-            w = ctx.worker(repo, env, concurrency=concurrency, pool=pool)
+            w = ctx.worker(onnx_models if onnx else models, env, concurrency=concurrency, pool=pool)
             stack.enter_context(ctx.running(w))
             calls[k] = (stack.enter_context(Client(w)), "sentiment.analyze")
         rounds = alternate(ctx, calls, [([t], {}) for t in texts()[:64]], ctx.n(8, 2), 10)
@@ -106,6 +117,35 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
     return rec
 
 
+def plot_throughput(data: dict[str, Any], path: Path, cores: int) -> Path:
+    """Texts/s vs requests in flight per worker configuration, with the raw pipeline line."""
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for key, label in CURVES.items():
+        if curve := data.get("curves", {}).get(key):
+            xs = sorted(int(k) for k in curve)
+            ax.plot(xs, [curve[str(x)] for x in xs], marker="o", label=label)
+    for key, (label, marker) in POINTS.items():
+        if value := data.get("batch_points", {}).get(key):
+            ax.scatter([64], [value], marker=marker, s=60, label=label, zorder=5)
+    if raw := data.get("raw_median"):
+        label = "raw in-process pipeline (batch 32, 2 threads)"
+        ax.axhline(raw, color="black", linestyle="--", linewidth=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="single-text requests in flight", ylabel="texts / s", ylim=(0, None))
+    title = f"sentiment (MiniLM-L6 classifier) through the workers, {cores} cores; "
+    ax.set_title(title + f"raw median {raw or 0:.0f} texts/s", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def run(ctx: Ctx) -> dict[str, Any]:
     minilm = ensure_minilm()
     models = repository("minilm", sentiment=MINILM_DIR)  # torch: the folder has no model.onnx
@@ -114,16 +154,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
     raw_side = repository("minilm-only", sentiment=MINILM_DIR, only=("sentiment", "textblob"))
     with Helper(raw_side, threads=2, logs=ctx.logs, raw_model=minilm) as helper:
         helper.raw_rates(texts()[:64])  # warm
-        # fresh process, no worker alive yet: the quiet baseline
         fresh = partial(helper.raw_rates, texts()[: ctx.n(256, 64)], rounds=3)
-        raw["quiet_raw_rates"] = ctx.measure(fresh)
+        raw["quiet_raw_rates"] = ctx.measure(fresh)  # no worker alive yet: the quiet baseline
         for name in list(CONFIGS) if not ctx.quick else [DEFAULT]:
             repo = onnx_models if name.endswith("_onnx") else models
             raw["configs"][name] = measure_config(ctx, helper, name, repo)
         if not ctx.quick:  # the same work on MLServer, for comparison; a failure is recorded
             try:
-                if not mlserver.ensure_env():
-                    raise RuntimeError(f"no MLServer venv, see {mlserver.LOG}")
                 raw["configs"]["mlserver_adaptive"] = mlserver.measure(ctx, helper)
             except Exception as exc:
                 raw["mlserver_adaptive"] = f"not measured: {type(exc).__name__}: {exc}"[:500]
@@ -154,14 +191,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         summary["mlserver_adaptive"] = why
     for name, ms in raw["lone"]["ms"].items():
         summary[f"lone request p50 ms, {name}"] = rnd(med(ms), 2)
-    what = "threads pool, 64 single-text in flight / raw (window {} ms)"
-    targets = [target(what.format(k[-1]), ratios[k], 1, op=">=") for k in W if k in ratios]
-    if DEFAULT in ratios:
-        what = "default worker (prefork -c 2, ONNX), 64 single-text in flight / raw torch"
-        targets.append(target(what, ratios[DEFAULT], 1, op=">="))
-    if "batch32_lone_onnx" in ratios:
-        what = "a lone analyze_batch of 32 texts, default worker / raw torch"
-        targets.append(target(what, ratios["batch32_lone_onnx"], 1.0, op=">="))
+    targets = [target(what, ratios[k], 1, op=">=") for k, what in RATIOS.items() if k in ratios]
     for (a, b), limit in RISES.items():
         if rises := raw["lone"].get("round_rises_ms", {}).get(f"{a} - {b}"):
             what = f"lone request p50 rise, {a} vs {b}"
