@@ -183,13 +183,15 @@ class TransformersSentiment(TextClassifier):
         return {int(k): str(v) for k, v in config.id2label.items()}
 
     def _ort(self) -> Any:
-        """This process's ONNX Runtime session (opened on first use in a process)."""
+        """This process's ONNX Runtime session: opened on first use in a process, or with one
+        thread the one the parent opened, inherited through fork."""
         if self._session is not None and self._session_pid == os.getpid():
             return self._session
         with self._session_lock:
-            if self._session is not None and self._session_pid != os.getpid() and self.fork_safe:
-                self._session_pid = os.getpid()  # no thread pool: run the parent's session
             if self._session is not None and self._session_pid != os.getpid():
+                if self.fork_safe:  # no thread pool: this process runs the parent's session
+                    self._session_pid = os.getpid()
+                    return self._session
                 # inherited through a fork nobody announced: never destroyed here, since its
                 # destructor would join thread-pool threads that only the parent has
                 self._inherited_session = self._session
