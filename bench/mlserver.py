@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any
 
 from bench.data import CACHE, MINILM_DIR, ROOT, ensure_cache, texts
-from bench.helper import Helper, clean_env
+from bench.helper import clean_env
 from bench.run import Ctx, med, pct
 
 VENV, MODEL, LOG = CACHE / "mlserver-venv", CACHE / "mlserver-model", CACHE / "mlserver-venv.log"
@@ -89,10 +90,12 @@ def ready(conn: Conn) -> bool:
     return False
 
 
-def measure(ctx: Ctx, helper: Helper) -> dict[str, Any]:
-    """Texts/s of MLServer at 64 in flight, each run beside a raw round, as ``measure_config``."""
+@contextmanager
+def serving(ctx: Ctx) -> Iterator[tuple[Callable[[int], dict[str, Any]], dict[str, Any]]]:
+    """MLServer serving MiniLM, warm: yields (send ``n`` requests at 64 in flight, its settings);
+    the server is stopped, with its workers, on the way out."""
     ensure_env()
-    corpus, total, n_raw, port = texts(), ctx.n(384, 64), ctx.n(256, 64), free_port()
+    port = free_port()
     settings = SERVER | {"http_port": port, "grpc_port": free_port()}  # gRPC: unused
     model = {"name": "minilm", "implementation": "bench.mlserver_runtime.MiniLM", **BATCH}
     MODEL.mkdir(parents=True, exist_ok=True)
@@ -100,8 +103,6 @@ def measure(ctx: Ctx, helper: Helper) -> dict[str, Any]:
     (MODEL / "model-settings.json").write_text(json.dumps(model))
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     env = clean_env(env | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
-    rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
-    rec["mlserver"] = settings | model | {"pins": PINS}
     conns = [Conn("127.0.0.1", port, timeout=120) for _ in range(64)]
     cmd, log = [str(VENV / "bin/mlserver"), "start", str(MODEL)], ctx.logs / "mlserver.log"
     with log.open("wb") as f:  # its own session: its group is the server and its workers
@@ -113,15 +114,9 @@ def measure(ctx: Ctx, helper: Helper) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline or "failed to load" in text:
                 raise RuntimeError(f"mlserver: no model ready ({proc.poll()}):\n{text[-3000:]}")
             time.sleep(0.5)
+        corpus = texts()
         drive(conns, corpus, 2 * len(corpus))  # warm: after one pass, run 1 was often ~15% slower
-        for _ in range(ctx.n(3, 1)):
-            rates = ctx.measure(partial(helper.raw_rates, corpus[:n_raw]))
-            rec["raw_rates"] += rates
-            res = ctx.measure(partial(drive, conns, corpus, total))
-            res["texts_per_s"] = total / res["seconds"]
-            res["ratio_to_raw"] = res["texts_per_s"] / med(rates)
-            rec["runs"].append(res)
-        rec["curve"]["64"] = med([r["texts_per_s"] for r in rec["runs"]])
+        yield partial(drive, conns, corpus), settings | model | {"pins": PINS}
     finally:
         for conn in conns:
             conn.close()
@@ -131,4 +126,3 @@ def measure(ctx: Ctx, helper: Helper) -> dict[str, Any]:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
         proc.wait(timeout=5)
-    return rec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -81,12 +82,36 @@ def lone_latency(ctx: Ctx, models: Path, onnx_models: Path) -> dict[str, Any]:
     return {"ms": ms, "round_rises_ms": rises}
 
 
+def paired_runs(
+    ctx: Ctx, helper: Helper, send: Callable[[], dict[str, Any]], texts_per_run: int
+) -> dict[str, Any]:
+    """``send()`` (a run at 64 in flight) ctx.n(3, 1) times, each after a raw round: texts/s and
+    its ratio to that round's raw pipeline."""
+    rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
+    for _ in range(ctx.n(3, 1)):
+        rates = ctx.measure(partial(helper.raw_rates, texts()[: ctx.n(256, 64)]))
+        rec["raw_rates"] += rates
+        res = ctx.measure(send)
+        res["texts_per_s"] = texts_per_run / res["seconds"]
+        res["ratio_to_raw"] = res["texts_per_s"] / med(rates)
+        rec["runs"].append(res)
+    return rec
+
+
+def mlserver_config(ctx: Ctx, helper: Helper) -> dict[str, Any]:
+    """MLServer's adaptive batching on the same texts, measured as ``measure_config`` does."""
+    n = ctx.n(384, 64)
+    with mlserver.serving(ctx) as (send, settings):
+        rec = paired_runs(ctx, helper, partial(send, n), n)
+    rec["curve"]["64"] = med([r["texts_per_s"] for r in rec["runs"]])
+    return rec | {"mlserver": settings}
+
+
 def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[str, Any]:
     """Texts/s of a configuration at 64 in flight, each run beside a raw round; then 1 and 8."""
     pool, concurrency, env, batch = CONFIGS[name]
-    corpus, n_single, n_raw = texts(), ctx.n(384, 64), ctx.n(256, 64)
+    corpus, n_single = texts(), ctx.n(384, 64)
     worker = ctx.worker(models, env, concurrency=concurrency, pool=pool)
-    rec: dict[str, Any] = {"runs": [], "curve": {}, "raw_rates": []}
     task, per_task, inflight, total = "sentiment.analyze", 1, 64, n_single
     jobs: list[Any] = [[t] for t in corpus]
     if batch:
@@ -96,13 +121,9 @@ def measure_config(ctx: Ctx, helper: Helper, name: str, models: Path) -> dict[st
     with ctx.running(worker), Driver(worker, ctx.logs) as driver:
         driver.run(task, jobs, min(total, 64), inflight)  # warm
         before = batch_stats(worker)
-        for _ in range(ctx.n(3, 1)):
-            rates = ctx.measure(partial(helper.raw_rates, corpus[:n_raw]))
-            rec["raw_rates"] += rates
-            res = ctx.measure(partial(driver.run, task, jobs, total, inflight))
-            res["texts_per_s"] = total * per_task / res["seconds"]
-            res["ratio_to_raw"] = res["texts_per_s"] / med(rates)
-            rec["runs"].append(res)
+        rec = paired_runs(
+            ctx, helper, partial(driver.run, task, jobs, total, inflight), total * per_task
+        )
         after = batch_stats(worker)
         if after.get("batches", 0) > before.get("batches", 0):
             rec["micro_batches"] = {k: after[k] - before[k] for k in ("batches", "items")}
@@ -161,7 +182,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             raw["configs"][name] = measure_config(ctx, helper, name, repo)
         if not ctx.quick:  # the same work on MLServer, for comparison; a failure is recorded
             try:
-                raw["configs"]["mlserver_adaptive"] = mlserver.measure(ctx, helper)
+                raw["configs"]["mlserver_adaptive"] = mlserver_config(ctx, helper)
             except Exception as exc:
                 raw["mlserver_adaptive"] = f"not measured: {type(exc).__name__}: {exc}"[:500]
     raw["lone"] = lone_latency(ctx, models, onnx_models) if not ctx.quick else {"ms": {}}
