@@ -1,11 +1,15 @@
 """The product's Celery app with per-task settings switched by the environment (``1`` on, ``0``
-off, unset: the product's) for the ablation; ``bench.noop``: Celery and Redis alone, no model."""
+off, unset: the product's) for the ablation; ``bench.noop``: Celery and Redis alone, no model;
+``bench.timed_sentiment``: ``sentiment.analyze`` that also returns how long its body ran."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
+from tasks.base import ModelTask
+from tasks.sentiment import analyze
 from workers.app import app
 
 for _env, _key in (
@@ -20,3 +24,12 @@ for _env, _key in (
 @app.task(name="bench.noop")
 def noop(value: Any) -> Any:
     return value
+
+
+@app.task(name="bench.timed_sentiment", base=ModelTask, bind=True)
+def timed_sentiment(self: ModelTask, text: Any) -> dict[str, Any]:
+    """``sentiment.analyze``'s body, timed inside the pool process: the rest of the round trip
+    is Celery, Redis and the client around it."""
+    t0 = time.perf_counter()
+    out = analyze.run(text)
+    return {**out, "body_ms": (time.perf_counter() - t0) * 1000}

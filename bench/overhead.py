@@ -51,11 +51,15 @@ def noop_cpu(ctx: Ctx, worker: Any, n: int) -> dict[str, Any]:
 
 def interleaved(ctx: Ctx, client: Client, n: int) -> dict[str, list[float]]:
     """``bench.noop`` ms right after a sentiment task vs after a no-op: what the model's pass
-    costs the next round trip (caches it evicted), a part of the floor no product code adds."""
-    out: dict[str, list[float]] = {"after_model": [], "after_noop": []}
+    costs the next round trip (caches it evicted), a part of the floor no product code adds;
+    and the sentiment task's round trip split into its body (timed in the pool process) and
+    the rest around it."""
+    out: dict[str, list[float]] = {"after_model": [], "after_noop": [], "body": [], "around": []}
     for _ in range(ctx.n(6, 2)):
         for _ in range(n):
-            client.call("sentiment.analyze", SINGLE[0][0])
+            ms, answer = client.call("bench.timed_sentiment", SINGLE[0][0])
+            out["body"].append(answer["body_ms"])
+            out["around"].append(ms - answer["body_ms"])
             out["after_model"].append(client.call("bench.noop", [1])[0])
         out["after_noop"] += client.sequential("bench.noop", [([1], {})], n + 1)[1:]
     return out
@@ -166,8 +170,14 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 after = {k: med(v) for k, v in d["interleaved"].items()}
                 key = f"{label}: bench.noop p50 ms right after a sentiment task / after a no-op"
                 summary[key] = f"{after['after_model']:.2f} / {after['after_noop']:.2f}"
+                key = f"{label}: task body p50 ms in the pool process / the model in-process"
+                summary[key] = f"{after['body']:.2f} / {ip50:.2f}"
+                key = f"{label}: p50 ms of the round trip around the body / bench.noop after one"
+                summary[key] = f"{after['around']:.2f} / {after['after_model']:.2f}"
+                noop_after, body = after["after_model"], after["body"]
                 detail = (
-                    f"with a no-op after a model task: {c50 / (ip50 + after['after_model']):.2f}x"
+                    f"with a no-op after a model task: {c50 / (ip50 + noop_after):.2f}x;"
+                    f" body in the worker + that no-op: {c50 / (body + noop_after):.2f}x"
                 )
                 what = "MiniLM (ONNX) sentiment.analyze p50 / (in-process p50 + bench.noop p50)"
                 targets.append(target(what, c50 / (ip50 + noop), 1.1, detail=detail))
