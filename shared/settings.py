@@ -352,6 +352,12 @@ class Settings(BaseSettings):
         "forward pass "
         "(workers/poolbatch.py). Results and acknowledgements stay per request.",
     )
+    borrow_idle_cores: bool = Field(
+        True,
+        description="Prefork only: a batch of 8 or more texts on a one-thread ONNX Runtime "
+        "session (the default on a CPU) also runs on the cores of pool processes that are idle "
+        "at that moment, in parts side by side; under load nothing is borrowed.",
+    )
     batch_lanes: int = Field(
         0,
         ge=0,

@@ -29,7 +29,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from shared import metrics
+from shared import cpu, metrics
 from shared.batching import BatchPolicy
 from shared.families import family_class
 from shared.manifest import Manifest, ModelSpec, manifest_from_settings
@@ -179,6 +179,8 @@ class ServingProcess:
         configure_logging()
         self.settings.ensure_dirs()
         threads = self.set_threads()
+        if self.pool == "prefork" and self.settings.borrow_idle_cores:
+            cpu.enable(threads)  # a large batch may run on the idle pool processes' cores too
         if self.copy_on_write:
             registry = self.adopt_inherited(threads)
         else:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from shared import cpu
 from shared.batching import pad_groups
 from shared.errors import ArtifactError, ManifestError
 from shared.families.text import TextClassifier
@@ -82,14 +84,21 @@ class TransformersSentiment(TextClassifier):
     and shared by them. With more threads a session is created in the process that runs it:
     the parent drops its own before fork (``before_fork``), and a pool process opens its own;
     those sessions share the weights read at load (copy-on-write across pool processes) unless
-    option ``onnx_prepack`` is true: each session then pre-packs a copy of its own.
+    option ``onnx_prepack`` is true: each session then pre-packs a copy of its own. A batch of at
+    least ``SPLIT_MIN_ROWS`` texts on a one-thread session also runs on the cores that idle pool
+    processes leave free (``shared.cpu``): its passes are cut into interleaved parts that run
+    side by side on the same session, one thread each (a lone ``analyze_batch`` then uses every
+    core, not one).
     """
+
+    SPLIT_MIN_ROWS = 8  # fewer texts: one thread (the parts would be too small to pay off)
 
     _model: Any = None
     _tokenizer: Any = None
     _session: Any = None
     _session_pid: int | None = None
     _weights: dict[str, Any] | None = None
+    _lanes: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, threads)
     fork_safe = False  # ONNX Runtime: the session crosses fork (set at load)
     backend = "torch"
     family = "transformers"
@@ -246,6 +255,14 @@ class TransformersSentiment(TextClassifier):
         """Run each (rows, encoding) forward pass; the answers in row order."""
         out: list[tuple[str, float]] = [("", 0.0)] * n
         if self.backend == "onnx":
+            lanes = 1 + cpu.borrowable() if self.fork_safe and n >= self.SPLIT_MIN_ROWS else 1
+            if lanes > 1:
+                passes = self._parts(passes, lanes)
+                answers = self._lanes_for(lanes).map(self._forward_onnx, [e for _, e in passes])
+                for (rows, _), pairs in zip(passes, answers, strict=True):
+                    for i, pair in zip(rows, pairs, strict=True):
+                        out[i] = pair
+                return out
             for rows, enc in passes:
                 for i, pair in zip(rows, self._forward_onnx(enc), strict=True):
                     out[i] = pair
@@ -255,6 +272,31 @@ class TransformersSentiment(TextClassifier):
                 for i, pair in zip(rows, self._forward(enc), strict=True):
                     out[i] = pair
         return out
+
+    def _parts(
+        self, passes: list[tuple[list[int], Any]], lanes: int
+    ) -> list[tuple[list[int], dict[str, Any]]]:
+        """Each pass cut into up to ``lanes`` interleaved parts (rows j, j + lanes, ...)."""
+        np = self._np
+        parts = []
+        for rows, enc in passes:
+            k = min(lanes, len(rows))
+            for j in range(k):
+                part = {name: np.ascontiguousarray(np.asarray(enc[name])[j::k]) for name in enc}
+                parts.append((rows[j::k], part))
+        return parts
+
+    def _lanes_for(self, lanes: int) -> ThreadPoolExecutor:
+        """This process's threads for the parts of a split batch (made after fork, in the
+        process that runs them; grown when more cores are free)."""
+        pid = os.getpid()
+        with self._session_lock:
+            if self._lanes is None or self._lanes[0] != pid or self._lanes[1] < lanes:
+                if self._lanes is not None and self._lanes[0] == pid:
+                    self._lanes[2].shutdown(wait=False)  # its threads end once idle
+                pool = ThreadPoolExecutor(lanes, thread_name_prefix="onnx-lane")
+                self._lanes = (pid, lanes, pool)
+            return self._lanes[2]
 
     def _pad(self, enc: Any, rows: list[int]) -> dict[str, Any]:
         """Tensors of ``rows`` of an unpadded encoding, padded to the longest of them."""
@@ -337,6 +379,9 @@ class TransformersSentiment(TextClassifier):
         self._tokenizer = None
         if self._session_pid == os.getpid():
             self._session = None
+        if self._lanes is not None and self._lanes[0] == os.getpid():
+            self._lanes[2].shutdown(wait=False)
+        self._lanes = None
         self._weights = None  # after the session: it used them
         if model is not None and self.device.startswith("cuda"):
             del model

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from shared import cpu
 from shared.errors import ArtifactError, ManifestError
 from shared.families.base import ModelContext
 from shared.families.transformers_onnx import ONNX_FILE, export_onnx
@@ -226,6 +227,26 @@ def test_a_one_thread_session_is_kept_across_fork() -> None:
     model.before_fork()
     assert model._session is first and model.describe()["onnx_session_crosses_fork"] is True
     assert model.describe()["onnx_shared_weights"] is True
+
+
+@pytest.mark.parametrize("borrowed", [1, 3])
+def test_a_batch_on_borrowed_cores_answers_as_on_one(
+    borrowed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-thread session with idle cores to borrow: a batch of 8 or more texts runs in parts
+    side by side (here up to 4, more than some length groups have rows), with the same answers;
+    a smaller batch stays on this thread."""
+    model = loaded(load_repository(REPOSITORY).get("sentiment"), "onnx", 1)
+    texts = CONTRACT + EDGES
+    want = model.classify(texts)
+    small = model.classify(CONTRACT[:3])
+    monkeypatch.setattr(cpu, "borrowable", lambda: borrowed)
+    assert_alike(model.classify(CONTRACT[:3]), small)
+    assert model._lanes is None
+    assert_alike(model.classify(texts), want)
+    assert model._lanes is not None and model._lanes[:2] == (os.getpid(), borrowed + 1)
+    model.unload()
+    assert model._lanes is None
 
 
 @pytest.mark.parametrize("threads", [1, 2], ids=["one-thread-shared", "two-threads-own"])
