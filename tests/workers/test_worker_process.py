@@ -225,6 +225,39 @@ def test_copy_on_write_mode_loads_once_in_the_parent_and_children_serve(
     close_app(client)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to borrow")
+@pytest.mark.parametrize("borrow", [True, False], ids=["borrow", "own-core-only"])
+def test_a_lone_batch_runs_on_the_idle_pool_process_core_too(
+    start_worker: Start, borrow: bool
+) -> None:
+    """The default worker on a CPU (prefork -c 2, ONNX Runtime, one thread per pool process): a
+    lone analyze_batch of 16 texts runs in parts on threads its pool process adds (two: its own
+    core and the idle sibling's), with the answers of single requests; with
+    MODELWORKERS_BORROW_IDLE_CORES=false it stays on the process's one thread."""
+    env = {
+        "MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY),
+        "MODELWORKERS_TRANSFORMERS_BACKEND": "onnx",
+        "MODELWORKERS_BORROW_IDLE_CORES": str(borrow).lower(),
+    }
+    worker = start_worker(concurrency=2, env=env)
+    worker.wait_ready(2)
+    children = worker.children_pids()
+
+    def threads() -> dict[int, int]:
+        return {pid: len(os.listdir(f"/proc/{pid}/task")) for pid in children}
+
+    before = threads()
+    client = worker.app()
+    texts = [f"review {i}: " + ("a wonderful, moving film" if i % 2 else "dull") for i in range(16)]
+    got = client.send_task("sentiment.analyze_batch", args=[texts]).get(timeout=60)
+    alone = [client.send_task("sentiment.analyze", args=[t]).get(timeout=30) for t in texts[:4]]
+    close_app(client)
+    assert [g["label"] for g in got[:4]] == [a["label"] for a in alone]
+    assert [g["score"] for g in got[:4]] == pytest.approx([a["score"] for a in alone], abs=1e-4)
+    grown = max(after - before[pid] for pid, after in threads().items())
+    assert grown >= 2 if borrow else grown < 2, (before, threads())
+
+
 def test_auto_preload_mode_is_copy_on_write_without_a_gpu(serving_worker: WorkerProcess) -> None:
     assert "models loaded in the parent (copy-on-write mode)" in serving_worker.log()
 
