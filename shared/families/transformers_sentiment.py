@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -256,15 +257,12 @@ class TransformersSentiment(TextClassifier):
         out: list[tuple[str, float]] = [("", 0.0)] * n
         if self.backend == "onnx":
             lanes = 1 + cpu.borrowable() if self.fork_safe and n >= self.SPLIT_MIN_ROWS else 1
+            run: Callable[..., Iterator[list[tuple[str, float]]]] = map
             if lanes > 1:
-                passes = self._parts(passes, lanes)
-                answers = self._lanes_for(lanes).map(self._forward_onnx, [e for _, e in passes])
-                for (rows, _), pairs in zip(passes, answers, strict=True):
-                    for i, pair in zip(rows, pairs, strict=True):
-                        out[i] = pair
-                return out
-            for rows, enc in passes:
-                for i, pair in zip(rows, self._forward_onnx(enc), strict=True):
+                passes, run = self._parts(passes, lanes), self._lanes_for(lanes).map
+            answers = run(self._forward_onnx, [enc for _, enc in passes])
+            for (rows, _), pairs in zip(passes, answers, strict=True):
+                for i, pair in zip(rows, pairs, strict=True):
                     out[i] = pair
             return out
         with self._torch.inference_mode():
