@@ -21,8 +21,6 @@ and does not import Celery.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import logging
 import os
@@ -35,15 +33,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from shared import heap
 from shared.batching import BatchPolicy, MicroBatcher
 from shared.errors import InferenceTimeout, LoadTimeout, ModelNotFound, ModelNotReady
 from shared.families import Model, ModelContext, family_class
+from shared.heap import give_back_memory
 from shared.manifest import ModelSpec
 from shared.records import ModelStatus, ProcessSnapshot, ReloadResult, VersionStatus
 
@@ -69,15 +69,6 @@ def _rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
     except Exception:  # pragma: no cover - psutil missing or /proc unreadable
         return 0
-
-
-def give_back_memory() -> None:
-    """After an unload, and once a serving process has warmed up: collect, and hand freed heap
-    pages back to the system (glibc keeps them otherwise, and the process's memory would not
-    drop)."""
-    gc.collect()
-    with suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _artifact_bytes(spec: ModelSpec) -> int:
@@ -1047,7 +1038,8 @@ class ModelRegistry:
             models=models,
             unlisted_artifacts=list(self.unlisted),
             manifest_problems=dict(self.manifest_problems),
-            stats={f"{name}_batching": b.stats() for name, b in batchers.items()},
+            stats={f"{name}_batching": b.stats() for name, b in batchers.items()}
+            | {"heap": heap.stats()},
             memory_budget_mb=self.memory_budget_mb,
             models_memory_mb=round(memory, 1),
             memory_exact=not self._overlapped,

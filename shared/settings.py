@@ -352,6 +352,12 @@ class Settings(BaseSettings):
         "forward pass "
         "(workers/poolbatch.py). Results and acknowledgements stay per request.",
     )
+    trim_idle_memory: bool = Field(
+        True,
+        description="At each heartbeat, a serving process in which no task is running and a "
+        "task ended since the last time hands the heap memory its tasks freed back to the system "
+        "(glibc malloc_trim; it would otherwise keep up to twice the largest block it freed).",
+    )
     borrow_idle_cores: bool = Field(
         True,
         description="Prefork only: a batch of 8 or more texts on a one-thread ONNX Runtime "

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from celery import Task
 
-from shared import metrics
+from shared import heap, metrics
 from shared.deadline import time_limit
 from shared.errors import (
     InferenceError,
@@ -55,8 +55,9 @@ class ModelTask(Task):
     pool_batches = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        check_arguments(self, args, kwargs)
-        return super().__call__(*args, **kwargs)
+        with heap.task():  # a running task: the heartbeat's idle trim waits for it to end
+            check_arguments(self, args, kwargs)
+            return super().__call__(*args, **kwargs)
 
     @property
     def registry(self) -> ModelRegistry:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
+from shared import heap
 from shared.manifest import Manifest, ModelSpec
 from shared.records import ProcessReply, ReloadRequest, ReloadResult
 from shared.registry import ModelRegistry
@@ -60,8 +61,9 @@ def log_reload(result: ReloadResult, action: str = "reload") -> None:
 
 class Heartbeat(threading.Thread):
     """Every HEARTBEAT_SECONDS: republish this process's snapshot, and converge on the fleet's
-    desired model versions (catching up on a reload this process missed). Survives Redis
-    restarts: a failed beat is logged once and retried."""
+    desired model versions (catching up on a reload this process missed); between tasks, hand
+    the heap memory they freed back to the system (TRIM_IDLE_MEMORY, ``shared.heap``). Survives
+    Redis restarts: a failed beat is logged once and retried."""
 
     def __init__(
         self,
@@ -116,6 +118,8 @@ class Heartbeat(threading.Thread):
                 if not self._failing:
                     log.warning("registry heartbeat failed (will retry): %s", redact(str(exc)))
                 self._failing = True
+            if self.settings.trim_idle_memory:
+                heap.trim_if_idle()  # quiet for a second: what its tasks freed goes back
             self.wake.wait(self.settings.heartbeat_seconds)
             self.wake.clear()
 

@@ -32,9 +32,10 @@ from pathlib import Path
 from shared import cpu, metrics
 from shared.batching import BatchPolicy
 from shared.families import family_class
+from shared.heap import give_back_memory
 from shared.manifest import Manifest, ModelSpec, manifest_from_settings
 from shared.records import Desired
-from shared.registry import ModelRegistry, get_registry, give_back_memory, set_registry
+from shared.registry import ModelRegistry, get_registry, set_registry
 from shared.reload import converge, read_desired
 from shared.settings import Settings
 from shared.urls import redact, redis_client

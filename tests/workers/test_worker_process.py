@@ -333,3 +333,30 @@ def test_celery_finds_the_app_by_package_or_module(start_worker: Start, target: 
     client = worker.app()
     assert client.send_task("sentiment.analyze", args=["a fine day"]).get(timeout=30)["label"]
     close_app(client)
+
+
+def test_an_idle_pool_process_hands_back_the_memory_a_large_batch_freed(
+    serving_worker: WorkerProcess, client: Any
+) -> None:
+    """A large batch leaves megabytes of freed heap in the pool process that ran it (glibc keeps
+    up to twice the largest block freed); at its next heartbeat after the task, with nothing
+    running, the process hands them back, and its snapshot says how much (stats["heap"])."""
+
+    def handed_back() -> dict[int, float]:
+        snaps = [s for s in serving_worker.snapshots() if s.get("node") == serving_worker.node]
+        return {s["pid"]: s["stats"].get("heap", {}).get("handed_back_mib", 0.0) for s in snaps}
+
+    before = handed_back()
+    assert before and len(before) == 2, before
+    long_texts = [f"review {i}: " + "a long and winding, wonderful film " * 30 for i in range(32)]
+    for _ in range(2):  # the first batch's blocks are mapped and unmapped; the second's stay
+        got = client.send_task("sentiment.analyze_batch", args=[long_texts]).get(timeout=60)
+        assert len(got) == 32
+
+    def grown() -> dict[int, float]:
+        now = handed_back()
+        return {
+            p: mib - before.get(p, 0.0) for p, mib in now.items() if mib - before.get(p, 0.0) >= 4
+        }
+
+    assert wait_for(grown, 30, "a pool process handing back freed heap memory"), handed_back()
