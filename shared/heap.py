@@ -8,7 +8,7 @@ may keep tens of MiB of free heap resident for as long as it lives.
 
 ``give_back_memory()`` collects and trims: after an unload and once a process has warmed up.
 ``task()`` marks a task running in this process. ``trim_if_idle()``, called by the heartbeat
-(``TRIM_IDLE_MEMORY``), trims when no task is running, none ended in the last second, and one
+(``TRIM_IDLE_MEMORY``), trims when no task is running, none ended in the last 0.25 s, and one
 ended since the last trim: a process under load is not trimmed (its next batch would fault the
 same pages back in); a process that has gone quiet is, once. A trim holds the malloc lock for
 about a millisecond on a serving process's heap. ``stats()``: the idle trims so far and the
@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+QUIET_S = 0.25  # no task ended for this long: the process has gone quiet
 _lock = threading.Lock()
 _running = 0  # tasks running in this process now
 _ended = 0  # tasks ended in this process
@@ -79,7 +80,7 @@ def task() -> Iterator[None]:
             _last_end = time.monotonic()
 
 
-def trim_if_idle(quiet_s: float = 1.0) -> bool:
+def trim_if_idle(quiet_s: float = QUIET_S) -> bool:
     """Trim when no task runs now, none ended in the last ``quiet_s`` seconds, and one ended
     since the last trim; True when it trimmed."""
     global _idle_trims, _handed_back_mib

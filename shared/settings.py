@@ -354,9 +354,10 @@ class Settings(BaseSettings):
     )
     trim_idle_memory: bool = Field(
         True,
-        description="At each heartbeat, a serving process in which no task is running and a "
-        "task ended since the last time hands the heap memory its tasks freed back to the system "
-        "(glibc malloc_trim; it would otherwise keep up to twice the largest block it freed).",
+        description="At each heartbeat, a serving process in which no task is running, none "
+        "ended in the last 0.25 s and one ended since the last time hands the heap memory its "
+        "tasks freed back to the system (glibc malloc_trim; it would otherwise keep up to twice "
+        "the largest block it freed).",
     )
     borrow_idle_cores: bool = Field(
         True,

@@ -88,6 +88,8 @@ class ServingProcess:
         # tried again by this process or (copy-on-write) by the children that inherit this
         self.fell_back: set[tuple[str, str]] = set()
         self._serving_pid: int | None = None
+        # BLAS / OpenMP thread limit the copy-on-write parent set before fork (children inherit)
+        self._limited_before_fork: int | None = None
 
     # ---- the worker's main process, before the pool starts ---------------------------------
     def prepare(self) -> None:
@@ -157,6 +159,11 @@ class ServingProcess:
         t0 = time.perf_counter()
         warmed = registry.warm_all(before_fork=True) if self.settings.warm_before_fork else []
         registry.before_fork()  # ONNX Runtime sessions: each pool process opens its own
+        # the pool processes' BLAS / OpenMP limit, set once here: inherited through fork, it
+        # spares each of them threadpoolctl's look at every loaded library (~2 MiB private each)
+        self._limited_before_fork = limit_library_threads(
+            self.settings.resolved_torch_threads(self.processes)
+        )
         gc.collect()
         gc.freeze()  # keep object headers of the shared models from being copied on refcount writes
         log.info(
@@ -369,17 +376,25 @@ class ServingProcess:
     def set_threads(self) -> int:
         """Split the cores among the serving processes: torch's intra-op threads, and the BLAS
         / OpenMP pools of numpy, scipy and scikit-learn (already loaded in the parent, where
-        setting OMP_NUM_THREADS would change nothing: threadpoolctl resizes them)."""
+        setting OMP_NUM_THREADS would change nothing: threadpoolctl resizes them). A
+        copy-on-write child inherits the limit its parent set before fork."""
         threads = self.settings.resolved_torch_threads(self.processes)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
-        try:
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(threads)
-        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            pass
+        if self._limited_before_fork != threads:
+            limit_library_threads(threads)
         return threads
+
+
+def limit_library_threads(threads: int) -> int | None:
+    """The thread pools of the loaded BLAS and OpenMP libraries limited to ``threads``
+    (threadpoolctl); returns ``threads``, or None without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+    threadpool_limits(threads)
+    return threads
 
 
 def one_malloc_arena() -> None:

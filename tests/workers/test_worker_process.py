@@ -360,3 +360,33 @@ def test_an_idle_pool_process_hands_back_the_memory_a_large_batch_freed(
         }
 
     assert wait_for(grown, 30, "a pool process handing back freed heap memory"), handed_back()
+
+
+def test_copy_on_write_pool_processes_inherit_the_parents_thread_limits(
+    start_worker: Start,
+) -> None:
+    """Prefork -c 2, models loaded in the parent: the parent limits the BLAS and OpenMP thread
+    pools before fork, and every pool process runs with one thread each, torch included."""
+    worker = start_worker(
+        concurrency=2,
+        env={"MODELWORKERS_MODEL_REPOSITORY": str(REPOSITORY)},
+        extra_args=["-I", "tests.support.probe_tasks"],
+    )
+    worker.wait_ready(2)
+    assert "models loaded in the parent (copy-on-write mode)" in worker.log()
+    client = worker.app()
+    seen: dict[int, dict[str, Any]] = {}
+
+    def both() -> bool:
+        pending = [client.send_task("tests.thread_limits") for _ in range(4)]
+        for answer in (p.get(timeout=30) for p in pending):
+            seen[answer["pid"]] = answer
+        return len(seen) == 2
+
+    try:
+        assert wait_for(both, 60, "an answer from each pool process"), seen
+    finally:
+        close_app(client)
+    for answer in seen.values():
+        assert answer["torch"] == 1, answer
+        assert answer["pools"] and set(answer["pools"].values()) == {1}, answer
