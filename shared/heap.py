@@ -10,9 +10,10 @@ may keep tens of MiB of free heap resident for as long as it lives.
 ``task()`` marks a task running in this process. ``trim_if_idle()``, called by the heartbeat
 (``TRIM_IDLE_MEMORY``), trims when no task is running, none ended in the last 0.25 s, and one
 ended since the last trim: a process under load is not trimmed (its next batch would fault the
-same pages back in); a process that has gone quiet is, once. A trim holds the malloc lock for
-about a millisecond on a serving process's heap. ``stats()``: the idle trims so far and the
-resident memory they handed back (``stats["heap"]`` of a process's snapshot).
+same pages back in); a process that has gone quiet is, once. A trim holds the malloc lock
+while it walks the free blocks: a task that starts meanwhile waits for it. ``stats()``: the
+idle trims so far and the resident memory they handed back (``stats["heap"]`` of a process's
+snapshot).
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ from shared import heap
 from shared.batching import BatchPolicy, MicroBatcher
 from shared.errors import InferenceTimeout, LoadTimeout, ModelNotFound, ModelNotReady
 from shared.families import Model, ModelContext, family_class
-from shared.heap import give_back_memory
 from shared.manifest import ModelSpec
 from shared.records import ModelStatus, ProcessSnapshot, ReloadResult, VersionStatus
 
@@ -363,7 +362,7 @@ class ModelRegistry:
                 model.warmup()
             seconds = time.perf_counter() - t0
             # what the load keeps, not its passing buffers (read chunks, a warm-up's arrays)
-            give_back_memory()
+            heap.give_back_memory()
             grown = (_rss_bytes() - rss0) / 2**20
 
         reported = model.memory_bytes()
@@ -573,7 +572,7 @@ class ModelRegistry:
             except Exception:
                 log.exception("unload of %s@%s failed", version.meta.name, version.meta.version)
             del model
-            give_back_memory()
+            heap.give_back_memory()
         self._notify(version.meta)
         return True
 

@@ -119,7 +119,7 @@ class Heartbeat(threading.Thread):
                     log.warning("registry heartbeat failed (will retry): %s", redact(str(exc)))
                 self._failing = True
             if self.settings.trim_idle_memory:
-                heap.trim_if_idle()  # quiet for a second: what its tasks freed goes back
+                heap.trim_if_idle()  # gone quiet: what its tasks freed goes back to the system
             self.wake.wait(self.settings.heartbeat_seconds)
             self.wake.clear()
 

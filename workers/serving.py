@@ -160,7 +160,7 @@ class ServingProcess:
         warmed = registry.warm_all(before_fork=True) if self.settings.warm_before_fork else []
         registry.before_fork()  # ONNX Runtime sessions: each pool process opens its own
         # the pool processes' BLAS / OpenMP limit, set once here: inherited through fork, it
-        # spares each of them threadpoolctl's look at every loaded library (~2 MiB private each)
+        # spares each of them threadpoolctl's look at every loaded library (private memory)
         self._limited_before_fork = limit_library_threads(
             self.settings.resolved_torch_threads(self.processes)
         )
