@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -36,12 +35,14 @@ _idle_trims = 0
 _handed_back_mib = 0.0  # resident memory the idle trims handed back, in all
 
 
-def _resident_mib() -> float:
+def resident_bytes() -> int:
+    """This process's resident memory (RSS), 0 where it cannot be read."""
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):  # not Linux
-        return 0.0
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # pragma: no cover - psutil missing or /proc unreadable
+        return 0
 
 
 def trim_heap() -> float | None:
@@ -50,12 +51,12 @@ def trim_heap() -> float | None:
     global _trimmed_at
     with _lock:
         _trimmed_at = _ended
-    before = _resident_mib()
+    before = resident_bytes()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         return None
-    return max(0.0, before - _resident_mib())
+    return max(0.0, (before - resident_bytes()) / 2**20)
 
 
 def give_back_memory() -> None:

@@ -61,15 +61,6 @@ class ModelState(StrEnum):
     UNLOADED = "UNLOADED"
 
 
-def _rss_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except Exception:  # pragma: no cover - psutil missing or /proc unreadable
-        return 0
-
-
 def _artifact_bytes(spec: ModelSpec) -> int:
     """Size on disk of a version's artifact: the first guess of its memory, before a load."""
     path = Path(spec.location) if spec.location else None
@@ -356,14 +347,14 @@ class ModelRegistry:
         model = cls(spec, self.context_for(cls))
         measured = self._measure_lock if self.memory_budget_mb else nullcontext()
         with measured:
-            rss0, t0 = _rss_bytes(), time.perf_counter()
+            rss0, t0 = heap.resident_bytes(), time.perf_counter()
             model.load()
             if self.warmup:
                 model.warmup()
             seconds = time.perf_counter() - t0
             # what the load keeps, not its passing buffers (read chunks, a warm-up's arrays)
             heap.give_back_memory()
-            grown = (_rss_bytes() - rss0) / 2**20
+            grown = (heap.resident_bytes() - rss0) / 2**20
 
         reported = model.memory_bytes()
         return model, seconds, (reported / 2**20 if reported is not None else max(0.0, grown))
